@@ -1,0 +1,13 @@
+"""`make bench`: every benchmark, one after another; results land in bench/results/."""
+
+from __future__ import annotations
+
+from bench import overhead
+
+
+def main() -> None:
+    overhead.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The native backend: our own GPT-2 (`model.py`) behind the Backend protocol."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+
+import torch
+
+from interpql.backends.base import (
+    Backend,
+    ForwardRequest,
+    ForwardResult,
+    Location,
+)
+from interpql.backends.gpt2.loading import build_model, load_weights
+from interpql.backends.gpt2.model import GPT2, GPT2Config
+from interpql.backends.hooks import HookSession
+from interpql.backends.losses import next_token_loss, spec_loss
+from interpql.backends.runtime import memory_in_use, right_padded
+from interpql.backends.tokenizer import gpt2_encoding
+
+
+class NativeGPT2Backend(Backend):
+    name = "native-gpt2"
+    locations = frozenset(Location)
+
+    def __init__(
+        self,
+        model: GPT2,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        self.cfg: GPT2Config = model.cfg
+        self.architecture = self.cfg.architecture
+        self.tokenizer = gpt2_encoding()
+
+    @classmethod
+    def load(
+        cls, spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> NativeGPT2Backend:
+        cfg, state = load_weights(spec)
+        return cls(build_model(cfg, state), device=device, dtype=dtype)
+
+    def run(self, request: ForwardRequest) -> ForwardResult:
+        memory_before = memory_in_use(self.device)
+        started = time.perf_counter()
+        tokens, lengths = right_padded(request.tokens, self.device)
+        hooks = HookSession(request)
+        backward = request.backward is not None
+        grad_mode = contextlib.nullcontext() if backward else torch.inference_mode()
+        with grad_mode:
+            logits = self.model(tokens, hooks, track_grad=backward).float()
+            lm_loss = next_token_loss(logits, tokens, lengths)
+            backward_loss = None
+            if request.backward is not None:
+                backward_loss = spec_loss(request.backward, logits, tokens, lengths)
+                torch.autograd.backward(backward_loss.sum())
+        gradients = hooks.gradients()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return ForwardResult(
+            lengths=lengths.tolist(),
+            logits=logits.detach(),
+            next_token_loss=lm_loss.detach(),
+            activations={p: a.detach() for p, a in hooks.activations.items()},
+            gradients={p: g.detach() for p, g in gradients.items()},
+            backward_loss=None if backward_loss is None else backward_loss.detach(),
+            elapsed_s=time.perf_counter() - started,
+            memory_before_bytes=memory_before,
+            memory_after_bytes=memory_in_use(self.device),
+        )
+
+    def weight(self, name: str) -> torch.Tensor:
+        cfg, model = self.cfg, self.model
+        if name == "W_E":
+            return model.tok_embed.weight.float()
+        if name == "W_pos":
+            return model.pos_embed.weight.float()
+        if name == "W_U":
+            return model.unembed.weight.float().t()
+        match = _BLOCK_WEIGHT.fullmatch(name)
+        if match is None or int(match["layer"]) >= cfg.n_layers:
+            raise KeyError(name)
+        block = model.block(int(match["layer"]))
+        # nn.Linear stores [out, in]; TransformerLens's layout is [head, in, d_head] and so on.
+        linear = {
+            "attn.W_Q": block.attn.q_proj,
+            "attn.W_K": block.attn.k_proj,
+            "attn.W_V": block.attn.v_proj,
+            "attn.W_O": block.attn.out_proj,
+            "mlp.W_in": block.mlp.in_layer,
+            "mlp.W_out": block.mlp.out_layer,
+        }[match["name"]]
+        weight = linear.weight.float().t()  # [in, out]
+        if match["name"] in ("attn.W_Q", "attn.W_K", "attn.W_V"):
+            weight = weight.reshape(cfg.d_model, cfg.n_heads, cfg.d_head).transpose(0, 1)
+        elif match["name"] == "attn.W_O":
+            weight = weight.reshape(cfg.n_heads, cfg.d_head, cfg.d_model)
+        return weight.contiguous()
+
+
+_BLOCK_WEIGHT = re.compile(r"blocks\.(?P<layer>\d+)\.(?P<name>attn\.W_[QKVO]|mlp\.W_(in|out))")

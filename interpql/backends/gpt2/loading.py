@@ -1,0 +1,272 @@
+"""GPT-2 weights in the formats that exist in the wild, to and from our `GPT2` module.
+
+* Transformer Debugger folders: `config.json` + `model_pieces/<key>.pt`, one tensor per file,
+  from a local path or any blobfile URL (az://, gs://).
+* Hugging Face folders: `config.json` (GPT2Config) + `model.safetensors`, whose Conv1D weights
+  are stored transposed relative to nn.Linear.
+* Random models of any shape, for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import blobfile as bf
+import torch
+from safetensors.torch import load_file, save_file
+
+from interpql.backends.gpt2.model import GPT2, PRESETS, GPT2Config, init_random
+
+# Transformer Debugger's public GPT-2 folders, readable where the network allows.
+REGISTERED_MODELS: dict[str, str] = {
+    f"gpt2-{size}": f"az://openaipublic/neuron-explainer/subject-models/gpt2/{size}"
+    for size in ("small", "medium", "large", "xl")
+}
+_VOCAB_SIZES = {"gpt2": 50257, "r50k_base": 50257}
+
+StateDict = dict[str, torch.Tensor]
+
+
+class WeightsFormatError(ValueError):
+    pass
+
+
+def build_model(cfg: GPT2Config, state: StateDict) -> GPT2:
+    model = GPT2(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise WeightsFormatError(
+            f"weights do not match the config: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    return model
+
+
+def random_model(cfg: GPT2Config, seed: int = 0) -> GPT2:
+    return init_random(GPT2(cfg), seed)
+
+
+# --- Transformer Debugger ----------------------------------------------------------------------
+
+
+def tdb_config_from_json(raw: dict[str, Any]) -> GPT2Config:
+    d_model = int(raw["d_model"])
+    n_heads = int(raw["n_heads"])
+    d_attn = int(d_model * raw.get("m_attn", 1))
+    encoding = raw.get("enc", "gpt2")
+    n_vocab = int(raw.get("n_vocab", _VOCAB_SIZES.get(encoding, 50257)))
+    return GPT2Config(
+        n_layers=int(raw["n_layers"]),
+        d_model=d_model,
+        n_heads=n_heads,
+        d_head=d_attn // n_heads,
+        d_mlp=int(d_model * raw.get("m_mlp", 4)),
+        n_ctx=int(raw["ctx_window"]),
+        n_vocab=n_vocab,
+    )
+
+
+def tdb_config_to_json(cfg: GPT2Config) -> dict[str, Any]:
+    return {
+        "enc": "gpt2",
+        "ctx_window": cfg.n_ctx,
+        "d_model": cfg.d_model,
+        "n_layers": cfg.n_layers,
+        "m_attn": cfg.n_heads * cfg.d_head / cfg.d_model,
+        "n_heads": cfg.n_heads,
+        "m_mlp": cfg.d_mlp / cfg.d_model,
+        "n_vocab": cfg.n_vocab,
+    }
+
+
+def load_tdb_folder(location: str) -> tuple[GPT2Config, StateDict]:
+    """Reads a Transformer Debugger model folder from a path or a blobfile URL."""
+    config_path = bf.join(location, "config.json")
+    if not bf.exists(config_path):
+        raise WeightsFormatError(f"{location} has no config.json")
+    cfg = tdb_config_from_json(json.loads(bf.read_bytes(config_path)))
+    pieces_dir = bf.join(location, "model_pieces")
+    names = [name for name in bf.listdir(pieces_dir) if name.endswith(".pt")]
+
+    def read_piece(name: str) -> tuple[str, torch.Tensor]:
+        data = bf.read_bytes(bf.join(pieces_dir, name))
+        tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return name.removesuffix(".pt"), tensor.float()
+
+    # Remote stores answer one small file at a time slowly; read them concurrently.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        state = dict(pool.map(read_piece, names))
+    return cfg, state
+
+
+def save_tdb_folder(location: str | os.PathLike[str], cfg: GPT2Config, state: StateDict) -> None:
+    root = Path(location)
+    (root / "model_pieces").mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(tdb_config_to_json(cfg), indent=2))
+    for key, tensor in state.items():
+        torch.save(tensor.detach().clone().contiguous(), root / "model_pieces" / f"{key}.pt")
+
+
+# --- Hugging Face ------------------------------------------------------------------------------
+
+
+def hf_config_from_json(raw: dict[str, Any]) -> GPT2Config:
+    if raw.get("model_type", "gpt2") != "gpt2":
+        raise WeightsFormatError(
+            f"the native backend serves GPT-2 only, not {raw.get('model_type')!r}; "
+            "use --backend transformerlens"
+        )
+    d_model = int(raw["n_embd"])
+    n_heads = int(raw["n_head"])
+    return GPT2Config(
+        n_layers=int(raw["n_layer"]),
+        d_model=d_model,
+        n_heads=n_heads,
+        d_head=d_model // n_heads,
+        d_mlp=int(raw.get("n_inner") or 4 * d_model),
+        n_ctx=int(raw["n_positions"]),
+        n_vocab=int(raw["vocab_size"]),
+        ln_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
+    )
+
+
+def hf_config_to_json(cfg: GPT2Config, tied: bool) -> dict[str, Any]:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "n_layer": cfg.n_layers,
+        "n_embd": cfg.d_model,
+        "n_head": cfg.n_heads,
+        "n_inner": cfg.d_mlp,
+        "n_positions": cfg.n_ctx,
+        "n_ctx": cfg.n_ctx,
+        "vocab_size": cfg.n_vocab,
+        "layer_norm_epsilon": cfg.ln_eps,
+        "activation_function": "gelu_new",
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "tie_word_embeddings": tied,
+    }
+
+
+def load_hf_folder(location: str | os.PathLike[str]) -> tuple[GPT2Config, StateDict]:
+    root = Path(location)
+    cfg = hf_config_from_json(json.loads((root / "config.json").read_text()))
+    if cfg.n_heads * cfg.d_head != cfg.d_model:
+        raise WeightsFormatError("n_embd must be a multiple of n_head")
+    raw = load_file(str(root / "model.safetensors"))
+    hf = {key.removeprefix("transformer."): value.float() for key, value in raw.items()}
+    state: StateDict = {
+        "tok_embed.weight": hf["wte.weight"],
+        "pos_embed.weight": hf["wpe.weight"],
+        "final_ln.weight": hf["ln_f.weight"],
+        "final_ln.bias": hf["ln_f.bias"],
+        "unembed.weight": hf.get("lm_head.weight", hf["wte.weight"]),
+    }
+    for i in range(cfg.n_layers):
+        h, x = f"h.{i}.", f"xf_layers.{i}."
+        q, k, v = hf[h + "attn.c_attn.weight"].t().chunk(3, dim=0)
+        qb, kb, vb = hf[h + "attn.c_attn.bias"].chunk(3)
+        state |= {
+            x + "attn.q_proj.weight": q,
+            x + "attn.k_proj.weight": k,
+            x + "attn.v_proj.weight": v,
+            x + "attn.q_proj.bias": qb,
+            x + "attn.k_proj.bias": kb,
+            x + "attn.v_proj.bias": vb,
+            x + "attn.out_proj.weight": hf[h + "attn.c_proj.weight"].t(),
+            x + "attn.out_proj.bias": hf[h + "attn.c_proj.bias"],
+            x + "mlp.in_layer.weight": hf[h + "mlp.c_fc.weight"].t(),
+            x + "mlp.in_layer.bias": hf[h + "mlp.c_fc.bias"],
+            x + "mlp.out_layer.weight": hf[h + "mlp.c_proj.weight"].t(),
+            x + "mlp.out_layer.bias": hf[h + "mlp.c_proj.bias"],
+        }
+        for ln in ("ln_1", "ln_2"):
+            state[x + f"{ln}.weight"] = hf[h + f"{ln}.weight"]
+            state[x + f"{ln}.bias"] = hf[h + f"{ln}.bias"]
+    return cfg, {key: value.contiguous() for key, value in state.items()}
+
+
+def save_hf_folder(location: str | os.PathLike[str], cfg: GPT2Config, state: StateDict) -> None:
+    root = Path(location)
+    root.mkdir(parents=True, exist_ok=True)
+    tied = torch.equal(state["unembed.weight"], state["tok_embed.weight"])
+    hf: StateDict = {
+        "transformer.wte.weight": state["tok_embed.weight"],
+        "transformer.wpe.weight": state["pos_embed.weight"],
+        "transformer.ln_f.weight": state["final_ln.weight"],
+        "transformer.ln_f.bias": state["final_ln.bias"],
+    }
+    if not tied:
+        hf["lm_head.weight"] = state["unembed.weight"]
+    for i in range(cfg.n_layers):
+        h, x = f"transformer.h.{i}.", f"xf_layers.{i}."
+        hf |= {
+            h + "attn.c_attn.weight": torch.cat(
+                [state[x + f"attn.{p}_proj.weight"] for p in "qkv"], dim=0
+            ).t(),
+            h + "attn.c_attn.bias": torch.cat([state[x + f"attn.{p}_proj.bias"] for p in "qkv"]),
+            h + "attn.c_proj.weight": state[x + "attn.out_proj.weight"].t(),
+            h + "attn.c_proj.bias": state[x + "attn.out_proj.bias"],
+            h + "mlp.c_fc.weight": state[x + "mlp.in_layer.weight"].t(),
+            h + "mlp.c_fc.bias": state[x + "mlp.in_layer.bias"],
+            h + "mlp.c_proj.weight": state[x + "mlp.out_layer.weight"].t(),
+            h + "mlp.c_proj.bias": state[x + "mlp.out_layer.bias"],
+        }
+        for ln in ("ln_1", "ln_2"):
+            hf[h + f"{ln}.weight"] = state[x + f"{ln}.weight"]
+            hf[h + f"{ln}.bias"] = state[x + f"{ln}.bias"]
+    save_file({k: v.detach().contiguous() for k, v in hf.items()}, str(root / "model.safetensors"))
+    (root / "config.json").write_text(json.dumps(hf_config_to_json(cfg, tied), indent=2))
+
+
+# --- Resolving what the user named -------------------------------------------------------------
+
+
+def read_config(spec: str) -> GPT2Config:
+    """The architecture `spec` names, without reading its weights."""
+    if spec.startswith("random:"):
+        return _preset(spec)[0]
+    location = REGISTERED_MODELS.get(spec, spec)
+    if "://" not in location and (Path(location) / "model.safetensors").exists():
+        return hf_config_from_json(json.loads((Path(location) / "config.json").read_text()))
+    config_path = bf.join(location, "config.json")
+    if not bf.exists(config_path):
+        raise WeightsFormatError(f"{spec!r} has no config.json")
+    return tdb_config_from_json(json.loads(bf.read_bytes(config_path)))
+
+
+def _preset(spec: str) -> tuple[GPT2Config, int]:
+    _, preset, *seed = spec.split(":")
+    if preset not in PRESETS:
+        raise WeightsFormatError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    return PRESETS[preset], int(seed[0]) if seed else 0
+
+
+def load_weights(spec: str) -> tuple[GPT2Config, StateDict]:
+    """`spec` is a registered name, a blobfile URL, a local TDB or HF folder, or
+    `random:<preset>[:seed]` (presets in `model.PRESETS`)."""
+    if spec.startswith("random:"):
+        cfg, seed = _preset(spec)
+        return cfg, {k: v.detach() for k, v in random_model(cfg, seed).state_dict().items()}
+    location = REGISTERED_MODELS.get(spec, spec)
+    if "://" in location:
+        return load_tdb_folder(location)
+    root = Path(location)
+    if (root / "model.safetensors").exists():
+        return load_hf_folder(root)
+    if (root / "model_pieces").is_dir():
+        return load_tdb_folder(str(root))
+    raise WeightsFormatError(
+        f"{spec!r} is neither a registered model ({', '.join(REGISTERED_MODELS)}), a URL, "
+        "a Transformer Debugger folder (config.json + model_pieces/) nor a Hugging Face "
+        "folder (config.json + model.safetensors)"
+    )

@@ -1,0 +1,46 @@
+"""Per-prompt losses computed from logits; shared by every backend."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from interpql.backends.base import LossKind, LossSpec
+
+
+def next_token_loss(
+    logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """Mean cross-entropy of each real next token; [batch, token, vocab] -> [batch]."""
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # [batch, token - 1]
+    positions = torch.arange(nll.shape[1], device=nll.device)
+    real = positions[None, :] < (lengths[:, None] - 1)
+    counts = real.sum(dim=1)
+    total = (nll * real).sum(dim=1)
+    return torch.where(counts > 0, total / counts.clamp(min=1), torch.nan)
+
+
+def last_token_logits(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[batch, token, vocab] -> [batch, vocab] at each prompt's last real token."""
+    return logits[torch.arange(logits.shape[0], device=logits.device), lengths - 1]
+
+
+def spec_loss(
+    spec: LossSpec, logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """The loss `spec` describes, per prompt: [batch]."""
+    if spec.kind is LossKind.NEXT_TOKEN:
+        return next_token_loss(logits, tokens, lengths)
+    last = last_token_logits(logits, lengths).float()
+    targets = list(spec.target_tokens)
+    if spec.kind is LossKind.ZERO:
+        return last.sum(dim=-1) * 0.0
+    if spec.kind is LossKind.LOGIT_DIFF:
+        distractors = list(spec.distractor_tokens)
+        return last[:, targets].mean(dim=-1) - last[:, distractors].mean(dim=-1)
+    if spec.kind is LossKind.LOGIT_MINUS_MEAN:
+        return last[:, targets].mean(dim=-1) - last.mean(dim=-1)
+    if spec.kind is LossKind.PROBS:
+        return F.softmax(last, dim=-1)[:, targets].sum(dim=-1)
+    raise ValueError(f"unknown loss kind {spec.kind}")

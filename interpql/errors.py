@@ -1,0 +1,74 @@
+"""Errors a client can act on, each with a stable code.
+
+Every layer (backends, loaders, resolvers) raises these; the GraphQL layer turns them into
+errors whose ``extensions.code`` is the code below. Anything else is an internal error and is
+masked before it reaches a client.
+
+    InterpqlError                     (base; never raised directly)
+    ├── NotFoundError
+    │   ├── MODEL_NOT_FOUND          no model of that name is served
+    │   └── INVALID_NODE             a node id that does not parse or names no node
+    ├── InvalidInputError
+    │   ├── INVALID_ARGUMENT         a number out of its range, an empty list, ...
+    │   ├── EMPTY_PROMPT             a prompt that tokenizes to nothing
+    │   └── PROMPT_TOO_LONG          more tokens than the model's context window
+    ├── UnavailableError
+    │   ├── MODEL_NOT_LOADED         the server runs with --no-model: metadata only
+    │   └── UNSUPPORTED              the backend cannot compute what was asked
+    └── QueryTooComplexError
+        └── QUERY_TOO_COMPLEX        depth, alias or token limits of the query were exceeded
+
+Codes graphql itself produces are mapped too: GRAPHQL_PARSE_FAILED, GRAPHQL_VALIDATION_FAILED,
+BAD_USER_INPUT (a variable of the wrong type); masked internal errors carry
+INTERNAL_SERVER_ERROR.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class InterpqlError(Exception):
+    default_code: ClassVar[str] = "INTERNAL_SERVER_ERROR"
+
+    def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        # graphql-core copies `extensions` of the original error into the response.
+        self.extensions: dict[str, Any] = {"code": self.code, **details}
+
+
+class NotFoundError(InterpqlError):
+    default_code = "NOT_FOUND"
+
+
+class InvalidInputError(InterpqlError):
+    default_code = "INVALID_ARGUMENT"
+
+
+class UnavailableError(InterpqlError):
+    default_code = "UNSUPPORTED"
+
+
+class QueryTooComplexError(InterpqlError):
+    default_code = "QUERY_TOO_COMPLEX"
+
+
+def model_not_found(name: str) -> NotFoundError:
+    return NotFoundError(f"No model named {name!r} is served.", code="MODEL_NOT_FOUND")
+
+
+def invalid_node(node_id: str, why: str) -> NotFoundError:
+    return NotFoundError(f"Invalid node id {node_id!r}: {why}", code="INVALID_NODE")
+
+
+def invalid_argument(message: str) -> InvalidInputError:
+    return InvalidInputError(message, code="INVALID_ARGUMENT")
+
+
+def check_range(name: str, value: int, low: int, high: int) -> int:
+    """Returns `value` when low <= value < high, else raises INVALID_ARGUMENT."""
+    if not low <= value < high:
+        raise invalid_argument(f"{name} must be in [{low}, {high}), got {value}.")
+    return value

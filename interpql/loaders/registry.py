@@ -1,0 +1,101 @@
+"""The models this server serves, each with its backend and its one inference worker."""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from interpql.backends.base import Architecture, Backend
+from interpql.errors import (
+    NotFoundError,
+    UnavailableError,
+    check_range,
+    invalid_node,
+    model_not_found,
+)
+from interpql.loaders.nodes import NodeKind, NodeRef
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    architecture: Architecture
+    backend: Backend | None  # None when serving metadata only (--no-model)
+    backend_name: str
+    device: str
+    dtype: str
+    # One worker per model: torch already uses every core inside one forward pass, and a
+    # single queue keeps requests from thrashing each other.
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+    )
+
+    def node_count(self, kind: NodeKind) -> int:
+        arch = self.architecture
+        counts = {
+            NodeKind.MLP_NEURON: arch.d_mlp,
+            NodeKind.ATTENTION_HEAD: arch.n_heads,
+            NodeKind.RESIDUAL_CHANNEL: arch.d_model,
+        }
+        return counts.get(kind, 0)
+
+    def require_backend(self) -> Backend:
+        if self.backend is None:
+            raise UnavailableError(
+                f"Model {self.name!r} is served without weights (--no-model).",
+                code="MODEL_NOT_LOADED",
+            )
+        return self.backend
+
+    def check_layer(self, layer: int) -> int:
+        return check_range("layer", layer, 0, self.architecture.n_layers)
+
+    def node(self, kind: NodeKind, layer: int, index: int) -> NodeRef:
+        """A reference to an existing node; INVALID_NODE when there is no such node."""
+        ref = NodeRef(self.name, kind, layer, index)
+        if not 0 <= layer < self.architecture.n_layers:
+            raise invalid_node(ref.id, f"layer must be in [0, {self.architecture.n_layers})")
+        count = self.node_count(kind)
+        if count == 0:
+            raise invalid_node(ref.id, f"model {self.name!r} has no {kind.value} nodes")
+        if not 0 <= index < count:
+            raise invalid_node(ref.id, f"index must be in [0, {count}) for {kind.value}")
+        return ref
+
+
+class ModelRegistry:
+    def __init__(self) -> None:
+        self._models: dict[str, ModelEntry] = {}
+
+    def add(self, entry: ModelEntry) -> None:
+        if not _MODEL_NAME.match(entry.name):
+            raise ValueError(
+                f"model name {entry.name!r} must be 1-64 letters, digits, '.', '_' or '-'"
+            )
+        if entry.name in self._models:
+            raise ValueError(f"a model named {entry.name!r} is already registered")
+        self._models[entry.name] = entry
+
+    def get(self, name: str) -> ModelEntry:
+        entry = self._models.get(name)
+        if entry is None:
+            raise model_not_found(name)
+        return entry
+
+    def all(self) -> list[ModelEntry]:
+        return list(self._models.values())
+
+    def resolve(self, ref: NodeRef) -> NodeRef:
+        """Checks that a parsed id names an existing node of a served model."""
+        try:
+            entry = self.get(ref.model)
+        except NotFoundError:
+            raise invalid_node(ref.id, f"no model named {ref.model!r} is served") from None
+        return entry.node(ref.kind, ref.layer, ref.index)
+
+    def close(self) -> None:
+        for entry in self._models.values():
+            entry.executor.shutdown(wait=False, cancel_futures=True)

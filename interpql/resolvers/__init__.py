@@ -1,0 +1,1 @@
+"""Thin functions from GraphQL arguments to loaders and backends; no torch here."""

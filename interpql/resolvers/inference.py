@@ -1,0 +1,99 @@
+"""Live inference: a prompt's tokens, loss, predictions and activations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from interpql.errors import check_range, invalid_node
+from interpql.loaders.inference import ActivationNeeds, PromptRun
+from interpql.loaders.nodes import NodeKind, NodeRef
+from interpql.loaders.registry import ModelEntry
+from interpql.resolvers.context import RequestContext
+from interpql.resolvers.models import encode_prompt, nodes_from_ids
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A validated prompt of one model, ready to run."""
+
+    entry: ModelEntry
+    text: str
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    token_id: int
+    logit: float
+    probability: float
+
+
+@dataclass(frozen=True)
+class NodeValues:
+    node: NodeRef
+    prompt: Prompt
+    values: np.ndarray  # [token]
+    pattern: np.ndarray | None  # [query, key] for attention heads
+
+
+def prepare(ctx: RequestContext, entry: ModelEntry, text: str) -> Prompt:
+    entry.require_backend()
+    return Prompt(entry, text, encode_prompt(ctx, entry, text))
+
+
+async def run(ctx: RequestContext, prompt: Prompt, needs: ActivationNeeds) -> PromptRun:
+    return await ctx.inference.load(prompt.entry.name, prompt.tokens, needs)
+
+
+def _node_needs(nodes: list[NodeRef]) -> ActivationNeeds:
+    return ActivationNeeds(
+        layer_kinds=frozenset((n.layer, n.kind) for n in nodes),
+        pattern_layers=frozenset(n.layer for n in nodes if n.kind is NodeKind.ATTENTION_HEAD),
+    )
+
+
+async def node_values(
+    ctx: RequestContext, prompt: Prompt, nodes: list[NodeRef]
+) -> list[NodeValues]:
+    result = await run(ctx, prompt, _node_needs(nodes))
+    out = []
+    for node in nodes:
+        values = result.layer_activations[(node.layer, node.kind)][:, node.index]
+        pattern = None
+        if node.kind is NodeKind.ATTENTION_HEAD:
+            pattern = result.patterns[node.layer][:, node.index, :]
+        out.append(NodeValues(node, prompt, values, pattern))
+    return out
+
+
+async def activations_of_ids(
+    ctx: RequestContext, prompt: Prompt, node_ids: list[str]
+) -> list[NodeValues]:
+    nodes = nodes_from_ids(ctx, node_ids)
+    if any(node.model != prompt.entry.name for node in nodes):
+        wrong = next(n.id for n in nodes if n.model != prompt.entry.name)
+        raise invalid_node(wrong, f"it belongs to another model than {prompt.entry.name!r}")
+    return await node_values(ctx, prompt, nodes)
+
+
+async def layer_values(
+    ctx: RequestContext, prompt: Prompt, layer: int, kind: NodeKind
+) -> np.ndarray:
+    """[token, node] activations of every node of one kind in one layer."""
+    entry = prompt.entry
+    entry.check_layer(layer)
+    entry.node(kind, layer, 0)  # raises when the model has no such nodes
+    result = await run(ctx, prompt, ActivationNeeds(layer_kinds=frozenset({(layer, kind)})))
+    return result.layer_activations[(layer, kind)]
+
+
+def top_predictions(ctx: RequestContext, result: PromptRun, k: int) -> list[Prediction]:
+    check_range("k", k, 1, ctx.settings.max_top_k + 1)
+    logits = result.last_logits.astype(np.float64)
+    k = min(k, logits.shape[0])
+    top = np.argpartition(-logits, k - 1)[:k]
+    top = top[np.argsort(-logits[top], kind="stable")]
+    log_norm = np.log(np.exp(logits - logits.max()).sum()) + logits.max()
+    return [Prediction(int(t), float(logits[t]), float(np.exp(logits[t] - log_norm))) for t in top]

@@ -1,0 +1,79 @@
+"""Models, layers, nodes and tokenization."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from interpql.errors import InvalidInputError, check_range
+from interpql.loaders.nodes import NodeKind, NodeRef, parse_node_id
+from interpql.loaders.registry import ModelEntry
+from interpql.resolvers.context import RequestContext
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    index: int
+    id: int
+    text: str
+
+
+def node_from_id(ctx: RequestContext, node_id: str) -> NodeRef:
+    return ctx.registry.resolve(parse_node_id(node_id))
+
+
+def nodes_from_ids(ctx: RequestContext, node_ids: list[str]) -> list[NodeRef]:
+    check_range("number of ids", len(node_ids), 0, ctx.settings.max_nodes_per_request + 1)
+    return [node_from_id(ctx, node_id) for node_id in node_ids]
+
+
+def node_kind_counts(entry: ModelEntry) -> list[tuple[NodeKind, int]]:
+    return [(kind, n) for kind in NodeKind if (n := entry.node_count(kind)) > 0]
+
+
+def layer_nodes(
+    entry: ModelEntry, layer: int, kind: NodeKind, first: int, after: int | None
+) -> tuple[list[NodeRef], int]:
+    """One page of a layer's nodes of one kind, and the total count."""
+    count = entry.node_count(kind)
+    start = 0 if after is None else after + 1
+    check_range("first", first, 0, 1001)
+    return [
+        NodeRef(entry.name, kind, layer, i) for i in range(start, min(start + first, count))
+    ], count
+
+
+def token_text(entry: ModelEntry, token_id: int) -> str:
+    tokenizer = entry.require_backend().tokenizer
+    return tokenizer.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+def encode(ctx: RequestContext, entry: ModelEntry, text: str) -> tuple[int, ...]:
+    max_chars = entry.architecture.n_ctx * ctx.settings.max_chars_per_token
+    if len(text) > max_chars:
+        raise InvalidInputError(
+            f"Text of {len(text)} characters cannot fit the context of "
+            f"{entry.architecture.n_ctx} tokens.",
+            code="PROMPT_TOO_LONG",
+        )
+    tokenizer = entry.require_backend().tokenizer
+    return tuple(tokenizer.encode(text, allowed_special="all"))
+
+
+def tokenize(ctx: RequestContext, entry: ModelEntry, text: str) -> list[TokenInfo]:
+    return [
+        TokenInfo(index=i, id=t, text=token_text(entry, t))
+        for i, t in enumerate(encode(ctx, entry, text))
+    ]
+
+
+def encode_prompt(ctx: RequestContext, entry: ModelEntry, prompt: str) -> tuple[int, ...]:
+    tokens = encode(ctx, entry, prompt)
+    if not tokens:
+        raise InvalidInputError("The prompt is empty.", code="EMPTY_PROMPT")
+    if len(tokens) > entry.architecture.n_ctx:
+        raise InvalidInputError(
+            f"The prompt has {len(tokens)} tokens; model {entry.name!r} reads at most "
+            f"{entry.architecture.n_ctx}.",
+            code="PROMPT_TOO_LONG",
+        )
+    return tokens

@@ -1,0 +1,1 @@
+"""Strawberry types only; `build.py` assembles them into the Schema with its extensions."""

@@ -1,0 +1,109 @@
+"""Inference inputs and results."""
+
+from __future__ import annotations
+
+import strawberry
+
+from interpql.loaders.inference import ActivationNeeds
+from interpql.loaders.nodes import NodeKind
+from interpql.resolvers import inference as inference_resolvers
+from interpql.resolvers.inference import Prompt
+from interpql.resolvers.models import token_text
+from interpql.schema.scalars import FloatArray
+from interpql.schema.types import (
+    Info,
+    NodeActivations,
+    Token,
+    node_activations,
+    tokens_of,
+)
+
+
+@strawberry.type(description="A predicted next token.")
+class TokenPrediction:
+    token: Token = strawberry.field(description="The token (its index is its rank, from 0).")
+    logit: float = strawberry.field(description="Its logit.")
+    probability: float = strawberry.field(description="Its softmax probability.")
+
+
+@strawberry.type(description="Activations of every node of one kind in one layer.")
+class LayerActivations:
+    layer: int = strawberry.field(description="Layer index.")
+    kind: NodeKind = strawberry.field(description="Node kind.")
+    shape: list[int] = strawberry.field(description="[tokens, nodes].")
+    values: FloatArray = strawberry.field(
+        description="values[token][node], as in NodeActivations.values."
+    )
+
+
+@strawberry.type(description="The result of running a model on a prompt.")
+class InferenceResult:
+    prompt: strawberry.Private[Prompt]
+
+    @strawberry.field(name="prompt", description="The prompt as given.")
+    def prompt_text(self) -> str:
+        return self.prompt.text
+
+    @strawberry.field(description="The prompt's tokens.")
+    def tokens(self, info: Info) -> list[Token]:
+        return tokens_of(info.context, self.prompt.entry, self.prompt.tokens)
+
+    @strawberry.field(
+        description="Mean cross-entropy of each next token of the prompt (null for one token)."
+    )
+    async def loss(self, info: Info) -> float | None:
+        return (
+            await inference_resolvers.run(info.context, self.prompt, ActivationNeeds())
+        ).next_token_loss
+
+    @strawberry.field(description="The k most likely tokens after the prompt.")
+    async def top_predictions(self, info: Info, k: int = 10) -> list[TokenPrediction]:
+        result = await inference_resolvers.run(info.context, self.prompt, ActivationNeeds())
+        predictions = inference_resolvers.top_predictions(info.context, result, k)
+        return [
+            TokenPrediction(
+                token=Token(
+                    index=rank, id=p.token_id, text=token_text(self.prompt.entry, p.token_id)
+                ),
+                logit=p.logit,
+                probability=p.probability,
+            )
+            for rank, p in enumerate(predictions)
+        ]
+
+    @strawberry.field(description="Wall time of the forward pass that served this result, in ms.")
+    async def inference_time_ms(self, info: Info) -> float:
+        result = await inference_resolvers.run(info.context, self.prompt, ActivationNeeds())
+        return result.elapsed_s * 1000.0
+
+    @strawberry.field(description="Prompts run together in that forward pass.")
+    async def batch_size(self, info: Info) -> int:
+        return (
+            await inference_resolvers.run(info.context, self.prompt, ActivationNeeds())
+        ).batch_size
+
+    @strawberry.field(
+        description="Memory in use before the pass, in bytes (CUDA allocated, or process RSS)."
+    )
+    async def memory_before_bytes(self, info: Info) -> float:
+        result = await inference_resolvers.run(info.context, self.prompt, ActivationNeeds())
+        return float(result.memory_before_bytes)
+
+    @strawberry.field(description="Memory in use after the pass, in bytes.")
+    async def memory_after_bytes(self, info: Info) -> float:
+        result = await inference_resolvers.run(info.context, self.prompt, ActivationNeeds())
+        return float(result.memory_after_bytes)
+
+    @strawberry.field(description="Activations of the given nodes (ids) on every token.")
+    async def activations(self, info: Info, node_ids: list[strawberry.ID]) -> list[NodeActivations]:
+        values = await inference_resolvers.activations_of_ids(
+            info.context, self.prompt, [str(i) for i in node_ids]
+        )
+        return [node_activations(info.context, v) for v in values]
+
+    @strawberry.field(description="Activations of every node of one kind in one layer.")
+    async def layer_activations(self, info: Info, layer: int, kind: NodeKind) -> LayerActivations:
+        values = await inference_resolvers.layer_values(info.context, self.prompt, layer, kind)
+        return LayerActivations(
+            layer=layer, kind=kind, shape=list(values.shape), values=FloatArray(values)
+        )

@@ -1,0 +1,33 @@
+"""Custom scalars: Python types here, their GraphQL definitions in `SCALARS` (the schema's
+scalar_map)."""
+
+from __future__ import annotations
+
+from typing import Any, NewType
+
+import numpy as np
+import strawberry
+from strawberry.types.scalar import ScalarDefinition
+
+FloatArray = NewType("FloatArray", object)
+
+
+def _serialize_array(value: Any) -> Any:
+    # One leaf for a whole tensor: graphql-core would otherwise visit every float.
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+SCALARS: dict[object, ScalarDefinition] = {
+    FloatArray: strawberry.scalar(
+        name="FloatArray",
+        description=(
+            "A (possibly nested) JSON array of floats, e.g. activations [token][node]; its shape "
+            "is given next to it. One scalar rather than nested [Float] lists keeps large "
+            "results fast."
+        ),
+        serialize=_serialize_array,
+        parse_value=lambda value: value,
+    )
+}

@@ -1,0 +1,266 @@
+"""Models, layers, nodes and tokens."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import strawberry
+
+from interpql.errors import invalid_argument
+from interpql.loaders.nodes import NodeKind, NodeRef
+from interpql.loaders.registry import ModelEntry
+from interpql.resolvers import inference as inference_resolvers
+from interpql.resolvers import models as model_resolvers
+from interpql.resolvers.context import RequestContext
+from interpql.schema.inputs import InferenceInput
+from interpql.schema.scalars import FloatArray
+
+if TYPE_CHECKING:
+    from interpql.schema.inference import InferenceResult
+
+Info = strawberry.Info[RequestContext, None]
+
+# Registers the loaders' enum as a GraphQL enum (in place: annotations keep using the class).
+strawberry.enum(NodeKind, description="What a node is: a unit of analysis inside a layer.")
+
+
+@strawberry.type(description="A token of a tokenized text.")
+class Token:
+    index: int = strawberry.field(description="Position in the text, from 0.")
+    id: int = strawberry.field(description="The token id in the model's vocabulary.")
+    text: str = strawberry.field(
+        description="The token's text (bytes that are not valid UTF-8 alone show as U+FFFD)."
+    )
+
+
+@strawberry.type(description="How many nodes of one kind a layer has.")
+class NodeKindCount:
+    kind: NodeKind = strawberry.field(description="The node kind.")
+    count: int = strawberry.field(description="Nodes of that kind in each layer.")
+
+
+@strawberry.type(description="A transformer language model served by interpql.")
+class Model:
+    entry: strawberry.Private[ModelEntry]
+
+    @strawberry.field(description="The model's name, unique on this server.")
+    def name(self) -> str:
+        return self.entry.name
+
+    @strawberry.field(description="The backend that runs it, e.g. native-gpt2.")
+    def backend(self) -> str:
+        return self.entry.backend_name
+
+    @strawberry.field(description="Whether weights are loaded (false with --no-model).")
+    def loaded(self) -> bool:
+        return self.entry.backend is not None
+
+    @strawberry.field(description="Device the weights live on, e.g. cpu or cuda:0.")
+    def device(self) -> str:
+        return self.entry.device
+
+    @strawberry.field(description="Weight dtype, e.g. float32 or bfloat16.")
+    def dtype(self) -> str:
+        return self.entry.dtype
+
+    @strawberry.field(description="Number of transformer layers.")
+    def n_layers(self) -> int:
+        return self.entry.architecture.n_layers
+
+    @strawberry.field(description="Width of the residual stream.")
+    def d_model(self) -> int:
+        return self.entry.architecture.d_model
+
+    @strawberry.field(description="Attention heads per layer.")
+    def n_heads(self) -> int:
+        return self.entry.architecture.n_heads
+
+    @strawberry.field(description="Width of one attention head.")
+    def d_head(self) -> int:
+        return self.entry.architecture.d_head
+
+    @strawberry.field(description="Neurons per MLP layer.")
+    def d_mlp(self) -> int:
+        return self.entry.architecture.d_mlp
+
+    @strawberry.field(description="Context window in tokens: the longest prompt accepted.")
+    def n_ctx(self) -> int:
+        return self.entry.architecture.n_ctx
+
+    @strawberry.field(description="Vocabulary size.")
+    def n_vocab(self) -> int:
+        return self.entry.architecture.n_vocab
+
+    @strawberry.field(description="Node kinds present in every layer, with their counts.")
+    def node_kinds(self) -> list[NodeKindCount]:
+        return [
+            NodeKindCount(kind=k, count=n) for k, n in model_resolvers.node_kind_counts(self.entry)
+        ]
+
+    @strawberry.field(description="All layers, from the embedding side.")
+    def layers(self) -> list[Layer]:
+        return [Layer(entry=self.entry, index=i) for i in range(self.entry.architecture.n_layers)]
+
+    @strawberry.field(description="One layer by index (from 0).")
+    def layer(self, index: int) -> Layer:
+        return Layer(entry=self.entry, index=self.entry.check_layer(index))
+
+    @strawberry.field(description="One node by layer, kind and index.")
+    def node(self, layer: int, kind: NodeKind, index: int) -> Node:
+        return Node(ref=self.entry.node(kind, layer, index))
+
+    @strawberry.field(description="Tokenize a text with the model's tokenizer.")
+    def tokenize(self, info: Info, text: str) -> list[Token]:
+        return [
+            Token(index=t.index, id=t.id, text=t.text)
+            for t in model_resolvers.tokenize(info.context, self.entry, text)
+        ]
+
+    @strawberry.field(
+        description=(
+            "Run the model on a prompt. Every field of the result, and every other activation "
+            "field of the same operation on the same prompt, shares one forward pass."
+        )
+    )
+    def infer(
+        self, info: Info, input: InferenceInput
+    ) -> Annotated[InferenceResult, strawberry.lazy("interpql.schema.inference")]:
+        # Imported here: inference.py builds on this module's types.
+        from interpql.schema.inference import InferenceResult
+
+        prompt = inference_resolvers.prepare(info.context, self.entry, input.prompt)
+        return InferenceResult(prompt=prompt)
+
+
+@strawberry.type(description="An edge of a node connection.")
+class NodeEdge:
+    cursor: str = strawberry.field(description="Opaque cursor of this node.")
+    node: Node = strawberry.field(description="The node.")
+
+
+@strawberry.type(description="Where a page of a connection ends.")
+class PageInfo:
+    has_next_page: bool = strawberry.field(description="Whether more items follow.")
+    end_cursor: str | None = strawberry.field(description="Cursor of the last item.")
+
+
+@strawberry.type(description="A page of nodes (Relay cursor connection).")
+class NodeConnection:
+    edges: list[NodeEdge] = strawberry.field(description="The nodes of this page.")
+    page_info: PageInfo = strawberry.field(description="Where this page ends.")
+    total_count: int = strawberry.field(description="Nodes in the whole connection.")
+
+
+@strawberry.type(description="One transformer layer (an attention block and an MLP block).")
+class Layer:
+    entry: strawberry.Private[ModelEntry]
+    index: int = strawberry.field(description="Layer index, from 0.")
+
+    @strawberry.field(description="The model this layer belongs to.")
+    def model(self) -> Model:
+        return Model(entry=self.entry)
+
+    @strawberry.field(description="Node kinds present in this layer, with their counts.")
+    def node_kinds(self) -> list[NodeKindCount]:
+        return [
+            NodeKindCount(kind=k, count=n) for k, n in model_resolvers.node_kind_counts(self.entry)
+        ]
+
+    @strawberry.field(description="The layer's nodes of one kind, a page at a time.")
+    def nodes(self, kind: NodeKind, first: int = 20, after: str | None = None) -> NodeConnection:
+        start = None if after is None else _cursor_index(after)
+        refs, total = model_resolvers.layer_nodes(self.entry, self.index, kind, first, start)
+        edges = [NodeEdge(cursor=str(r.index), node=Node(ref=r)) for r in refs]
+        last = refs[-1].index if refs else None
+        return NodeConnection(
+            edges=edges,
+            page_info=PageInfo(
+                has_next_page=last is not None and last + 1 < total,
+                end_cursor=None if last is None else str(last),
+            ),
+            total_count=total,
+        )
+
+
+def _cursor_index(cursor: str) -> int:
+    if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 12:
+        raise invalid_argument(f"Invalid cursor {cursor!r}.")
+    return int(cursor)
+
+
+@strawberry.type(description="A node's activation on each token of a prompt.")
+class NodeActivations:
+    node: Node = strawberry.field(description="The node.")
+    tokens: list[Token] = strawberry.field(description="The prompt's tokens.")
+    values: list[float] = strawberry.field(
+        description=(
+            "One value per token: MLP neuron post-activation; attention head: norm of the head's "
+            "write to the residual stream; residual channel: the residual stream after the layer."
+        )
+    )
+    max_value: float = strawberry.field(description="The largest value.")
+    max_token_index: int = strawberry.field(description="Where the largest value is.")
+    attention_pattern: FloatArray | None = strawberry.field(
+        description="Attention heads only: probabilities [queryToken][keyToken]."
+    )
+
+
+@strawberry.type(
+    description=(
+        "A unit of analysis: an MLP neuron, an attention head, an autoencoder latent or a "
+        "residual channel. Its id reads <model>/<kind>/<layer>/<index>."
+    )
+)
+class Node:
+    ref: strawberry.Private[NodeRef]
+
+    @strawberry.field(description="Readable id: <model>/<kind>/<layer>/<index>.")
+    def id(self) -> strawberry.ID:
+        return strawberry.ID(self.ref.id)
+
+    @strawberry.field(description="The node's kind.")
+    def kind(self) -> NodeKind:
+        return self.ref.kind
+
+    @strawberry.field(description="Layer index.")
+    def layer_index(self) -> int:
+        return self.ref.layer
+
+    @strawberry.field(description="Index of the node within its layer and kind.")
+    def index(self) -> int:
+        return self.ref.index
+
+    @strawberry.field(description="The model this node belongs to.")
+    def model(self, info: Info) -> Model:
+        return Model(entry=info.context.registry.get(self.ref.model))
+
+    @strawberry.field(description="The layer this node belongs to.")
+    def layer(self, info: Info) -> Layer:
+        return Layer(entry=info.context.registry.get(self.ref.model), index=self.ref.layer)
+
+    @strawberry.field(description="This node's activation on every token of a prompt.")
+    async def activations(self, info: Info, prompt: str) -> NodeActivations:
+        entry = info.context.registry.get(self.ref.model)
+        ready = inference_resolvers.prepare(info.context, entry, prompt)
+        [values] = await inference_resolvers.node_values(info.context, ready, [self.ref])
+        return node_activations(info.context, values)
+
+
+def tokens_of(ctx: RequestContext, entry: ModelEntry, ids: tuple[int, ...]) -> list[Token]:
+    return [
+        Token(index=i, id=t, text=model_resolvers.token_text(entry, t)) for i, t in enumerate(ids)
+    ]
+
+
+def node_activations(
+    ctx: RequestContext, values: inference_resolvers.NodeValues
+) -> NodeActivations:
+    best = int(values.values.argmax())
+    return NodeActivations(
+        node=Node(ref=values.node),
+        tokens=tokens_of(ctx, values.prompt.entry, values.prompt.tokens),
+        values=values.values.tolist(),
+        max_value=float(values.values[best]),
+        max_token_index=best,
+        attention_pattern=None if values.pattern is None else FloatArray(values.pattern),
+    )

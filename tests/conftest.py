@@ -1,0 +1,67 @@
+"""Shared fixtures: small random GPT-2 models, their registry, and clients of the app."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from interpql.backends.gpt2 import GPT2Config, NativeGPT2Backend
+from interpql.backends.gpt2.loading import random_model
+from interpql.loaders.registry import ModelEntry, ModelRegistry
+from interpql.server import create_app
+
+# Deliberately uneven widths, so that transposed or mixed-up axes cannot go unnoticed.
+SMALL = GPT2Config(n_layers=3, d_model=48, n_heads=3, d_head=16, d_mlp=80, n_ctx=64)
+MODEL_NAME = "small"
+
+
+class CountingBackend(NativeGPT2Backend):
+    """The native backend, counting forward passes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[Any] = []
+
+    def run(self, request: Any) -> Any:
+        self.calls.append(request)
+        return super().run(request)
+
+
+@pytest.fixture(scope="session")
+def small_backend() -> CountingBackend:
+    return CountingBackend(random_model(SMALL, seed=1))
+
+
+@pytest.fixture(scope="session")
+def registry(small_backend: CountingBackend) -> Iterator[ModelRegistry]:
+    registry = ModelRegistry()
+    registry.add(
+        ModelEntry(
+            MODEL_NAME, SMALL.architecture, small_backend, small_backend.name, "cpu", "float32"
+        )
+    )
+    yield registry
+    registry.close()
+
+
+@pytest.fixture(scope="session")
+async def client(registry: ModelRegistry) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_app(registry))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
+
+
+async def graphql(
+    client: httpx.AsyncClient, query: str, variables: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    response = await client.post("/graphql", json={"query": query, "variables": variables or {}})
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def error_codes(body: dict[str, Any]) -> list[str]:
+    return [error["extensions"]["code"] for error in body.get("errors", [])]

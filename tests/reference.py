@@ -1,0 +1,61 @@
+"""An independent, plain-torch GPT-2 forward pass over a Transformer Debugger state dict.
+
+Written from the equations, not from interpql's model code, so the tests compare two separate
+implementations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from interpql.backends.gpt2 import GPT2Config
+
+
+def reference_forward(
+    cfg: GPT2Config,
+    state: dict[str, torch.Tensor],
+    tokens: list[int],
+    overwrite_mlp_post: tuple[int, int, int, float] | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One prompt -> (logits [T, V], mlp post-activations per layer [T, F]).
+
+    `overwrite_mlp_post` = (layer, token, neuron, value) sets one post-activation.
+    """
+    s = {k: v.double() for k, v in state.items()}
+    n = len(tokens)
+    x = s["tok_embed.weight"][tokens] + s["pos_embed.weight"][:n]
+    mlp_posts = []
+
+    def layer_norm(h: torch.Tensor, prefix: str) -> torch.Tensor:
+        mu = h.mean(-1, keepdim=True)
+        var = ((h - mu) ** 2).mean(-1, keepdim=True)
+        return (h - mu) / torch.sqrt(var + cfg.ln_eps) * s[prefix + ".weight"] + s[prefix + ".bias"]
+
+    def linear(h: torch.Tensor, prefix: str) -> torch.Tensor:
+        return h @ s[prefix + ".weight"].T + s[prefix + ".bias"]
+
+    for i in range(cfg.n_layers):
+        p = f"xf_layers.{i}."
+        h = layer_norm(x, p + "ln_1")
+        heads = []
+        for head in range(cfg.n_heads):
+            cols = slice(head * cfg.d_head, (head + 1) * cfg.d_head)
+            q = linear(h, p + "attn.q_proj")[:, cols]
+            k = linear(h, p + "attn.k_proj")[:, cols]
+            v = linear(h, p + "attn.v_proj")[:, cols]
+            scores = q @ k.T / math.sqrt(cfg.d_head)
+            scores = scores.masked_fill(torch.triu(torch.ones(n, n), 1).bool(), -math.inf)
+            heads.append(torch.softmax(scores, -1) @ v)
+        x = x + linear(torch.cat(heads, -1), p + "attn.out_proj")
+        pre = linear(layer_norm(x, p + "ln_2"), p + "mlp.in_layer")
+        post = 0.5 * pre * (1 + torch.tanh(math.sqrt(2 / math.pi) * (pre + 0.044715 * pre**3)))
+        if overwrite_mlp_post is not None and overwrite_mlp_post[0] == i:
+            _, token, neuron, value = overwrite_mlp_post
+            post = post.clone()
+            post[token, neuron] = value
+        mlp_posts.append(post)
+        x = x + linear(post, p + "mlp.out_layer")
+    logits = layer_norm(x, "final_ln") @ s["unembed.weight"].T
+    return logits, mlp_posts

@@ -1,0 +1,148 @@
+"""The real thing: `interpql serve` in its own process, on a loopback port."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets.sync.client
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serve(*args: str) -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "interpql.cli", "serve", "--port", str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                output = process.stdout.read().decode() if process.stdout else ""
+                raise AssertionError(f"server exited with {process.returncode}:\n{output}")
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("server did not start in 60 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        if process.stdout:
+            process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with serve() as url:
+        yield url
+
+
+def test_default_model_answers(server: str) -> None:
+    response = httpx.post(server + "/graphql", json={"query": "{ models { name nLayers } }"})
+    assert response.status_code == 200
+    [model] = response.json()["data"]["models"]
+    assert model["nLayers"] > 0
+    infer = httpx.post(
+        server + "/graphql",
+        json={
+            "query": 'query($m: String!) { model(name: $m) { infer(input: {prompt: "def f():"}) '
+            "{ loss tokens { text } } } }",
+            "variables": {"m": model["name"]},
+        },
+    ).json()
+    assert [t["text"] for t in infer["data"]["model"]["infer"]["tokens"]] == ["def", " f", "():"]
+
+
+def test_graphiql_on_get(server: str) -> None:
+    response = httpx.get(server + "/graphql", headers={"Accept": "text/html"})
+    assert response.status_code == 200
+    assert "graphiql" in response.text.lower()
+
+
+def test_cors_allows_localhost_only(server: str) -> None:
+    def preflight(origin: str) -> httpx.Response:
+        return httpx.options(
+            server + "/graphql",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+        )
+
+    local = preflight("http://localhost:5173")
+    assert local.headers.get("access-control-allow-origin") == "http://localhost:5173"
+    assert "access-control-allow-origin" not in preflight("https://evil.example").headers
+
+
+def test_query_over_websocket(server: str) -> None:
+    ws_url = server.replace("http://", "ws://") + "/graphql"
+    with websockets.sync.client.connect(ws_url, subprotocols=["graphql-transport-ws"]) as ws:
+        ws.send(json.dumps({"type": "connection_init"}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "connection_ack"
+        ws.send(
+            json.dumps(
+                {"id": "1", "type": "subscribe", "payload": {"query": "{ models { name } }"}}
+            )
+        )
+        message = json.loads(ws.recv(timeout=10))
+        assert message["type"] == "next" and message["payload"]["data"]["models"]
+        assert json.loads(ws.recv(timeout=10))["type"] == "complete"
+
+
+def test_no_model_serves_metadata_only() -> None:
+    with serve("--model", "random:gpt2-small", "--no-model") as url:
+        body = httpx.post(
+            url + "/graphql",
+            json={
+                "query": "{ models { name loaded nLayers dMlp } "
+                'model(name: "random-gpt2-small") { infer(input: {prompt: "hi"}) { loss } } }'
+            },
+        ).json()
+    assert body["data"] is None or body["data"].get("model") is None
+    assert body["errors"][0]["extensions"]["code"] == "MODEL_NOT_LOADED"
+
+
+def test_unknown_model_fails_at_start_with_a_clear_message() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "interpql.cli", "serve", "--model", "/nonexistent/folder"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "cannot load model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_exported_schema_is_current() -> None:
+    exported = subprocess.run(
+        [sys.executable, "-m", "interpql.cli", "export-schema"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert exported == (ROOT / "schema.graphql").read_text()
