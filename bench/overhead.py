@@ -16,13 +16,15 @@ from bench.common import save, server, summary, timed
 from interpql.backends.base import ForwardRequest, HookPoint, Location
 from interpql.backends.gpt2 import NativeGPT2Backend
 
-QUERY = """query($p: String!) { model(name: "random-gpt2-small") {
-  infer(input: {prompt: $p}) { layerActivations(layer: 5, kind: MLP_NEURON) { shape values } } } }"""
+QUERY = """query($p: String!) { model(name: "random-gpt2-small") { infer(input: {prompt: $p}) {
+  layerActivations(layer: 5, kind: MLP_NEURON) { shape values } } } }"""
 
 
 def main(repeats: int = 30) -> dict[str, object]:
     backend = NativeGPT2Backend.load("random:gpt2-small")
-    tokens = tuple(backend.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 8)[:64])
+    tokens = tuple(
+        backend.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 8)[:64]
+    )
     prompt = backend.tokenizer.decode(list(tokens))
     assert backend.tokenizer.encode(prompt) == list(tokens)
     request = ForwardRequest(tokens=(tokens,), save=frozenset({HookPoint(5, Location.MLP_POST)}))
@@ -30,7 +32,9 @@ def main(repeats: int = 30) -> dict[str, object]:
     with server("--model", "random:gpt2-small") as url, httpx.Client(timeout=60) as client:
 
         def over_http() -> None:
-            response = client.post(url + "/graphql", json={"query": QUERY, "variables": {"p": prompt}})
+            response = client.post(
+                url + "/graphql", json={"query": QUERY, "variables": {"p": prompt}}
+            )
             body = orjson.loads(response.content)
             assert body["data"]["model"]["infer"]["layerActivations"]["shape"] == [64, 3072]
 
@@ -43,7 +47,9 @@ def main(repeats: int = 30) -> dict[str, object]:
             http.append(timed(over_http))
 
     result = {"bare_forward": summary(bare), "graphql_http": summary(http)}
-    result["ratio_of_medians"] = result["graphql_http"]["median_ms"] / result["bare_forward"]["median_ms"]
+    result["ratio_of_medians"] = (
+        result["graphql_http"]["median_ms"] / result["bare_forward"]["median_ms"]
+    )
     result["target_ratio"] = 1.3
     save("overhead", result)
     return result
