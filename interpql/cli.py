@@ -13,26 +13,36 @@ from interpql.settings import Settings
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from interpql.loaders.models import DEFAULT_MODEL, DEFAULT_MODEL_NAME, load_model
+    from interpql.loaders.models import (
+        DEFAULT_MODEL,
+        DEFAULT_MODEL_NAME,
+        attach_autoencoders,
+        load_model,
+    )
     from interpql.loaders.registry import ModelRegistry
     from interpql.server import create_app
 
     spec = args.model or DEFAULT_MODEL
     name = args.name or (DEFAULT_MODEL_NAME if args.model is None else None)
-    registry = ModelRegistry()
     try:
-        registry.add(
-            load_model(
-                spec,
-                name=name,
-                device=args.device,
-                dtype=args.dtype,
-                with_weights=not args.no_model,
-            )
+        entry = load_model(
+            spec, name=name, device=args.device, dtype=args.dtype, with_weights=not args.no_model
         )
     except (ValueError, OSError) as exc:
         print(f"interpql: cannot load model {spec!r}: {exc}", file=sys.stderr)
         return 2
+    for role, ae_spec in (("mlp", args.mlp_autoencoder), ("attention", args.attn_autoencoder)):
+        if ae_spec is None or args.no_model:
+            continue
+        try:
+            attach_autoencoders(entry, ae_spec, role)
+        except (ValueError, OSError) as exc:
+            print(
+                f"interpql: cannot attach {role} autoencoders {ae_spec!r}: {exc}", file=sys.stderr
+            )
+            return 2
+    registry = ModelRegistry()
+    registry.add(entry)
     settings = Settings(cors_origin_regex=args.cors_origin_regex)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     uvicorn.run(create_app(registry, settings), host=args.host, port=args.port, log_level="info")
@@ -61,6 +71,16 @@ def parser() -> argparse.ArgumentParser:
         "Face folder, or random:<preset>; default: the embedded demo model",
     )
     serve.add_argument("--name", help="the name clients use for the model")
+    serve.add_argument(
+        "--mlp-autoencoder",
+        help="MLP autoencoders: a registered name (ae-mlp-post-act-v4, ae-resid-delta-mlp-v4, "
+        "...) or a folder/URL of <layer>.pt files",
+    )
+    serve.add_argument(
+        "--attn-autoencoder",
+        help="attention autoencoders: a registered name (ae-resid-delta-attn-v4, ...) or a "
+        "folder/URL of <layer>.pt files",
+    )
     serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--host", default="127.0.0.1")

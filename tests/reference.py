@@ -7,6 +7,7 @@ implementations.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -18,11 +19,14 @@ def reference_forward(
     state: dict[str, torch.Tensor],
     tokens: list[int],
     overwrite_mlp_post: tuple[int, int, int, float] | None = None,
+    edit: Callable[[int, str, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One prompt -> (logits [T, V], mlp post-activations per layer [T, F]).
 
-    `overwrite_mlp_post` = (layer, token, neuron, value) sets one post-activation.
+    `overwrite_mlp_post` = (layer, token, neuron, value) sets one post-activation; `edit`, if
+    given, maps (layer, "attn_out" | "mlp_post", activation) to the activation to use instead.
     """
+    edit = edit or (lambda layer, name, act: act)
     s = {k: v.double() for k, v in state.items()}
     n = len(tokens)
     x = s["tok_embed.weight"][tokens] + s["pos_embed.weight"][:n]
@@ -48,13 +52,14 @@ def reference_forward(
             scores = q @ k.T / math.sqrt(cfg.d_head)
             scores = scores.masked_fill(torch.triu(torch.ones(n, n), 1).bool(), -math.inf)
             heads.append(torch.softmax(scores, -1) @ v)
-        x = x + linear(torch.cat(heads, -1), p + "attn.out_proj")
+        x = x + edit(i, "attn_out", linear(torch.cat(heads, -1), p + "attn.out_proj"))
         pre = linear(layer_norm(x, p + "ln_2"), p + "mlp.in_layer")
         post = 0.5 * pre * (1 + torch.tanh(math.sqrt(2 / math.pi) * (pre + 0.044715 * pre**3)))
         if overwrite_mlp_post is not None and overwrite_mlp_post[0] == i:
             _, token, neuron, value = overwrite_mlp_post
             post = post.clone()
             post[token, neuron] = value
+        post = edit(i, "mlp_post", post)
         mlp_posts.append(post)
         x = x + linear(post, p + "mlp.out_layer")
     logits = layer_norm(x, "final_ln") @ s["unembed.weight"].T

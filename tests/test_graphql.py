@@ -42,9 +42,9 @@ async def test_models_and_architecture(client: httpx.AsyncClient) -> None:
         "nCtx": 64,
         "nVocab": 50257,
         "nodeKinds": [
-            {"kind": "MLP_NEURON", "count": 80},
-            {"kind": "ATTENTION_HEAD", "count": 3},
-            {"kind": "RESIDUAL_CHANNEL", "count": 48},
+            {"kind": "MLP_NEURON", "count": 3 * 80},
+            {"kind": "ATTENTION_HEAD", "count": 3 * 3},
+            {"kind": "RESIDUAL_CHANNEL", "count": 3 * 48},
         ],
     }
 
@@ -54,7 +54,7 @@ async def test_layers_and_nodes(client: httpx.AsyncClient) -> None:
         client,
         """{ model(name: "small") {
               layers { index }
-              layer(index: 2) { index model { name }
+              layer(index: 2) { index model { name } nodeKinds { kind count }
                 nodes(kind: ATTENTION_HEAD, first: 2) {
                   totalCount edges { cursor node { id } } pageInfo { hasNextPage endCursor } } }
               node(layer: 1, kind: MLP_NEURON, index: 7) {
@@ -65,6 +65,7 @@ async def test_layers_and_nodes(client: httpx.AsyncClient) -> None:
     )
     data = body["data"]
     assert [layer["index"] for layer in data["model"]["layers"]] == [0, 1, 2]
+    assert [k["count"] for k in data["model"]["layer"]["nodeKinds"]] == [80, 3, 48]
     page = data["model"]["layer"]["nodes"]
     assert page["totalCount"] == 3
     assert [e["node"]["id"] for e in page["edges"]] == [

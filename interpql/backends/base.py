@@ -21,6 +21,8 @@ What a backend must do
      backpropagate the sum over prompts, and return gradients of the saved points.
      Otherwise run under `torch.inference_mode()`.
    * Always return float32 logits ``[batch, token, vocab]`` and the next-token loss per prompt.
+   * Autoencoders attached with `attach_autoencoder` are spliced in by the hook session at
+     their input location: their latents become one more location to save or overwrite.
 
 3. Expose weights in TransformerLens's naming (`weight`), shapes as listed on `WEIGHT_SHAPES`,
    so loaders can compute write directions, direct effects and logit lenses without knowing the
@@ -57,6 +59,31 @@ class Location(StrEnum):
     MLP_POST = "mlp_post"  # [batch, token, d_mlp]
     MLP_OUT = "mlp_out"  # [batch, token, d_model]: what the MLP adds to the residual
     RESID_POST = "resid_post"  # [batch, token, d_model]
+    # Latents of an attached autoencoder, computed from its input location (`AutoencoderInput`).
+    MLP_AE_LATENTS = "mlp_autoencoder_latents"  # [batch, token, n_latents]
+    ATTN_AE_LATENTS = "attn_autoencoder_latents"  # [batch, token, n_latents]
+
+
+class AutoencoderInput(StrEnum):
+    """What an autoencoder reads, in the names of openai/sparse_autoencoder's public files."""
+
+    MLP_POST_ACT = "mlp_post_act"  # Location.MLP_POST
+    RESID_DELTA_MLP = "resid_delta_mlp"  # Location.MLP_OUT
+    RESID_DELTA_ATTN = "resid_delta_attn"  # Location.ATTN_OUT
+
+    @property
+    def location(self) -> Location:
+        return {
+            AutoencoderInput.MLP_POST_ACT: Location.MLP_POST,
+            AutoencoderInput.RESID_DELTA_MLP: Location.MLP_OUT,
+            AutoencoderInput.RESID_DELTA_ATTN: Location.ATTN_OUT,
+        }[self]
+
+    @property
+    def latents(self) -> Location:
+        if self is AutoencoderInput.RESID_DELTA_ATTN:
+            return Location.ATTN_AE_LATENTS
+        return Location.MLP_AE_LATENTS
 
 
 @dataclass(frozen=True, order=True)
@@ -118,6 +145,11 @@ class ForwardRequest:
     interventions: tuple[Intervention, ...] = ()
     backward: LossSpec | None = None
     save_grads: frozenset[HookPoint] = frozenset()
+    # Where an autoencoder's latents are used (saved, overwritten or differentiated), the model
+    # continues from decode(latents) + error, the error being what the autoencoder misses: with
+    # latents untouched that is the original activation. False drops the error term, running
+    # the model on the reconstruction alone.
+    autoencoder_error_term: bool = True
 
 
 @dataclass
@@ -160,6 +192,35 @@ WEIGHT_SHAPES: dict[str, str] = {
 }
 
 
+class Autoencoder(Protocol):
+    """A sparse autoencoder (see `backends/autoencoder.py`)."""
+
+    @property
+    def n_inputs(self) -> int: ...
+
+    @property
+    def n_latents(self) -> int: ...
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class AttachedAutoencoder:
+    layer: int
+    input: AutoencoderInput
+    autoencoder: Autoencoder
+
+    @property
+    def input_point(self) -> HookPoint:
+        return HookPoint(self.layer, self.input.location)
+
+    @property
+    def latents_point(self) -> HookPoint:
+        return HookPoint(self.layer, self.input.latents)
+
+
 class Backend(abc.ABC):
     name: str  # what users see, e.g. "native-gpt2"
     architecture: Architecture
@@ -167,6 +228,30 @@ class Backend(abc.ABC):
     device: torch.device
     dtype: torch.dtype
     locations: frozenset[Location]
+    autoencoders: dict[HookPoint, AttachedAutoencoder]  # by latents point
+
+    def attach_autoencoder(
+        self, layer: int, input: AutoencoderInput, autoencoder: Autoencoder
+    ) -> None:
+        """Attaches an autoencoder to a layer; ValueError if its width does not fit."""
+        width = self.input_width(input)
+        if autoencoder.n_inputs != width:
+            raise ValueError(
+                f"an autoencoder on {input.value} of layer {layer} must read {width} values, "
+                f"this one reads {autoencoder.n_inputs}"
+            )
+        if not 0 <= layer < self.architecture.n_layers:
+            raise ValueError(f"layer {layer} is not in [0, {self.architecture.n_layers})")
+        if isinstance(autoencoder, torch.nn.Module):
+            # Autoencoders run in float32 on the model's device, whatever the model's dtype.
+            autoencoder.to(device=self.device, dtype=torch.float32).eval().requires_grad_(False)
+        attached = AttachedAutoencoder(layer, input, autoencoder)
+        self.autoencoders = {**self.autoencoders, attached.latents_point: attached}
+
+    def input_width(self, input: AutoencoderInput) -> int:
+        if input is AutoencoderInput.MLP_POST_ACT:
+            return self.architecture.d_mlp
+        return self.architecture.d_model
 
     @abc.abstractmethod
     def run(self, request: ForwardRequest) -> ForwardResult:

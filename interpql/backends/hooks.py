@@ -8,27 +8,58 @@ TransformerLens hook functions).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 
 import torch
 
-from interpql.backends.base import ForwardRequest, HookPoint, Intervention
+from interpql.backends.base import AttachedAutoencoder, ForwardRequest, HookPoint, Intervention
 
 
 class HookSession:
-    def __init__(self, request: ForwardRequest) -> None:
+    def __init__(
+        self,
+        request: ForwardRequest,
+        autoencoders: Mapping[HookPoint, AttachedAutoencoder] | None = None,
+    ) -> None:
         self._save = request.save | request.save_grads
         self._keep_grads = request.save_grads if request.backward is not None else frozenset()
         self._interventions: dict[HookPoint, list[Intervention]] = defaultdict(list)
         for intervention in request.interventions:
             self._interventions[intervention.point].append(intervention)
+        self._error_term = request.autoencoder_error_term
+        # Only autoencoders whose latents someone asked about are spliced in.
+        self._splices = {
+            attached.input_point: attached
+            for point, attached in (autoencoders or {}).items()
+            if self._touches(point)
+        }
         self.activations: dict[HookPoint, torch.Tensor] = {}
+
+    def _touches(self, point: HookPoint) -> bool:
+        return point in self._save or point in self._interventions
 
     def wants(self, point: HookPoint) -> bool:
         """True when `process` would do anything at this point (backends may skip it if not)."""
-        return point in self._save or point in self._interventions
+        return self._touches(point) or point in self._splices
 
     def process(self, point: HookPoint, act: torch.Tensor) -> torch.Tensor:
         """Takes a token-major activation [batch, token, ...]; returns the one to use downstream."""
+        act = self._apply(point, act)
+        attached = self._splices.get(point)
+        return act if attached is None else self._splice(attached, act)
+
+    def _splice(self, attached: AttachedAutoencoder, x: torch.Tensor) -> torch.Tensor:
+        ae = attached.autoencoder
+        clean = ae.encode(x.float())
+        # A distinct autograd node: its gradient is the loss's gradient w.r.t. the latents with
+        # the error term held fixed, while x itself keeps its true (identity) gradient.
+        latents = self._apply(attached.latents_point, clean.clone())
+        if not self._error_term:
+            return ae.decode(latents).to(x.dtype)
+        # x + (decode(latents) - decode(clean)) is exactly x while the latents are untouched.
+        return x + (ae.decode(latents) - ae.decode(clean)).to(x.dtype)
+
+    def _apply(self, point: HookPoint, act: torch.Tensor) -> torch.Tensor:
         interventions = self._interventions.get(point)
         if interventions:
             # A copy, never an in-place write: autograd may still need the original.

@@ -1,11 +1,12 @@
-"""Inference for one GraphQL request: every field that needs the same prompt shares one pass.
+"""Inference for one GraphQL request: every field that needs the same run shares one pass.
 
-Fields of an operation ask `InferenceLoader.load(model, tokens, needs)`. Calls made in the same
-tick of the event loop (sibling fields, list items) are gathered by a strawberry DataLoader into
-one batched backend call, whose saved locations are the union of what the calls need. A later
-call whose needs are already covered is answered from the request's memo without running again.
-The backend runs on its model's worker thread, never on the event loop. Results leave this module
-as numpy arrays: nothing above loaders/ sees torch.
+A run is a `Variant`: a prompt's tokens, the ablations applied to it and whether autoencoders
+keep their error term. Fields ask `InferenceLoader.load(model, variant, needs)`. Calls made in
+the same tick of the event loop (sibling fields, list items) are gathered by a strawberry
+DataLoader into one batched backend call (one row per variant), whose saved locations are the
+union of what the calls need. A later call whose needs are already covered is answered from the
+request's memo without running again. The backend runs on its model's worker thread, never on
+the event loop. Results leave this module as numpy arrays: nothing above loaders/ sees torch.
 """
 
 from __future__ import annotations
@@ -19,17 +20,42 @@ import numpy as np
 import torch
 from strawberry.dataloader import DataLoader
 
-from interpql.backends.base import ForwardRequest, ForwardResult, HookPoint, Location
-from interpql.errors import UnavailableError
-from interpql.loaders.nodes import NodeKind
-from interpql.loaders.registry import ModelEntry, ModelRegistry
+from interpql.backends.base import (
+    ForwardRequest,
+    ForwardResult,
+    HookPoint,
+    Intervention,
+    Location,
+)
+from interpql.loaders.nodes import NodeKind, NodeRef
+from interpql.loaders.registry import LATENT_LOCATIONS, ModelEntry, ModelRegistry
 
 # Which saved location a node kind's per-token activation is read from.
-_KIND_LOCATION = {
+KIND_LOCATION = {
     NodeKind.MLP_NEURON: Location.MLP_POST,
     NodeKind.ATTENTION_HEAD: Location.ATTN_Z,  # reduced to the norm of each head's write
     NodeKind.RESIDUAL_CHANNEL: Location.RESID_POST,
+    **LATENT_LOCATIONS,
 }
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """Set a node's activation to `value` at one token (None: every token).
+
+    For an attention head, the head's output vector (its z) is set, so 0 removes its write.
+    """
+
+    node: NodeRef
+    value: float
+    token: int | None = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    tokens: tuple[int, ...]
+    ablations: tuple[Ablation, ...] = ()
+    autoencoder_error_term: bool = True
 
 
 @dataclass(frozen=True)
@@ -46,12 +72,7 @@ class ActivationNeeds:
         return self.layer_kinds <= other.layer_kinds and self.pattern_layers <= other.pattern_layers
 
     def hook_points(self) -> frozenset[HookPoint]:
-        points = set()
-        for layer, kind in self.layer_kinds:
-            location = _KIND_LOCATION.get(kind)
-            if location is None:
-                raise UnavailableError(f"Activations of {kind.value} nodes are not available yet.")
-            points.add(HookPoint(layer, location))
+        points = {HookPoint(layer, KIND_LOCATION[kind]) for layer, kind in self.layer_kinds}
         points.update(HookPoint(layer, Location.ATTN_PROBS) for layer in self.pattern_layers)
         return frozenset(points)
 
@@ -59,15 +80,15 @@ class ActivationNeeds:
 @dataclass(frozen=True)
 class _Key:
     model: str
-    tokens: tuple[int, ...]
+    variant: Variant
     needs: ActivationNeeds
 
 
 @dataclass
 class PromptRun:
-    """What one forward pass computed for one prompt, as numpy arrays."""
+    """What one forward pass computed for one variant, as numpy arrays."""
 
-    tokens: tuple[int, ...]
+    variant: Variant
     needs: ActivationNeeds
     next_token_loss: float | None
     last_logits: np.ndarray  # [vocab] at the last token
@@ -83,56 +104,78 @@ class InferenceLoader:
     def __init__(self, registry: ModelRegistry) -> None:
         self._registry = registry
         self._loader = DataLoader[_Key, PromptRun](load_fn=self._load_batch, cache=False)
-        self._memo: dict[tuple[str, tuple[int, ...]], PromptRun] = {}
+        self._memo: dict[tuple[str, Variant], PromptRun] = {}
 
-    async def load(self, model: str, tokens: tuple[int, ...], needs: ActivationNeeds) -> PromptRun:
-        done = self._memo.get((model, tokens))
+    async def load(self, model: str, variant: Variant, needs: ActivationNeeds) -> PromptRun:
+        done = self._memo.get((model, variant))
         if done is not None and needs.covered_by(done.needs):
             return done
-        return await self._loader.load(_Key(model, tokens, needs))
+        return await self._loader.load(_Key(model, variant, needs))
 
     async def _load_batch(self, keys: Sequence[_Key]) -> list[PromptRun]:
-        by_model: dict[str, list[_Key]] = defaultdict(list)
+        # One backend call per model and error-term setting (a request-wide switch).
+        groups: dict[tuple[str, bool], list[_Key]] = defaultdict(list)
         for key in keys:
-            by_model[key.model].append(key)
+            groups[(key.model, key.variant.autoencoder_error_term)].append(key)
         results: dict[_Key, PromptRun] = {}
         loop = asyncio.get_running_loop()
-        for name, model_keys in by_model.items():
+        for (name, _), group in groups.items():
             entry = self._registry.get(name)
-            runs = await loop.run_in_executor(entry.executor, _run_batch, entry, model_keys)
-            for key in model_keys:
-                run = runs[key.tokens]
-                results[key] = run
-                self._memo[(name, key.tokens)] = run
+            runs = await loop.run_in_executor(entry.executor, _run_batch, entry, group)
+            for key in group:
+                results[key] = runs[key.variant]
+                self._memo[(name, key.variant)] = runs[key.variant]
         return [results[key] for key in keys]
 
 
-def _run_batch(entry: ModelEntry, keys: list[_Key]) -> dict[tuple[int, ...], PromptRun]:
-    """Runs on the model's worker thread: one backend call for every prompt in `keys`."""
+def _intervention(ablation: Ablation, row: int) -> Intervention:
+    node = ablation.node
+    location = KIND_LOCATION[node.kind]
+    return Intervention(
+        HookPoint(node.layer, location), ablation.value, ablation.token, (node.index,), row
+    )
+
+
+def _run_batch(entry: ModelEntry, keys: list[_Key]) -> dict[Variant, PromptRun]:
+    """Runs on the model's worker thread: one backend call for every variant in `keys`."""
     backend = entry.require_backend()
-    needs_by_prompt: dict[tuple[int, ...], ActivationNeeds] = {}
+    needs_by_variant: dict[Variant, ActivationNeeds] = {}
     for key in keys:
-        needs_by_prompt[key.tokens] = needs_by_prompt.get(key.tokens, ActivationNeeds()) | key.needs
-    prompts = list(needs_by_prompt)
+        needs_by_variant[key.variant] = (
+            needs_by_variant.get(key.variant, ActivationNeeds()) | key.needs
+        )
+    variants = list(needs_by_variant)
     union = ActivationNeeds()
-    for needs in needs_by_prompt.values():
+    for needs in needs_by_variant.values():
         union = union | needs
-    result = backend.run(ForwardRequest(tokens=tuple(prompts), save=union.hook_points()))
+    interventions = tuple(
+        _intervention(ablation, row)
+        for row, variant in enumerate(variants)
+        for ablation in variant.ablations
+    )
+    result = backend.run(
+        ForwardRequest(
+            tokens=tuple(v.tokens for v in variants),
+            save=union.hook_points(),
+            interventions=interventions,
+            autoencoder_error_term=variants[0].autoencoder_error_term,
+        )
+    )
     head_writes = {
         layer: backend.weight(f"blocks.{layer}.attn.W_O")
         for layer, kind in union.layer_kinds
         if kind is NodeKind.ATTENTION_HEAD
     }
     return {
-        prompt: _prompt_run(result, row, prompt, union, head_writes, len(prompts))
-        for row, prompt in enumerate(prompts)
+        variant: _prompt_run(result, row, variant, union, head_writes, len(variants))
+        for row, variant in enumerate(variants)
     }
 
 
 def _prompt_run(
     result: ForwardResult,
     row: int,
-    prompt: tuple[int, ...],
+    variant: Variant,
     needs: ActivationNeeds,
     head_writes: dict[int, torch.Tensor],
     batch_size: int,
@@ -141,7 +184,7 @@ def _prompt_run(
     loss = float(result.next_token_loss[row])
     layer_acts = {}
     for layer, kind in needs.layer_kinds:
-        act = result.activations[HookPoint(layer, _KIND_LOCATION[kind])][row, :n_tok].float()
+        act = result.activations[HookPoint(layer, KIND_LOCATION[kind])][row, :n_tok].float()
         if kind is NodeKind.ATTENTION_HEAD:
             # [token, head, d_head] x [head, d_head, d_model] -> norm of each head's write
             act = torch.einsum("thd,hdm->thm", act, head_writes[layer]).norm(dim=-1)
@@ -154,7 +197,7 @@ def _prompt_run(
         for layer in needs.pattern_layers
     }
     return PromptRun(
-        tokens=prompt,
+        variant=variant,
         needs=needs,
         next_token_loss=None if np.isnan(loss) else loss,
         last_logits=result.logits[row, n_tok - 1].float().cpu().numpy(),

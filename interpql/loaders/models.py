@@ -6,8 +6,11 @@ from pathlib import PurePosixPath
 
 import torch
 
+from interpql.backends.autoencoder_files import load_autoencoder_set, registered_input
+from interpql.backends.base import AutoencoderInput, Backend
 from interpql.backends.gpt2.backend import NativeGPT2Backend
 from interpql.backends.gpt2.loading import REGISTERED_MODELS, read_config
+from interpql.loaders.nodes import NodeKind
 from interpql.loaders.registry import ModelEntry
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,3 +44,45 @@ def load_model(
         return ModelEntry(name, arch, None, NativeGPT2Backend.name, device, dtype)
     backend = NativeGPT2Backend.load(spec, device=device, dtype=DTYPES[dtype])
     return ModelEntry(name, backend.architecture, backend, backend.name, str(backend.device), dtype)
+
+
+def attach_autoencoders(entry: ModelEntry, spec: str, role: str) -> None:
+    """Attaches a set of per-layer autoencoders; `role` is "mlp" or "attention".
+
+    The input an MLP set reads is known for registered names and otherwise read off its width
+    (d_mlp: mlp_post_act, d_model: resid_delta_mlp). Every mismatch is a ValueError here, at
+    start-up, never mid-request.
+    """
+    backend = entry.require_backend()
+    loaded, source = load_autoencoder_set(spec, entry.architecture.n_layers)
+    kind = (
+        NodeKind.MLP_AUTOENCODER_LATENT if role == "mlp" else NodeKind.ATTENTION_AUTOENCODER_LATENT
+    )
+    for layer, autoencoder in loaded.items():
+        backend.attach_autoencoder(
+            layer, _input_of(backend, spec, role, autoencoder.n_inputs), autoencoder
+        )
+    entry.autoencoder_sources[kind] = source
+
+
+def _input_of(backend: Backend, spec: str, role: str, width: int) -> AutoencoderInput:
+    registered = registered_input(spec)
+    if role == "attention":
+        if registered not in (None, AutoencoderInput.RESID_DELTA_ATTN):
+            raise ValueError(f"{spec!r} reads {registered}, not the attention output")
+        return AutoencoderInput.RESID_DELTA_ATTN
+    if registered is not None:
+        if registered is AutoencoderInput.RESID_DELTA_ATTN:
+            raise ValueError(f"{spec!r} reads the attention output; pass it as an attention set")
+        return registered
+    arch = backend.architecture
+    by_width = {
+        arch.d_mlp: AutoencoderInput.MLP_POST_ACT,
+        arch.d_model: AutoencoderInput.RESID_DELTA_MLP,
+    }
+    if width not in by_width:
+        raise ValueError(
+            f"an MLP autoencoder must read d_mlp={arch.d_mlp} (mlp_post_act) or "
+            f"d_model={arch.d_model} (resid_delta_mlp) values; {spec!r} reads {width}"
+        )
+    return by_width[width]

@@ -6,7 +6,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from interpql.backends.base import Architecture, Backend
+from interpql.backends.base import Architecture, Backend, HookPoint, Location
 from interpql.errors import (
     NotFoundError,
     UnavailableError,
@@ -16,6 +16,10 @@ from interpql.errors import (
 )
 from interpql.loaders.nodes import NodeKind, NodeRef
 
+LATENT_LOCATIONS = {
+    NodeKind.MLP_AUTOENCODER_LATENT: Location.MLP_AE_LATENTS,
+    NodeKind.ATTENTION_AUTOENCODER_LATENT: Location.ATTN_AE_LATENTS,
+}
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -27,20 +31,27 @@ class ModelEntry:
     backend_name: str
     device: str
     dtype: str
+    # Where each attached autoencoder set came from, by the kind of its latents.
+    autoencoder_sources: dict[NodeKind, str] = field(default_factory=dict)
     # One worker per model: torch already uses every core inside one forward pass, and a
     # single queue keeps requests from thrashing each other.
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
     )
 
-    def node_count(self, kind: NodeKind) -> int:
+    def node_count(self, kind: NodeKind, layer: int) -> int:
+        """Nodes of `kind` in `layer` (0 where there are none, e.g. no autoencoder there)."""
         arch = self.architecture
+        if kind in LATENT_LOCATIONS:
+            attached = self.backend.autoencoders if self.backend is not None else {}
+            found = attached.get(HookPoint(layer, LATENT_LOCATIONS[kind]))
+            return 0 if found is None else found.autoencoder.n_latents
         counts = {
             NodeKind.MLP_NEURON: arch.d_mlp,
             NodeKind.ATTENTION_HEAD: arch.n_heads,
             NodeKind.RESIDUAL_CHANNEL: arch.d_model,
         }
-        return counts.get(kind, 0)
+        return counts[kind]
 
     def require_backend(self) -> Backend:
         if self.backend is None:
@@ -58,9 +69,9 @@ class ModelEntry:
         ref = NodeRef(self.name, kind, layer, index)
         if not 0 <= layer < self.architecture.n_layers:
             raise invalid_node(ref.id, f"layer must be in [0, {self.architecture.n_layers})")
-        count = self.node_count(kind)
+        count = self.node_count(kind, layer)
         if count == 0:
-            raise invalid_node(ref.id, f"model {self.name!r} has no {kind.value} nodes")
+            raise invalid_node(ref.id, f"layer {layer} of {self.name!r} has no {kind.value} nodes")
         if not 0 <= index < count:
             raise invalid_node(ref.id, f"index must be in [0, {count}) for {kind.value}")
         return ref

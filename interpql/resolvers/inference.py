@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from interpql.errors import check_range, invalid_node
-from interpql.loaders.inference import ActivationNeeds, PromptRun
+from interpql.errors import check_range, invalid_argument, invalid_node
+from interpql.loaders.inference import Ablation, ActivationNeeds, PromptRun, Variant
 from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.registry import ModelEntry
 from interpql.resolvers.context import RequestContext
-from interpql.resolvers.models import encode_prompt, nodes_from_ids
+from interpql.resolvers.models import encode_prompt, node_from_id
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """A validated prompt of one model, ready to run."""
+    """A validated prompt of one model, with what to change while running it."""
 
     entry: ModelEntry
     text: str
-    tokens: tuple[int, ...]
+    variant: Variant
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return self.variant.tokens
+
+
+@dataclass(frozen=True)
+class AblationRequest:
+    node_id: str
+    value: float
+    token: int | None
 
 
 @dataclass(frozen=True)
@@ -38,13 +50,35 @@ class NodeValues:
     pattern: np.ndarray | None  # [query, key] for attention heads
 
 
-def prepare(ctx: RequestContext, entry: ModelEntry, text: str) -> Prompt:
+def prepare(
+    ctx: RequestContext,
+    entry: ModelEntry,
+    text: str,
+    ablations: list[AblationRequest] | None = None,
+    autoencoder_error_term: bool = True,
+) -> Prompt:
     entry.require_backend()
-    return Prompt(entry, text, encode_prompt(ctx, entry, text))
+    tokens = encode_prompt(ctx, entry, text)
+    checked = []
+    for request in ablations or []:
+        node = _own_node(ctx, entry, request.node_id)
+        if request.token is not None:
+            check_range("ablation tokenIndex", request.token, 0, len(tokens))
+        if not math.isfinite(request.value):
+            raise invalid_argument(f"Ablation value of {node.id} must be finite.")
+        checked.append(Ablation(node, request.value, request.token))
+    return Prompt(entry, text, Variant(tokens, tuple(checked), autoencoder_error_term))
+
+
+def _own_node(ctx: RequestContext, entry: ModelEntry, node_id: str) -> NodeRef:
+    node = node_from_id(ctx, node_id)
+    if node.model != entry.name:
+        raise invalid_node(node_id, f"it belongs to another model than {entry.name!r}")
+    return node
 
 
 async def run(ctx: RequestContext, prompt: Prompt, needs: ActivationNeeds) -> PromptRun:
-    return await ctx.inference.load(prompt.entry.name, prompt.tokens, needs)
+    return await ctx.inference.load(prompt.entry.name, prompt.variant, needs)
 
 
 def _node_needs(nodes: list[NodeRef]) -> ActivationNeeds:
@@ -71,10 +105,8 @@ async def node_values(
 async def activations_of_ids(
     ctx: RequestContext, prompt: Prompt, node_ids: list[str]
 ) -> list[NodeValues]:
-    nodes = nodes_from_ids(ctx, node_ids)
-    if any(node.model != prompt.entry.name for node in nodes):
-        wrong = next(n.id for n in nodes if n.model != prompt.entry.name)
-        raise invalid_node(wrong, f"it belongs to another model than {prompt.entry.name!r}")
+    check_range("number of ids", len(node_ids), 0, ctx.settings.max_nodes_per_request + 1)
+    nodes = [_own_node(ctx, prompt.entry, node_id) for node_id in node_ids]
     return await node_values(ctx, prompt, nodes)
 
 

@@ -6,8 +6,36 @@ from dataclasses import dataclass
 
 from interpql.errors import InvalidInputError, check_range
 from interpql.loaders.nodes import NodeKind, NodeRef, parse_node_id
-from interpql.loaders.registry import ModelEntry
+from interpql.loaders.registry import LATENT_LOCATIONS, ModelEntry
 from interpql.resolvers.context import RequestContext
+
+
+@dataclass(frozen=True)
+class AutoencoderSummary:
+    kind: NodeKind
+    layer: int
+    input: str
+    n_latents: int
+    source: str
+
+
+def autoencoders(entry: ModelEntry) -> list[AutoencoderSummary]:
+    if entry.backend is None:
+        return []
+    kinds = {location: kind for kind, location in LATENT_LOCATIONS.items()}
+    summaries = []
+    for point, attached in sorted(entry.backend.autoencoders.items()):
+        kind = kinds[point.location]
+        summaries.append(
+            AutoencoderSummary(
+                kind=kind,
+                layer=point.layer,
+                input=attached.input.value,
+                n_latents=attached.autoencoder.n_latents,
+                source=entry.autoencoder_sources.get(kind, ""),
+            )
+        )
+    return summaries
 
 
 @dataclass(frozen=True)
@@ -26,15 +54,18 @@ def nodes_from_ids(ctx: RequestContext, node_ids: list[str]) -> list[NodeRef]:
     return [node_from_id(ctx, node_id) for node_id in node_ids]
 
 
-def node_kind_counts(entry: ModelEntry) -> list[tuple[NodeKind, int]]:
-    return [(kind, n) for kind in NodeKind if (n := entry.node_count(kind)) > 0]
+def node_kind_counts(entry: ModelEntry, layer: int | None = None) -> list[tuple[NodeKind, int]]:
+    """Counts per kind in one layer, or summed over all layers; kinds with none are left out."""
+    layers = range(entry.architecture.n_layers) if layer is None else [layer]
+    counts = [(kind, sum(entry.node_count(kind, i) for i in layers)) for kind in NodeKind]
+    return [(kind, n) for kind, n in counts if n > 0]
 
 
 def layer_nodes(
     entry: ModelEntry, layer: int, kind: NodeKind, first: int, after: int | None
 ) -> tuple[list[NodeRef], int]:
     """One page of a layer's nodes of one kind, and the total count."""
-    count = entry.node_count(kind)
+    count = entry.node_count(kind, layer)
     start = 0 if after is None else after + 1
     check_range("first", first, 0, 1001)
     return [

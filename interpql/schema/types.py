@@ -33,10 +33,21 @@ class Token:
     )
 
 
-@strawberry.type(description="How many nodes of one kind a layer has.")
+@strawberry.type(description="How many nodes of one kind a layer (or a whole model) has.")
 class NodeKindCount:
     kind: NodeKind = strawberry.field(description="The node kind.")
-    count: int = strawberry.field(description="Nodes of that kind in each layer.")
+    count: int = strawberry.field(description="How many.")
+
+
+@strawberry.type(description="A sparse autoencoder attached to one layer of a model.")
+class AutoencoderInfo:
+    kind: NodeKind = strawberry.field(description="The kind of node its latents are.")
+    layer: int = strawberry.field(description="The layer it reads from.")
+    input: str = strawberry.field(
+        description="What it reads: mlp_post_act, resid_delta_mlp or resid_delta_attn."
+    )
+    n_latents: int = strawberry.field(description="Number of latents.")
+    source: str = strawberry.field(description="Where its weights were loaded from.")
 
 
 @strawberry.type(description="A transformer language model served by interpql.")
@@ -91,10 +102,19 @@ class Model:
     def n_vocab(self) -> int:
         return self.entry.architecture.n_vocab
 
-    @strawberry.field(description="Node kinds present in every layer, with their counts.")
+    @strawberry.field(description="Node kinds of the model, with their counts over all layers.")
     def node_kinds(self) -> list[NodeKindCount]:
         return [
             NodeKindCount(kind=k, count=n) for k, n in model_resolvers.node_kind_counts(self.entry)
+        ]
+
+    @strawberry.field(description="Sparse autoencoders attached to the model, one per layer.")
+    def autoencoders(self) -> list[AutoencoderInfo]:
+        return [
+            AutoencoderInfo(
+                kind=a.kind, layer=a.layer, input=a.input, n_latents=a.n_latents, source=a.source
+            )
+            for a in model_resolvers.autoencoders(self.entry)
         ]
 
     @strawberry.field(description="All layers, from the embedding side.")
@@ -128,7 +148,13 @@ class Model:
         # Imported here: inference.py builds on this module's types.
         from interpql.schema.inference import InferenceResult
 
-        prompt = inference_resolvers.prepare(info.context, self.entry, input.prompt)
+        ablations = [
+            inference_resolvers.AblationRequest(str(a.node_id), a.value, a.token_index)
+            for a in input.ablations
+        ]
+        prompt = inference_resolvers.prepare(
+            info.context, self.entry, input.prompt, ablations, input.autoencoder_error_term
+        )
         return InferenceResult(prompt=prompt)
 
 
@@ -162,9 +188,8 @@ class Layer:
 
     @strawberry.field(description="Node kinds present in this layer, with their counts.")
     def node_kinds(self) -> list[NodeKindCount]:
-        return [
-            NodeKindCount(kind=k, count=n) for k, n in model_resolvers.node_kind_counts(self.entry)
-        ]
+        counts = model_resolvers.node_kind_counts(self.entry, self.index)
+        return [NodeKindCount(kind=k, count=n) for k, n in counts]
 
     @strawberry.field(description="The layer's nodes of one kind, a page at a time.")
     def nodes(self, kind: NodeKind, first: int = 20, after: str | None = None) -> NodeConnection:

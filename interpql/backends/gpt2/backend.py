@@ -38,6 +38,7 @@ class NativeGPT2Backend(Backend):
         self.cfg: GPT2Config = model.cfg
         self.architecture = self.cfg.architecture
         self.tokenizer = gpt2_encoding()
+        self.autoencoders = {}
 
     @classmethod
     def load(
@@ -50,7 +51,7 @@ class NativeGPT2Backend(Backend):
         memory_before = memory_in_use(self.device)
         started = time.perf_counter()
         tokens, lengths = right_padded(request.tokens, self.device)
-        hooks = HookSession(request)
+        hooks = HookSession(request, self.autoencoders)
         backward = request.backward is not None
         grad_mode = contextlib.nullcontext() if backward else torch.inference_mode()
         with grad_mode:

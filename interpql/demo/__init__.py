@@ -1,0 +1,1 @@
+"""The embedded default model and how it is built (`interpql build-demo`)."""
