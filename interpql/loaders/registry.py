@@ -14,6 +14,7 @@ from interpql.errors import (
     invalid_node,
     model_not_found,
 )
+from interpql.loaders.node_sources import NodeSource
 from interpql.loaders.nodes import NodeKind, NodeRef
 
 LATENT_LOCATIONS = {
@@ -33,6 +34,8 @@ class ModelEntry:
     dtype: str
     # Where each attached autoencoder set came from, by the kind of its latents.
     autoencoder_sources: dict[NodeKind, str] = field(default_factory=dict)
+    # What is known about its nodes (records, explanations), first source first.
+    sources: list[NodeSource] = field(default_factory=list)
     # One worker per model: torch already uses every core inside one forward pass, and a
     # single queue keeps requests from thrashing each other.
     executor: ThreadPoolExecutor = field(

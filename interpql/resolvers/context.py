@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from interpql.loaders.inference import InferenceLoader
+from interpql.loaders.node_data import NodeDataLoaders
 from interpql.loaders.registry import ModelRegistry
 from interpql.settings import Settings
 
@@ -15,6 +16,7 @@ class RequestContext:
     registry: ModelRegistry
     settings: Settings
     inference: InferenceLoader
+    node_data: NodeDataLoaders
     request: Any = None
     response: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -23,4 +25,11 @@ class RequestContext:
     def create(
         cls, registry: ModelRegistry, settings: Settings, request: Any = None, response: Any = None
     ) -> RequestContext:
-        return cls(registry, settings, InferenceLoader(registry), request, response)
+        return cls(
+            registry,
+            settings,
+            InferenceLoader(registry),
+            NodeDataLoaders(registry),
+            request,
+            response,
+        )

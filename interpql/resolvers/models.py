@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from interpql.backends.tokenizer import gpt2_encoding
 from interpql.errors import InvalidInputError, check_range
 from interpql.loaders.nodes import NodeKind, NodeRef, parse_node_id
 from interpql.loaders.registry import LATENT_LOCATIONS, ModelEntry
@@ -74,7 +75,8 @@ def layer_nodes(
 
 
 def token_text(entry: ModelEntry, token_id: int) -> str:
-    tokenizer = entry.require_backend().tokenizer
+    # Served without weights, a GPT-2 model still has its tokenizer.
+    tokenizer = entry.backend.tokenizer if entry.backend is not None else gpt2_encoding()
     return tokenizer.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
 
 

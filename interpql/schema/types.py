@@ -11,8 +11,10 @@ from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.registry import ModelEntry
 from interpql.resolvers import inference as inference_resolvers
 from interpql.resolvers import models as model_resolvers
+from interpql.resolvers import node_data as node_data_resolvers
 from interpql.resolvers.context import RequestContext
 from interpql.schema.inputs import InferenceInput
+from interpql.schema.node_data import ActivationRecord, Explanation, NodeStatistics
 from interpql.schema.scalars import FloatArray
 
 if TYPE_CHECKING:
@@ -263,12 +265,46 @@ class Node:
     def layer(self, info: Info) -> Layer:
         return Layer(entry=info.context.registry.get(self.ref.model), index=self.ref.layer)
 
+    @strawberry.field(description="Dataset examples where this node activates most, highest first.")
+    async def top_activations(self, info: Info, first: int = 10) -> list[ActivationRecord]:
+        views = await node_data_resolvers.top_activations(info.context, self.ref, first)
+        return [_record(info.context, self.ref, v) for v in views]
+
+    @strawberry.field(description="Dataset examples drawn at random, for contrast.")
+    async def random_sample(self, info: Info, first: int = 10) -> list[ActivationRecord]:
+        views = await node_data_resolvers.random_sample(info.context, self.ref, first)
+        return [_record(info.context, self.ref, v) for v in views]
+
+    @strawberry.field(description="Activation statistics over a dataset; null when unknown.")
+    async def statistics(self, info: Info) -> NodeStatistics | None:
+        data = await node_data_resolvers.statistics(info.context, self.ref)
+        return None if data is None else NodeStatistics(data=data)
+
+    @strawberry.field(description="Every known explanation of this node, best score first.")
+    async def explanations(self, info: Info) -> list[Explanation]:
+        found = await node_data_resolvers.explanations(info.context, self.ref)
+        return [Explanation(data=e) for e in found]
+
+    @strawberry.field(description="The best-scoring explanation; null when there is none.")
+    async def best_explanation(self, info: Info) -> Explanation | None:
+        best = await node_data_resolvers.best_explanation(info.context, self.ref)
+        return None if best is None else Explanation(data=best)
+
     @strawberry.field(description="This node's activation on every token of a prompt.")
     async def activations(self, info: Info, prompt: str) -> NodeActivations:
         entry = info.context.registry.get(self.ref.model)
         ready = inference_resolvers.prepare(info.context, entry, prompt)
         [values] = await inference_resolvers.node_values(info.context, ready, [self.ref])
         return node_activations(info.context, values)
+
+
+def _record(
+    ctx: RequestContext, node: NodeRef, view: node_data_resolvers.ExampleView
+) -> ActivationRecord:
+    entry = ctx.registry.get(node.model)
+    return ActivationRecord(
+        view=view, tokens=[model_resolvers.token_text(entry, t) for t in view.token_ids]
+    )
 
 
 def tokens_of(ctx: RequestContext, entry: ModelEntry, ids: tuple[int, ...]) -> list[Token]:

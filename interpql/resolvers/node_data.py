@@ -1,0 +1,65 @@
+"""What is known about a node: its top and random examples, statistics and explanations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from interpql.backends.explanations.normalize import normalize_activations
+from interpql.errors import check_range
+from interpql.loaders.node_sources import Example, ExplanationData, NodeRecordData, NodeStatistics
+from interpql.loaders.nodes import NodeRef
+from interpql.resolvers.context import RequestContext
+
+MAX_EXAMPLES = 1000
+
+
+@dataclass(frozen=True)
+class ExampleView:
+    source: str
+    token_ids: tuple[int, ...]
+    activations: tuple[float, ...]
+    normalized: list[int]  # 0-10, relative to the node's largest top activation
+    max_activation: float
+
+
+async def _record(ctx: RequestContext, node: NodeRef) -> NodeRecordData | None:
+    return await ctx.node_data.records.load(node)
+
+
+def _views(record: NodeRecordData, examples: tuple[Example, ...], first: int) -> list[ExampleView]:
+    check_range("first", first, 0, MAX_EXAMPLES + 1)
+    scale = max((max(e.activations, default=0.0) for e in record.top), default=0.0)
+    return [
+        ExampleView(
+            source=record.source,
+            token_ids=e.token_ids,
+            activations=e.activations,
+            normalized=normalize_activations(e.activations, scale),
+            max_activation=max(e.activations, default=0.0),
+        )
+        for e in examples[:first]
+    ]
+
+
+async def top_activations(ctx: RequestContext, node: NodeRef, first: int) -> list[ExampleView]:
+    record = await _record(ctx, node)
+    return [] if record is None else _views(record, record.top, first)
+
+
+async def random_sample(ctx: RequestContext, node: NodeRef, first: int) -> list[ExampleView]:
+    record = await _record(ctx, node)
+    return [] if record is None else _views(record, record.random, first)
+
+
+async def statistics(ctx: RequestContext, node: NodeRef) -> NodeStatistics | None:
+    record = await _record(ctx, node)
+    return None if record is None else record.statistics
+
+
+async def explanations(ctx: RequestContext, node: NodeRef) -> list[ExplanationData]:
+    return await ctx.node_data.explanations.load(node)
+
+
+async def best_explanation(ctx: RequestContext, node: NodeRef) -> ExplanationData | None:
+    found = await explanations(ctx, node)
+    return found[0] if found else None

@@ -1,0 +1,99 @@
+"""Types of what is known about a node: examples, statistics, explanations."""
+
+from __future__ import annotations
+
+import strawberry
+
+from interpql.loaders.node_sources import ExplanationData
+from interpql.loaders.node_sources import NodeStatistics as NodeStatisticsData
+from interpql.resolvers.node_data import ExampleView
+
+
+@strawberry.type(description="A dataset example: a window of tokens with the node's activations.")
+class ActivationRecord:
+    view: strawberry.Private[ExampleView]
+    tokens: list[str] = strawberry.field(description="The window's tokens, as text.")
+
+    @strawberry.field(description="The window's token ids.")
+    def token_ids(self) -> list[int]:
+        return list(self.view.token_ids)
+
+    @strawberry.field(description="The node's activation at each token.")
+    def activations(self) -> list[float]:
+        return list(self.view.activations)
+
+    @strawberry.field(
+        description="Activations on OpenAI's 0-10 scale, relative to the node's top activation."
+    )
+    def normalized_activations(self) -> list[int]:
+        return self.view.normalized
+
+    @strawberry.field(description="The largest activation in this window.")
+    def max_activation(self) -> float:
+        return self.view.max_activation
+
+    @strawberry.field(description="The source (dataset) this example comes from.")
+    def source(self) -> str:
+        return self.view.source
+
+
+@strawberry.type(description="Statistics of a node's activation over a dataset's tokens.")
+class NodeStatistics:
+    data: strawberry.Private[NodeStatisticsData]
+
+    @strawberry.field(description="The largest activation.")
+    def max(self) -> float:
+        return self.data.max
+
+    @strawberry.field(description="Mean over all tokens.")
+    def mean(self) -> float:
+        return self.data.mean
+
+    @strawberry.field(description="Population variance over all tokens.")
+    def variance(self) -> float:
+        return self.data.variance
+
+    @strawberry.field(description="Skewness (null for a constant node).")
+    def skewness(self) -> float | None:
+        return self.data.skewness
+
+    @strawberry.field(description="Excess kurtosis (null for a constant node).")
+    def kurtosis(self) -> float | None:
+        return self.data.kurtosis
+
+    @strawberry.field(description="Share of tokens where the activation is above 0.")
+    def density(self) -> float | None:
+        return self.data.density
+
+    @strawberry.field(
+        description="Boundaries of the quantile buckets of window peaks (0.5, 0.9, 0.99, 0.999)."
+    )
+    def quantile_boundaries(self) -> list[float]:
+        return list(self.data.quantile_boundaries)
+
+
+@strawberry.type(description="A natural-language explanation of what a node does, and its score.")
+class Explanation:
+    data: strawberry.Private[ExplanationData]
+
+    @strawberry.field(description="The explanation.")
+    def text(self) -> str:
+        return self.data.text
+
+    @strawberry.field(
+        description="Correlation between simulated and true activations on held-out examples."
+    )
+    def score(self) -> float | None:
+        return self.data.score
+
+    @strawberry.field(description="The simulator that scored it.")
+    def scorer(self) -> str:
+        return self.data.scorer
+
+    @strawberry.field(description="The explainer (model or method) that wrote it.")
+    def explainer_model(self) -> str:
+        return self.data.explainer
+
+    @strawberry.field(description="The source it was read from.")
+    def source(self) -> str:
+        return self.data.source

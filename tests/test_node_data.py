@@ -1,0 +1,143 @@
+"""Records and explanations of nodes over GraphQL, from a compact store built in the test."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from interpql.backends.base import ForwardRequest, HookPoint, Location
+from interpql.demo.explanations import explain_and_score_all
+from interpql.demo.records import RecordStore, compute_records
+from interpql.loaders.node_sources import CompactSource
+from interpql.loaders.registry import ModelEntry, ModelRegistry
+from interpql.server import create_app
+from tests.conftest import SMALL, CountingBackend, graphql
+
+SEQ_LEN = 24
+
+
+class CountingSource(CompactSource):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.reads: list[tuple[str, int]] = []
+
+    def read_records(self, nodes):  # type: ignore[no-untyped-def]
+        self.reads.append(("records", len(nodes)))
+        return super().read_records(nodes)
+
+    def read_explanations(self, nodes):  # type: ignore[no-untyped-def]
+        self.reads.append(("explanations", len(nodes)))
+        return super().read_explanations(nodes)
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory: pytest.TempPathFactory, small_backend: CountingBackend) -> Path:
+    generator = np.random.default_rng(0)
+    tokens = generator.integers(0, 2000, size=40 * SEQ_LEN).astype(np.uint16)
+    points = frozenset(HookPoint(layer, Location.MLP_POST) for layer in range(SMALL.n_layers))
+
+    def activations(batch: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
+        result = small_backend.run(
+            ForwardRequest(tokens=tuple(tuple(row) for row in batch.tolist()), save=points)
+        )
+        return {("mlp_neuron", p.layer): result.activations[p] for p in points}
+
+    store = compute_records(
+        tokens, activations, seq_len=SEQ_LEN, window=8, top_k=5, n_random=3, batch_size=8
+    )
+    folder = tmp_path_factory.mktemp("store")
+    store.save(folder / "records")
+    explain_and_score_all(store, str).save(folder / "explanations")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def source(store_dir: Path) -> CountingSource:
+    opened = CompactSource.open("test-dataset", store_dir)
+    return CountingSource(opened.name, opened._records, opened._explanations)
+
+
+@pytest.fixture
+async def client(
+    small_backend: CountingBackend, source: CountingSource
+) -> AsyncIterator[httpx.AsyncClient]:
+    registry = ModelRegistry()
+    entry = ModelEntry("small", SMALL.architecture, small_backend, "native-gpt2", "cpu", "float32")
+    entry.sources.append(source)
+    registry.add(entry)
+    transport = httpx.ASGITransport(app=create_app(registry))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        yield client
+    registry.close()
+
+
+async def test_node_records_round_trip(client: httpx.AsyncClient, store_dir: Path) -> None:
+    body = await graphql(
+        client,
+        """{ node(id: "small/mlp_neuron/1/7") {
+            topActivations(first: 3) { tokens tokenIds activations normalizedActivations
+                                       maxActivation source }
+            randomSample { tokenIds activations }
+            statistics { max mean variance skewness kurtosis density quantileBoundaries }
+            explanations { text score scorer explainerModel source }
+            bestExplanation { text } } }""",
+    )
+    assert "errors" not in body, body
+    node = body["data"]["node"]
+    record = RecordStore.load(store_dir / "records").node_record("mlp_neuron", 1, 7)
+    top = node["topActivations"]
+    assert [t["tokenIds"] for t in top] == [list(e.token_ids) for e in record.top[:3]]
+    scale = max(max(e.activations) for e in record.top)
+    for shown, example in zip(top, record.top, strict=False):
+        assert shown["activations"] == pytest.approx(example.activations)
+        assert shown["normalizedActivations"] == [
+            min(10, math.floor(10 * max(a, 0.0) / scale)) for a in example.activations
+        ]
+        assert shown["source"] == "test-dataset"
+    assert top[0]["maxActivation"] == pytest.approx(record.stats.max, rel=1e-3)
+    assert len(node["randomSample"]) == 3
+    stats = node["statistics"]
+    assert stats["mean"] == pytest.approx(record.stats.mean)
+    assert stats["variance"] == pytest.approx(record.stats.variance)
+    assert stats["quantileBoundaries"] == pytest.approx(list(record.quantile_boundaries))
+    assert (
+        node["explanations"] and node["bestExplanation"]["text"] == node["explanations"][0]["text"]
+    )
+    scores = [e["score"] for e in node["explanations"] if e["score"] is not None]
+    assert scores == sorted(scores, reverse=True)
+
+
+async def test_many_nodes_cost_one_read_per_source_and_field(
+    client: httpx.AsyncClient, source: CountingSource
+) -> None:
+    ids = [f"small/mlp_neuron/{layer}/{i}" for layer in range(3) for i in range(80)]
+    source.reads.clear()
+    body = await graphql(
+        client,
+        "query($ids: [ID!]!) { nodes(ids: $ids) { id topActivations(first: 5) { activations } "
+        "statistics { max } bestExplanation { text score } } }",
+        {"ids": ids},
+    )
+    assert "errors" not in body
+    assert len(body["data"]["nodes"]) == 240
+    assert sorted(source.reads) == [("explanations", 240), ("records", 240)]
+
+
+async def test_unknown_nodes_have_no_records(client: httpx.AsyncClient) -> None:
+    body = await graphql(
+        client,
+        '{ node(id: "small/attention_head/0/1") { topActivations { tokens } statistics { max } '
+        "bestExplanation { text } } }",
+    )
+    assert body["data"]["node"] == {
+        "topActivations": [],
+        "statistics": None,
+        "bestExplanation": None,
+    }
