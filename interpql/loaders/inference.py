@@ -26,17 +26,12 @@ from interpql.backends.base import (
     HookPoint,
     Intervention,
     Location,
+    LossSpec,
 )
+from interpql.backends.losses import spec_loss
+from interpql.loaders.analysis import KIND_LOCATION, NodeScores, node_scores, token_pair_attribution
 from interpql.loaders.nodes import NodeKind, NodeRef
-from interpql.loaders.registry import LATENT_LOCATIONS, ModelEntry, ModelRegistry
-
-# Which saved location a node kind's per-token activation is read from.
-KIND_LOCATION = {
-    NodeKind.MLP_NEURON: Location.MLP_POST,
-    NodeKind.ATTENTION_HEAD: Location.ATTN_Z,  # reduced to the norm of each head's write
-    NodeKind.RESIDUAL_CHANNEL: Location.RESID_POST,
-    **LATENT_LOCATIONS,
-}
+from interpql.loaders.registry import ModelEntry, ModelRegistry
 
 
 @dataclass(frozen=True)
@@ -53,27 +48,57 @@ class Ablation:
 
 @dataclass(frozen=True)
 class Variant:
+    """One run: a prompt, what to change while it runs, and the loss a backward pass uses."""
+
     tokens: tuple[int, ...]
     ablations: tuple[Ablation, ...] = ()
     autoencoder_error_term: bool = True
+    loss: LossSpec = field(default_factory=LossSpec)
+
+
+LayerKind = tuple[int, NodeKind]
 
 
 @dataclass(frozen=True)
 class ActivationNeeds:
-    layer_kinds: frozenset[tuple[int, NodeKind]] = frozenset()
+    """What fields need from a run. Gradients are asked for only by fields that need them,
+    and only then does the run include a backward pass."""
+
+    layer_kinds: frozenset[LayerKind] = frozenset()
     pattern_layers: frozenset[int] = frozenset()
+    gradient_layer_kinds: frozenset[LayerKind] = frozenset()
+    final_gradient: bool = False  # the loss's gradient at the final residual stream
 
     def __or__(self, other: ActivationNeeds) -> ActivationNeeds:
         return ActivationNeeds(
-            self.layer_kinds | other.layer_kinds, self.pattern_layers | other.pattern_layers
+            self.layer_kinds | other.layer_kinds,
+            self.pattern_layers | other.pattern_layers,
+            self.gradient_layer_kinds | other.gradient_layer_kinds,
+            self.final_gradient or other.final_gradient,
         )
 
     def covered_by(self, other: ActivationNeeds) -> bool:
-        return self.layer_kinds <= other.layer_kinds and self.pattern_layers <= other.pattern_layers
+        return (self | other) == other
+
+    @property
+    def backward(self) -> bool:
+        return bool(self.gradient_layer_kinds) or self.final_gradient
+
+    def all_layer_kinds(self) -> frozenset[LayerKind]:
+        return self.layer_kinds | self.gradient_layer_kinds
 
     def hook_points(self) -> frozenset[HookPoint]:
-        points = {HookPoint(layer, KIND_LOCATION[kind]) for layer, kind in self.layer_kinds}
-        points.update(HookPoint(layer, Location.ATTN_PROBS) for layer in self.pattern_layers)
+        points = {HookPoint(layer, KIND_LOCATION[kind]) for layer, kind in self.all_layer_kinds()}
+        for layer in self.pattern_layers:
+            points |= {HookPoint(layer, Location.ATTN_PROBS), HookPoint(layer, Location.ATTN_V)}
+        return frozenset(points)
+
+    def gradient_points(self, n_layers: int) -> frozenset[HookPoint]:
+        points = {
+            HookPoint(layer, KIND_LOCATION[kind]) for layer, kind in self.gradient_layer_kinds
+        }
+        if self.final_gradient:
+            points.add(HookPoint(n_layers - 1, Location.RESID_POST))
         return frozenset(points)
 
 
@@ -92,8 +117,15 @@ class PromptRun:
     needs: ActivationNeeds
     next_token_loss: float | None
     last_logits: np.ndarray  # [vocab] at the last token
-    layer_activations: dict[tuple[int, NodeKind], np.ndarray] = field(default_factory=dict)
+    scores: dict[LayerKind, NodeScores] = field(default_factory=dict)
     patterns: dict[int, np.ndarray] = field(default_factory=dict)  # [query, head, key]
+    pair_attributions: dict[int, np.ndarray] = field(default_factory=dict)  # [query, head, key]
+    objective: float = 0.0  # the variant's loss, whether or not a backward pass ran
+
+    def activations(self, layer: int, kind: NodeKind) -> np.ndarray:
+        """[token, node]."""
+        return self.scores[(layer, kind)].activation
+
     elapsed_s: float = 0.0
     memory_before_bytes: int = 0
     memory_after_bytes: int = 0
@@ -113,13 +145,14 @@ class InferenceLoader:
         return await self._loader.load(_Key(model, variant, needs))
 
     async def _load_batch(self, keys: Sequence[_Key]) -> list[PromptRun]:
-        # One backend call per model and error-term setting (a request-wide switch).
-        groups: dict[tuple[str, bool], list[_Key]] = defaultdict(list)
+        # One backend call per model, error-term setting and loss: request-wide switches.
+        groups: dict[tuple[str, bool, LossSpec], list[_Key]] = defaultdict(list)
         for key in keys:
-            groups[(key.model, key.variant.autoencoder_error_term)].append(key)
+            variant = key.variant
+            groups[(key.model, variant.autoencoder_error_term, variant.loss)].append(key)
         results: dict[_Key, PromptRun] = {}
         loop = asyncio.get_running_loop()
-        for (name, _), group in groups.items():
+        for (name, _, _), group in groups.items():
             entry = self._registry.get(name)
             runs = await loop.run_in_executor(entry.executor, _run_batch, entry, group)
             for key in group:
@@ -158,53 +191,69 @@ def _run_batch(entry: ModelEntry, keys: list[_Key]) -> dict[Variant, PromptRun]:
             tokens=tuple(v.tokens for v in variants),
             save=union.hook_points(),
             interventions=interventions,
+            backward=variants[0].loss if union.backward else None,
+            save_grads=union.gradient_points(entry.architecture.n_layers),
             autoencoder_error_term=variants[0].autoencoder_error_term,
         )
     )
-    head_writes = {
-        layer: backend.weight(f"blocks.{layer}.attn.W_O")
-        for layer, kind in union.layer_kinds
-        if kind is NodeKind.ATTENTION_HEAD
-    }
     return {
-        variant: _prompt_run(result, row, variant, union, head_writes, len(variants))
+        variant: _prompt_run(entry, result, row, variant, union, len(variants))
         for row, variant in enumerate(variants)
     }
 
 
 def _prompt_run(
+    entry: ModelEntry,
     result: ForwardResult,
     row: int,
     variant: Variant,
     needs: ActivationNeeds,
-    head_writes: dict[int, torch.Tensor],
     batch_size: int,
 ) -> PromptRun:
     n_tok = result.lengths[row]
+    final_grad = None
+    if needs.final_gradient:
+        last = HookPoint(entry.architecture.n_layers - 1, Location.RESID_POST)
+        final_grad = result.gradients[last][row, :n_tok].float()
+    scores = {}
+    for layer, kind in needs.all_layer_kinds():
+        point = HookPoint(layer, KIND_LOCATION[kind])
+        grad = result.gradients.get(point)
+        scores[(layer, kind)] = node_scores(
+            entry,
+            layer,
+            kind,
+            result.activations[point][row, :n_tok],
+            None if grad is None else grad[row, :n_tok],
+            final_grad,
+        )
+    patterns, pairs = {}, {}
+    for layer in needs.pattern_layers:
+        probs = result.activations[HookPoint(layer, Location.ATTN_PROBS)][row, :n_tok, :, :n_tok]
+        values = result.activations[HookPoint(layer, Location.ATTN_V)][row, :n_tok]
+        patterns[layer] = probs.float().cpu().numpy()
+        pairs[layer] = token_pair_attribution(entry, layer, probs, values)
     loss = float(result.next_token_loss[row])
-    layer_acts = {}
-    for layer, kind in needs.layer_kinds:
-        act = result.activations[HookPoint(layer, KIND_LOCATION[kind])][row, :n_tok].float()
-        if kind is NodeKind.ATTENTION_HEAD:
-            # [token, head, d_head] x [head, d_head, d_model] -> norm of each head's write
-            act = torch.einsum("thd,hdm->thm", act, head_writes[layer]).norm(dim=-1)
-        layer_acts[(layer, kind)] = act.cpu().numpy()
-    patterns = {
-        layer: result.activations[HookPoint(layer, Location.ATTN_PROBS)][row, :n_tok, :, :n_tok]
-        .float()
-        .cpu()
-        .numpy()
-        for layer in needs.pattern_layers
-    }
     return PromptRun(
         variant=variant,
         needs=needs,
         next_token_loss=None if np.isnan(loss) else loss,
         last_logits=result.logits[row, n_tok - 1].float().cpu().numpy(),
-        layer_activations=layer_acts,
+        scores=scores,
         patterns=patterns,
+        pair_attributions=pairs,
+        objective=_objective(result, row, variant),
         elapsed_s=result.elapsed_s,
         memory_before_bytes=result.memory_before_bytes,
         memory_after_bytes=result.memory_after_bytes,
         batch_size=batch_size,
     )
+
+
+def _objective(result: ForwardResult, row: int, variant: Variant) -> float:
+    if result.backward_loss is not None:
+        return float(result.backward_loss[row])
+    tokens = torch.tensor([variant.tokens], device=result.logits.device)
+    lengths = torch.tensor([len(variant.tokens)], device=result.logits.device)
+    logits = result.logits[row : row + 1, : len(variant.tokens)]
+    return float(spec_loss(variant.loss, logits, tokens, lengths)[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from interpql.backends.base import Architecture, Backend, HookPoint, Location
 from interpql.errors import (
@@ -36,6 +37,8 @@ class ModelEntry:
     autoencoder_sources: dict[NodeKind, str] = field(default_factory=dict)
     # What is known about its nodes (records, explanations), first source first.
     sources: list[NodeSource] = field(default_factory=list)
+    # Values derived once from the weights (write directions, ...), by the deriving module.
+    derived: dict[Any, Any] = field(default_factory=dict)
     # One worker per model: torch already uses every core inside one forward pass, and a
     # single queue keeps requests from thrashing each other.
     executor: ThreadPoolExecutor = field(

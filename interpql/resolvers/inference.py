@@ -4,15 +4,31 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 
+from interpql.backends.base import LossSpec
 from interpql.errors import check_range, invalid_argument, invalid_node
 from interpql.loaders.inference import Ablation, ActivationNeeds, PromptRun, Variant
 from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.registry import ModelEntry
 from interpql.resolvers.context import RequestContext
 from interpql.resolvers.models import encode_prompt, node_from_id
+
+
+class MlpComponent(Enum):
+    """The unit of analysis in MLP layers, as in Transformer Debugger's requests."""
+
+    NEURON = "neuron"
+    AUTOENCODER_LATENT = "autoencoder_latent"
+
+
+class AttentionComponent(Enum):
+    """The unit of analysis in attention layers."""
+
+    HEAD = "head"
+    AUTOENCODER_LATENT = "autoencoder_latent"
 
 
 @dataclass(frozen=True)
@@ -22,6 +38,8 @@ class Prompt:
     entry: ModelEntry
     text: str
     variant: Variant
+    mlp_component: MlpComponent = MlpComponent.NEURON
+    attention_component: AttentionComponent = AttentionComponent.HEAD
 
     @property
     def tokens(self) -> tuple[int, ...]:
@@ -48,6 +66,7 @@ class NodeValues:
     prompt: Prompt
     values: np.ndarray  # [token]
     pattern: np.ndarray | None  # [query, key] for attention heads
+    pair_attribution: np.ndarray | None  # [query, key] for attention heads
 
 
 def prepare(
@@ -56,6 +75,9 @@ def prepare(
     text: str,
     ablations: list[AblationRequest] | None = None,
     autoencoder_error_term: bool = True,
+    loss: LossSpec | None = None,
+    mlp_component: MlpComponent = MlpComponent.NEURON,
+    attention_component: AttentionComponent = AttentionComponent.HEAD,
 ) -> Prompt:
     entry.require_backend()
     tokens = encode_prompt(ctx, entry, text)
@@ -67,7 +89,8 @@ def prepare(
         if not math.isfinite(request.value):
             raise invalid_argument(f"Ablation value of {node.id} must be finite.")
         checked.append(Ablation(node, request.value, request.token))
-    return Prompt(entry, text, Variant(tokens, tuple(checked), autoencoder_error_term))
+    variant = Variant(tokens, tuple(checked), autoencoder_error_term, loss or LossSpec())
+    return Prompt(entry, text, variant, mlp_component, attention_component)
 
 
 def _own_node(ctx: RequestContext, entry: ModelEntry, node_id: str) -> NodeRef:
@@ -94,11 +117,12 @@ async def node_values(
     result = await run(ctx, prompt, _node_needs(nodes))
     out = []
     for node in nodes:
-        values = result.layer_activations[(node.layer, node.kind)][:, node.index]
-        pattern = None
+        values = result.activations(node.layer, node.kind)[:, node.index]
+        pattern = pairs = None
         if node.kind is NodeKind.ATTENTION_HEAD:
             pattern = result.patterns[node.layer][:, node.index, :]
-        out.append(NodeValues(node, prompt, values, pattern))
+            pairs = result.pair_attributions[node.layer][:, node.index, :]
+        out.append(NodeValues(node, prompt, values, pattern, pairs))
     return out
 
 
@@ -118,14 +142,17 @@ async def layer_values(
     entry.check_layer(layer)
     entry.node(kind, layer, 0)  # raises when the model has no such nodes
     result = await run(ctx, prompt, ActivationNeeds(layer_kinds=frozenset({(layer, kind)})))
-    return result.layer_activations[(layer, kind)]
+    return result.activations(layer, kind)
 
 
-def top_predictions(ctx: RequestContext, result: PromptRun, k: int) -> list[Prediction]:
+def top_predictions(
+    ctx: RequestContext, result: PromptRun, k: int, bottom: bool = False
+) -> list[Prediction]:
     check_range("k", k, 1, ctx.settings.max_top_k + 1)
     logits = result.last_logits.astype(np.float64)
     k = min(k, logits.shape[0])
-    top = np.argpartition(-logits, k - 1)[:k]
-    top = top[np.argsort(-logits[top], kind="stable")]
+    ranked = logits if bottom else -logits
+    top = np.argpartition(ranked, k - 1)[:k]
+    top = top[np.argsort(ranked[top], kind="stable")]
     log_norm = np.log(np.exp(logits - logits.max()).sum()) + logits.max()
     return [Prediction(int(t), float(logits[t]), float(np.exp(logits[t] - log_norm))) for t in top]

@@ -6,12 +6,15 @@ import strawberry
 
 from interpql.loaders.inference import ActivationNeeds
 from interpql.loaders.nodes import NodeKind
+from interpql.resolvers import analysis as analysis_resolvers
 from interpql.resolvers import inference as inference_resolvers
+from interpql.resolvers.analysis import Group
 from interpql.resolvers.inference import Prompt
 from interpql.resolvers.models import token_text
 from interpql.schema.scalars import FloatArray
 from interpql.schema.types import (
     Info,
+    Node,
     NodeActivations,
     Token,
     node_activations,
@@ -24,6 +27,22 @@ class TokenPrediction:
     token: Token = strawberry.field(description="The token (its index is its rank, from 0).")
     logit: float = strawberry.field(description="Its logit.")
     probability: float = strawberry.field(description="Its softmax probability.")
+
+
+@strawberry.type(description="A node with its value in a ranking.")
+class ScoredNode:
+    node: Node = strawberry.field(description="The node.")
+    value: float = strawberry.field(description="Its value of the ranked group.")
+
+
+@strawberry.type(description="Nodes ranked by one group of values.")
+class NodeRanking:
+    group: Group = strawberry.field(description="What the nodes are ranked by.")
+    top: list[ScoredNode] = strawberry.field(description="The k highest, highest first.")
+    bottom: list[ScoredNode] = strawberry.field(description="The k lowest, lowest first.")
+    token_sums: list[float] = strawberry.field(
+        description="Per token, the group's value summed over all ranked nodes (token display)."
+    )
 
 
 @strawberry.type(description="Activations of every node of one kind in one layer.")
@@ -56,10 +75,47 @@ class InferenceResult:
             await inference_resolvers.run(info.context, self.prompt, ActivationNeeds())
         ).next_token_loss
 
+    @strawberry.field(
+        description="The value of the input's loss (default NEXT_TOKEN, then equal to loss)."
+    )
+    async def objective(self, info: Info) -> float:
+        return await analysis_resolvers.objective(info.context, self.prompt)
+
+    @strawberry.field(
+        description=(
+            "Nodes ranked by a group of values, at one token or summed over tokens; the nodes "
+            "are those of the input's mlpComponent and attentionComponent, in every layer. "
+            "DIRECT_EFFECT and ACT_TIMES_GRAD add one backward pass of the input's loss."
+        )
+    )
+    async def top_nodes(
+        self, info: Info, group: Group, k: int = 10, token_index: int | None = None
+    ) -> NodeRanking:
+        ranking = await analysis_resolvers.top_nodes(
+            info.context, self.prompt, group, k, token_index
+        )
+
+        def scored(items: list[analysis_resolvers.ScoredNode]) -> list[ScoredNode]:
+            return [ScoredNode(node=Node(ref=s.node), value=s.value) for s in items]
+
+        return NodeRanking(
+            group=group,
+            top=scored(ranking.top),
+            bottom=scored(ranking.bottom),
+            token_sums=ranking.token_sums,
+        )
+
+    @strawberry.field(description="The k least likely tokens after the prompt, least first.")
+    async def bottom_predictions(self, info: Info, k: int = 10) -> list[TokenPrediction]:
+        return await self._predictions(info, k, bottom=True)
+
     @strawberry.field(description="The k most likely tokens after the prompt.")
     async def top_predictions(self, info: Info, k: int = 10) -> list[TokenPrediction]:
+        return await self._predictions(info, k, bottom=False)
+
+    async def _predictions(self, info: Info, k: int, bottom: bool) -> list[TokenPrediction]:
         result = await inference_resolvers.run(info.context, self.prompt, ActivationNeeds())
-        predictions = inference_resolvers.top_predictions(info.context, result, k)
+        predictions = inference_resolvers.top_predictions(info.context, result, k, bottom)
         return [
             TokenPrediction(
                 token=Token(

@@ -4,6 +4,49 @@ from __future__ import annotations
 
 import strawberry
 
+from interpql.backends.base import LossKind
+from interpql.resolvers.analysis import Group
+from interpql.resolvers.inference import AttentionComponent, MlpComponent
+
+strawberry.enum(
+    LossKind,
+    description=(
+        "What a backward pass differentiates. NEXT_TOKEN: mean cross-entropy of the prompt's "
+        "next tokens; LOGIT_DIFF: at the last token, mean target logit minus mean distractor "
+        "logit; LOGIT_MINUS_MEAN: mean target logit minus the mean of all logits; PROBS: summed "
+        "probability of the targets; ZERO: a constant 0."
+    ),
+)
+strawberry.enum(MlpComponent, description="The unit of analysis in MLP layers.")
+strawberry.enum(AttentionComponent, description="The unit of analysis in attention layers.")
+strawberry.enum(
+    Group,
+    description=(
+        "What to rank nodes by, per token. ACTIVATION: the node's activation (an attention "
+        "head's: the norm of its write); WRITE_NORM: the norm of what it writes to the residual "
+        "stream; DIRECT_EFFECT: that write projected on the loss's gradient at the final "
+        "residual stream; ACT_TIMES_GRAD: activation times the loss's gradient, a first-order "
+        "estimate of the node's total effect."
+    ),
+)
+
+
+@strawberry.input(description="The loss that gradients and attributions are taken of.")
+class LossInput:
+    kind: LossKind = strawberry.field(description="Which loss.")
+    target_tokens: list[str] = strawberry.field(
+        default_factory=list, description="Target tokens as text; each must be one token."
+    )
+    distractor_tokens: list[str] = strawberry.field(
+        default_factory=list, description="Distractor tokens as text; each must be one token."
+    )
+    target_token_ids: list[int] = strawberry.field(
+        default_factory=list, description="Target tokens by id."
+    )
+    distractor_token_ids: list[int] = strawberry.field(
+        default_factory=list, description="Distractor tokens by id."
+    )
+
 
 @strawberry.input(description="Set a node's activation to a value while the model runs.")
 class AblationInput:
@@ -25,6 +68,18 @@ class InferenceInput:
     prompt: str = strawberry.field(description="The text to run; at most the model's nCtx tokens.")
     ablations: list[AblationInput] = strawberry.field(
         default_factory=list, description="Activations to overwrite, applied together."
+    )
+    loss: LossInput | None = strawberry.field(
+        default=None,
+        description="The loss for gradients and attributions; default NEXT_TOKEN.",
+    )
+    mlp_component: MlpComponent = strawberry.field(
+        default=MlpComponent.NEURON,
+        description="Rank MLP neurons or MLP autoencoder latents in topNodes.",
+    )
+    attention_component: AttentionComponent = strawberry.field(
+        default=AttentionComponent.HEAD,
+        description="Rank attention heads or attention autoencoder latents in topNodes.",
     )
     autoencoder_error_term: bool = strawberry.field(
         default=True,

@@ -6,9 +6,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import strawberry
 
-from interpql.errors import invalid_argument
+from interpql.errors import check_range, invalid_argument
 from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.registry import ModelEntry
+from interpql.resolvers import analysis as analysis_resolvers
 from interpql.resolvers import inference as inference_resolvers
 from interpql.resolvers import models as model_resolvers
 from interpql.resolvers import node_data as node_data_resolvers
@@ -150,14 +151,22 @@ class Model:
         # Imported here: inference.py builds on this module's types.
         from interpql.schema.inference import InferenceResult
 
-        ablations = [
-            inference_resolvers.AblationRequest(str(a.node_id), a.value, a.token_index)
-            for a in input.ablations
-        ]
-        prompt = inference_resolvers.prepare(
-            info.context, self.entry, input.prompt, ablations, input.autoencoder_error_term
+        return InferenceResult(prompt=prepared(info, self.entry, input))
+
+    @strawberry.field(
+        description=(
+            "Run several inputs (prompts, or one prompt with several ablations) as one batched "
+            "pass where their losses agree; one result per input, in order."
         )
-        return InferenceResult(prompt=prompt)
+    )
+    def infer_batch(
+        self, info: Info, inputs: list[InferenceInput]
+    ) -> list[Annotated[InferenceResult, strawberry.lazy("interpql.schema.inference")]]:
+        # Imported here: inference.py builds on this module's types.
+        from interpql.schema.inference import InferenceResult
+
+        check_range("number of inputs", len(inputs), 1, info.context.settings.max_batch + 1)
+        return [InferenceResult(prompt=prepared(info, self.entry, i)) for i in inputs]
 
 
 @strawberry.type(description="An edge of a node connection.")
@@ -215,6 +224,31 @@ def _cursor_index(cursor: str) -> int:
     return int(cursor)
 
 
+@strawberry.type(description="A token with a score.")
+class TokenScore:
+    token: Token = strawberry.field(description="The token (its index is its rank).")
+    value: float = strawberry.field(description="The score.")
+
+
+@strawberry.type(description="Tokens a node's weights favour.")
+class ScoredTokens:
+    upvoted_output_tokens: list[TokenScore] = strawberry.field(
+        description="Output tokens whose logits the node's write raises most (d @ W_U)."
+    )
+    downvoted_output_tokens: list[TokenScore] = strawberry.field(
+        description="Output tokens whose logits the node's write lowers most."
+    )
+    upvoting_input_tokens: list[TokenScore] = strawberry.field(
+        description=(
+            "Input tokens whose embeddings drive it most: an MLP neuron's W_E @ W_in; an "
+            "attention head's query, |W_E @ W_Q|."
+        )
+    )
+    upvoting_key_tokens: list[TokenScore] = strawberry.field(
+        description="Attention heads: input tokens whose embeddings drive its key, |W_E @ W_K|."
+    )
+
+
 @strawberry.type(description="A node's activation on each token of a prompt.")
 class NodeActivations:
     node: Node = strawberry.field(description="The node.")
@@ -229,6 +263,12 @@ class NodeActivations:
     max_token_index: int = strawberry.field(description="Where the largest value is.")
     attention_pattern: FloatArray | None = strawberry.field(
         description="Attention heads only: probabilities [queryToken][keyToken]."
+    )
+    token_pair_attribution: FloatArray | None = strawberry.field(
+        description=(
+            "Attention heads only: how much of the head's write at each query token came from "
+            "each key token, probability x norm of the value's write, [queryToken][keyToken]."
+        )
     )
 
 
@@ -290,6 +330,32 @@ class Node:
         best = await node_data_resolvers.best_explanation(info.context, self.ref)
         return None if best is None else Explanation(data=best)
 
+    @strawberry.field(
+        description=(
+            "Tokens this node's weights favour: the logit lens of its write direction (output "
+            "tokens it up- and downvotes) and the input tokens whose embeddings drive it."
+        )
+    )
+    async def scored_tokens(self, info: Info, k: int = 10) -> ScoredTokens:
+        scores = await analysis_resolvers.node_scored_tokens(info.context, self.ref, k)
+        entry = info.context.registry.get(self.ref.model)
+
+        def listed(pairs: list[tuple[int, float]]) -> list[TokenScore]:
+            return [
+                TokenScore(
+                    token=Token(index=rank, id=t, text=model_resolvers.token_text(entry, t)),
+                    value=v,
+                )
+                for rank, (t, v) in enumerate(pairs)
+            ]
+
+        return ScoredTokens(
+            upvoted_output_tokens=listed(scores.upvoted_output),
+            downvoted_output_tokens=listed(scores.downvoted_output),
+            upvoting_input_tokens=listed(scores.upvoting_input),
+            upvoting_key_tokens=listed(scores.upvoting_input_keys),
+        )
+
     @strawberry.field(description="This node's activation on every token of a prompt.")
     async def activations(self, info: Info, prompt: str) -> NodeActivations:
         entry = info.context.registry.get(self.ref.model)
@@ -304,6 +370,33 @@ def _record(
     entry = ctx.registry.get(node.model)
     return ActivationRecord(
         view=view, tokens=[model_resolvers.token_text(entry, t) for t in view.token_ids]
+    )
+
+
+def prepared(info: Info, entry: ModelEntry, input: InferenceInput) -> inference_resolvers.Prompt:
+    ablations = [
+        inference_resolvers.AblationRequest(str(a.node_id), a.value, a.token_index)
+        for a in input.ablations
+    ]
+    loss = None
+    if input.loss is not None:
+        request = analysis_resolvers.LossRequest(
+            input.loss.kind,
+            input.loss.target_tokens,
+            input.loss.distractor_tokens,
+            input.loss.target_token_ids,
+            input.loss.distractor_token_ids,
+        )
+        loss = analysis_resolvers.loss_spec(info.context, entry, request)
+    return inference_resolvers.prepare(
+        info.context,
+        entry,
+        input.prompt,
+        ablations,
+        input.autoencoder_error_term,
+        loss,
+        input.mlp_component,
+        input.attention_component,
     )
 
 
@@ -324,4 +417,7 @@ def node_activations(
         max_value=float(values.values[best]),
         max_token_index=best,
         attention_pattern=None if values.pattern is None else FloatArray(values.pattern),
+        token_pair_attribution=(
+            None if values.pair_attribution is None else FloatArray(values.pair_attribution)
+        ),
     )

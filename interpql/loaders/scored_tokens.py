@@ -1,0 +1,52 @@
+"""Scored tokens of a node, from the weights alone (no prompt):
+
+* upvoted / downvoted output tokens: the logit lens of the node's write direction, d @ W_U;
+* upvoting input tokens: for an MLP neuron, the token embeddings' dot product with its input
+  weights, W_E @ W_in[:, n]; for an attention head, the norm of what each token embedding
+  contributes to the head's query and key, |W_E @ W_Q[h]| and |W_E @ W_K[h]|.
+
+These are raw weight products, without the LayerNorms in between: a lens, not an exact
+attribution. Attention heads write no fixed direction, so they have no output tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from interpql.errors import UnavailableError
+from interpql.loaders.analysis import write_directions
+from interpql.loaders.nodes import NodeKind, NodeRef
+from interpql.loaders.registry import ModelEntry
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    upvoted_output: list[tuple[int, float]]
+    downvoted_output: list[tuple[int, float]]
+    upvoting_input: list[tuple[int, float]]  # MLP neurons; heads: through their query
+    upvoting_input_keys: list[tuple[int, float]]  # attention heads: through their key
+
+
+def _top(values: torch.Tensor, k: int, largest: bool = True) -> list[tuple[int, float]]:
+    found = torch.topk(values, min(k, values.shape[0]), largest=largest)
+    return list(zip(found.indices.tolist(), found.values.tolist(), strict=True))
+
+
+def scored_tokens(entry: ModelEntry, node: NodeRef, k: int) -> TokenScores:
+    backend = entry.require_backend()
+    w_e = backend.weight("W_E")  # [vocab, d_model]
+    if node.kind is NodeKind.ATTENTION_HEAD:
+        queries = (w_e @ backend.weight(f"blocks.{node.layer}.attn.W_Q")[node.index]).norm(dim=-1)
+        keys = (w_e @ backend.weight(f"blocks.{node.layer}.attn.W_K")[node.index]).norm(dim=-1)
+        return TokenScores([], [], _top(queries, k), _top(keys, k))
+    if node.kind is NodeKind.RESIDUAL_CHANNEL:
+        raise UnavailableError("Residual channels have no scored tokens.")
+    direction = write_directions(entry, node.layer, node.kind)[node.index]  # [d_model]
+    logits = direction @ backend.weight("W_U")  # [vocab]
+    upvoting: list[tuple[int, float]] = []
+    if node.kind is NodeKind.MLP_NEURON:
+        w_in = backend.weight(f"blocks.{node.layer}.mlp.W_in")[:, node.index]
+        upvoting = _top(w_e @ w_in, k)
+    return TokenScores(_top(logits, k), _top(logits, k, largest=False), upvoting, [])
