@@ -24,7 +24,7 @@ def reference_forward(
     """One prompt -> (logits [T, V], mlp post-activations per layer [T, F]).
 
     `overwrite_mlp_post` = (layer, token, neuron, value) sets one post-activation; `edit`, if
-    given, maps (layer, "attn_out" | "mlp_post" | "resid_final", activation) to the activation
+    given, maps (layer, "attn_out" | "mlp_post" | "mlp_out" | "resid_final", activation) to the activation
     to use instead ("resid_final": the last residual stream, before the final LayerNorm).
     """
     edit = edit or (lambda layer, name, act: act)
@@ -62,7 +62,7 @@ def reference_forward(
             post[token, neuron] = value
         post = edit(i, "mlp_post", post)
         mlp_posts.append(post)
-        x = x + linear(post, p + "mlp.out_layer")
+        x = x + edit(i, "mlp_out", linear(post, p + "mlp.out_layer"))
     x = edit(cfg.n_layers - 1, "resid_final", x)
     logits = layer_norm(x, "final_ln") @ s["unembed.weight"].T
     return logits, mlp_posts

@@ -146,3 +146,35 @@ def test_exported_schema_is_current() -> None:
         check=True,
     ).stdout
     assert exported == (ROOT / "schema.graphql").read_text()
+
+
+def test_generation_streams_over_websocket(server: str) -> None:
+    models = httpx.post(server + "/graphql", json={"query": "{ models { name } }"}).json()
+    name = models["data"]["models"][0]["name"]
+    ws_url = server.replace("http://", "ws://") + "/graphql"
+    query = (
+        'subscription($m: String!) { generate(model: $m, input: {prompt: "def", maxTokens: 3}) '
+        "{ step unsteeredToken { id } result { unsteered { tokens { id } } } } }"
+    )
+    with websockets.sync.client.connect(ws_url, subprotocols=["graphql-transport-ws"]) as ws:
+        ws.send(json.dumps({"type": "connection_init"}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "connection_ack"
+        ws.send(
+            json.dumps(
+                {
+                    "id": "g",
+                    "type": "subscribe",
+                    "payload": {"query": query, "variables": {"m": name}},
+                }
+            )
+        )
+        events = []
+        while True:
+            message = json.loads(ws.recv(timeout=30))
+            if message["type"] == "complete":
+                break
+            assert message["type"] == "next", message
+            events.append(message["payload"]["data"]["generate"])
+    assert [e["step"] for e in events[:-1]] == [0, 1, 2]
+    streamed = [e["unsteeredToken"]["id"] for e in events[:-1]]
+    assert streamed == [t["id"] for t in events[-1]["result"]["unsteered"]["tokens"]]

@@ -123,6 +123,19 @@ class Intervention:
     prompt: int | None = None
 
 
+@dataclass(frozen=True)
+class Addition:
+    """Add `vector` to an activation's trailing axis while the forward pass runs (steering).
+
+    `token` None means every token; `prompt` None means every prompt of the batch.
+    """
+
+    point: HookPoint
+    vector: tuple[float, ...]
+    token: int | None = None
+    prompt: int | None = None
+
+
 class LossKind(StrEnum):
     NEXT_TOKEN = "next_token"  # mean cross-entropy of each next token of the prompt
     LOGIT_DIFF = "logit_diff"  # last token: mean target logits - mean distractor logits
@@ -143,6 +156,7 @@ class ForwardRequest:
     tokens: tuple[tuple[int, ...], ...]
     save: frozenset[HookPoint] = frozenset()
     interventions: tuple[Intervention, ...] = ()
+    additions: tuple[Addition, ...] = ()
     backward: LossSpec | None = None
     save_grads: frozenset[HookPoint] = frozenset()
     # Where an autoencoder's latents are used (saved, overwritten or differentiated), the model

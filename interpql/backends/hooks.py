@@ -12,7 +12,13 @@ from collections.abc import Mapping
 
 import torch
 
-from interpql.backends.base import AttachedAutoencoder, ForwardRequest, HookPoint, Intervention
+from interpql.backends.base import (
+    Addition,
+    AttachedAutoencoder,
+    ForwardRequest,
+    HookPoint,
+    Intervention,
+)
 
 
 class HookSession:
@@ -26,6 +32,9 @@ class HookSession:
         self._interventions: dict[HookPoint, list[Intervention]] = defaultdict(list)
         for intervention in request.interventions:
             self._interventions[intervention.point].append(intervention)
+        self._additions: dict[HookPoint, list[Addition]] = defaultdict(list)
+        for addition in request.additions:
+            self._additions[addition.point].append(addition)
         self._error_term = request.autoencoder_error_term
         # Only autoencoders whose latents someone asked about are spliced in.
         self._splices = {
@@ -36,7 +45,7 @@ class HookSession:
         self.activations: dict[HookPoint, torch.Tensor] = {}
 
     def _touches(self, point: HookPoint) -> bool:
-        return point in self._save or point in self._interventions
+        return point in self._save or point in self._interventions or point in self._additions
 
     def wants(self, point: HookPoint) -> bool:
         """True when `process` would do anything at this point (backends may skip it if not)."""
@@ -68,6 +77,14 @@ class HookSession:
                 prompt = slice(None) if iv.prompt is None else iv.prompt
                 token = slice(None) if iv.token is None else iv.token
                 act[(prompt, token, *iv.index)] = iv.value
+        additions = self._additions.get(point)
+        if additions:
+            act = act.clone()
+            for add in additions:
+                prompt = slice(None) if add.prompt is None else add.prompt
+                token = slice(None) if add.token is None else add.token
+                vector = torch.tensor(add.vector, dtype=act.dtype, device=act.device)
+                act[prompt, token] += vector
         if point in self._save:
             if point in self._keep_grads and act.requires_grad:
                 act.retain_grad()

@@ -161,7 +161,7 @@ class InferenceLoader:
         return [results[key] for key in keys]
 
 
-def _intervention(ablation: Ablation, row: int) -> Intervention:
+def intervention_for(ablation: Ablation, row: int) -> Intervention:
     node = ablation.node
     location = KIND_LOCATION[node.kind]
     return Intervention(
@@ -182,7 +182,7 @@ def _run_batch(entry: ModelEntry, keys: list[_Key]) -> dict[Variant, PromptRun]:
     for needs in needs_by_variant.values():
         union = union | needs
     interventions = tuple(
-        _intervention(ablation, row)
+        intervention_for(ablation, row)
         for row, variant in enumerate(variants)
         for ablation in variant.ablations
     )

@@ -15,6 +15,7 @@ from strawberry.schema.config import StrawberryConfig
 from strawberry.types import ExecutionContext
 
 from interpql.schema.errors import MaskInternalErrors, add_codes
+from interpql.schema.generation import Subscription
 from interpql.schema.inference import InferenceResult
 from interpql.schema.query import Query
 from interpql.schema.scalars import SCALARS
@@ -33,6 +34,7 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
     settings = settings or Settings()
     return InterpqlSchema(
         query=Query,
+        subscription=Subscription,
         types=[InferenceResult],
         config=StrawberryConfig(auto_camel_case=True, scalar_map=SCALARS),
         # Factories: strawberry builds fresh extension instances for each request.

@@ -89,3 +89,33 @@ class InferenceInput:
             "reconstruction alone."
         ),
     )
+
+
+@strawberry.input(description="Add a node's write direction to the residual stream.")
+class SteeringInput:
+    node_id: strawberry.ID = strawberry.field(description="The node (same model).")
+    strength: float = strawberry.field(
+        description=(
+            "How much of the node's unit write direction to add (residual-stream units); an "
+            "attention head's direction is the one its W_O writes most strongly."
+        )
+    )
+    token_indices: list[int] | None = strawberry.field(
+        default=None,
+        description="Positions to steer at; null steers every position, generated ones too.",
+    )
+
+
+@strawberry.input(description="What to generate from.")
+class GenerateInput:
+    prompt: str = strawberry.field(description="The text to continue.")
+    max_tokens: int = strawberry.field(default=20, description="Tokens to generate, at most.")
+    temperature: float = strawberry.field(default=0.0, description="0 samples greedily.")
+    top_p: float = strawberry.field(default=1.0, description="Nucleus sampling mass, in (0, 1].")
+    seed: int = strawberry.field(default=0, description="Seed of the sampler.")
+    ablations: list[AblationInput] = strawberry.field(
+        default_factory=list, description="Applied to both continuations."
+    )
+    steering: list[SteeringInput] = strawberry.field(
+        default_factory=list, description="Applied to the steered continuation only."
+    )

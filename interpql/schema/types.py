@@ -14,11 +14,12 @@ from interpql.resolvers import inference as inference_resolvers
 from interpql.resolvers import models as model_resolvers
 from interpql.resolvers import node_data as node_data_resolvers
 from interpql.resolvers.context import RequestContext
-from interpql.schema.inputs import InferenceInput
+from interpql.schema.inputs import GenerateInput, InferenceInput
 from interpql.schema.node_data import ActivationRecord, Explanation, NodeStatistics
 from interpql.schema.scalars import FloatArray
 
 if TYPE_CHECKING:
+    from interpql.schema.generation import GenerationResult
     from interpql.schema.inference import InferenceResult
 
 Info = strawberry.Info[RequestContext, None]
@@ -152,6 +153,22 @@ class Model:
         from interpql.schema.inference import InferenceResult
 
         return InferenceResult(prompt=prepared(info, self.entry, input))
+
+    @strawberry.field(
+        description=(
+            "Continue a prompt by sampling (greedy at temperature 0), with ablations; with "
+            "steering, the steered and the unsteered continuation side by side."
+        )
+    )
+    async def generate(
+        self,
+        info: Info,
+        input: GenerateInput,
+    ) -> Annotated[GenerationResult, strawberry.lazy("interpql.schema.generation")]:
+        # Imported here: generation.py builds on this module's types.
+        from interpql.schema import generation
+
+        return await generation.generate(info, self.entry, input)
 
     @strawberry.field(
         description=(

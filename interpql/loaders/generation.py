@@ -1,0 +1,139 @@
+"""Sampling continuations, with ablations and steering, on the model's worker thread.
+
+The unsteered and the steered continuation are two rows of one batch, sampled with generators
+seeded alike, so that steering with strength 0 reproduces the unsteered text exactly. Every step
+reruns the whole sequence (no key-value cache): simple and exact, and fast enough for the short
+continuations interpretability work uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from interpql.backends.base import Addition, ForwardRequest, HookPoint, Location
+from interpql.backends.tokenizer import END_OF_TEXT_ID
+from interpql.loaders.analysis import write_directions
+from interpql.loaders.inference import Ablation, intervention_for
+from interpql.loaders.nodes import NodeKind, NodeRef
+from interpql.loaders.registry import ModelEntry
+
+# Where a node's write enters the residual stream.
+_WRITE_LOCATION = {
+    NodeKind.MLP_NEURON: Location.MLP_OUT,
+    NodeKind.MLP_AUTOENCODER_LATENT: Location.MLP_OUT,
+    NodeKind.ATTENTION_HEAD: Location.ATTN_OUT,
+    NodeKind.ATTENTION_AUTOENCODER_LATENT: Location.ATTN_OUT,
+    NodeKind.RESIDUAL_CHANNEL: Location.RESID_POST,
+}
+
+
+@dataclass(frozen=True)
+class Steering:
+    """Add `strength` x the node's unit write direction at `tokens` (None: every position,
+    generated ones included)."""
+
+    node: NodeRef
+    strength: float
+    tokens: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    tokens: tuple[int, ...]
+    max_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    ablations: tuple[Ablation, ...] = ()
+    steering: tuple[Steering, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationStep:
+    step: int
+    unsteered: int | None  # None once that row has ended
+    steered: int | None
+
+
+@dataclass(frozen=True)
+class Generated:
+    unsteered: list[int]
+    steered: list[int] | None
+
+
+def steering_direction(entry: ModelEntry, node: NodeRef) -> torch.Tensor:
+    """A unit vector in the residual stream. An attention head writes no fixed direction; its
+    steering direction is the one it can write most strongly (W_O's top singular vector)."""
+    directions = write_directions(entry, node.layer, node.kind)
+    direction: torch.Tensor
+    if node.kind is NodeKind.ATTENTION_HEAD:
+        direction = torch.linalg.svd(directions[node.index], full_matrices=False).Vh[0]
+    else:
+        direction = directions[node.index]
+    unit: torch.Tensor = direction / direction.norm().clamp(min=1e-12)
+    return unit
+
+
+def generate(
+    entry: ModelEntry,
+    spec: GenerationSpec,
+    on_step: Callable[[GenerationStep], None] | None = None,
+) -> Generated:
+    backend = entry.require_backend()
+    rows = 2 if spec.steering else 1
+    sequences = [list(spec.tokens) for _ in range(rows)]
+    done = [False] * rows
+    generators = [torch.Generator().manual_seed(spec.seed) for _ in range(rows)]
+    interventions = tuple(intervention_for(a, row) for row in range(rows) for a in spec.ablations)
+    additions = tuple(_additions(entry, spec.steering, row=1)) if spec.steering else ()
+    for step in range(spec.max_tokens):
+        result = backend.run(
+            ForwardRequest(
+                tokens=tuple(tuple(s) for s in sequences),
+                interventions=interventions,
+                additions=additions,
+            )
+        )
+        chosen: list[int | None] = []
+        for row in range(rows):
+            if done[row]:
+                chosen.append(None)
+                continue
+            logits = result.logits[row, len(sequences[row]) - 1]
+            token = _sample(logits, spec.temperature, spec.top_p, generators[row])
+            sequences[row].append(token)
+            done[row] = token == END_OF_TEXT_ID
+            chosen.append(token)
+        if on_step is not None:
+            on_step(GenerationStep(step, chosen[0], chosen[1] if rows == 2 else None))
+        if all(done):
+            break
+    prompt_length = len(spec.tokens)
+    continuations = [s[prompt_length:] for s in sequences]
+    return Generated(continuations[0], continuations[1] if rows == 2 else None)
+
+
+def _additions(entry: ModelEntry, steering: tuple[Steering, ...], row: int) -> list[Addition]:
+    additions = []
+    for steer in steering:
+        vector = tuple((steer.strength * steering_direction(entry, steer.node)).tolist())
+        point = HookPoint(steer.node.layer, _WRITE_LOCATION[steer.node.kind])
+        for token in steer.tokens if steer.tokens is not None else (None,):
+            additions.append(Addition(point, vector, token=token, prompt=row))
+    return additions
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, rng: torch.Generator) -> int:
+    logits = logits.float().cpu()
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        keep = (sorted_probs.cumsum(0) - sorted_probs) < top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=rng))

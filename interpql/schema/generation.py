@@ -1,0 +1,109 @@
+"""Sampling continuations with ablations and steering, and the subscription that streams them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+import strawberry
+
+from interpql.loaders.generation import Generated, GenerationStep
+from interpql.loaders.registry import ModelEntry
+from interpql.resolvers import generation as generation_resolvers
+from interpql.resolvers.inference import AblationRequest
+from interpql.resolvers.models import token_text
+from interpql.schema.inputs import GenerateInput
+from interpql.schema.types import Info, Token
+
+
+@strawberry.type(description="Generated text.")
+class Continuation:
+    text: str = strawberry.field(description="The generated text.")
+    tokens: list[Token] = strawberry.field(description="The generated tokens.")
+
+
+@strawberry.type(description="A prompt's continuations, without and with steering.")
+class GenerationResult:
+    prompt: str = strawberry.field(description="The prompt.")
+    unsteered: Continuation = strawberry.field(description="Without steering.")
+    steered: Continuation | None = strawberry.field(
+        description="With steering; null when no steering was asked for."
+    )
+
+
+@strawberry.type(description="One step of a streamed generation, or its end.")
+class GenerationEvent:
+    step: int = strawberry.field(description="Step number, from 0; the last event repeats it.")
+    unsteered_token: Token | None = strawberry.field(description="The unsteered token.")
+    steered_token: Token | None = strawberry.field(description="The steered token.")
+    result: GenerationResult | None = strawberry.field(
+        description="The whole result, on the last event only."
+    )
+
+
+def _request(input: GenerateInput) -> generation_resolvers.GenerationRequest:
+    return generation_resolvers.GenerationRequest(
+        prompt=input.prompt,
+        max_tokens=input.max_tokens,
+        temperature=input.temperature,
+        top_p=input.top_p,
+        seed=input.seed,
+        ablations=[
+            AblationRequest(str(a.node_id), a.value, a.token_index) for a in input.ablations
+        ],
+        steering=[
+            generation_resolvers.SteeringRequest(str(s.node_id), s.strength, s.token_indices)
+            for s in input.steering
+        ],
+    )
+
+
+def _continuation(entry: ModelEntry, ids: list[int]) -> Continuation:
+    tokens = [Token(index=i, id=t, text=token_text(entry, t)) for i, t in enumerate(ids)]
+    return Continuation(text="".join(t.text for t in tokens), tokens=tokens)
+
+
+def _result(entry: ModelEntry, prompt: str, generated: Generated) -> GenerationResult:
+    return GenerationResult(
+        prompt=prompt,
+        unsteered=_continuation(entry, generated.unsteered),
+        steered=None if generated.steered is None else _continuation(entry, generated.steered),
+    )
+
+
+async def generate(info: Info, entry: ModelEntry, input: GenerateInput) -> GenerationResult:
+    spec = generation_resolvers.prepare_generation(info.context, entry, _request(input))
+    generated = await generation_resolvers.run_generation(entry, spec)
+    return _result(entry, input.prompt, generated)
+
+
+@strawberry.type(description="Streams: generation token by token.")
+class Subscription:
+    @strawberry.subscription(
+        description="Generate as in Model.generate, one event per step, then the result."
+    )
+    async def generate(
+        self, info: Info, model: str, input: GenerateInput
+    ) -> AsyncGenerator[GenerationEvent, None]:
+        entry = info.context.registry.get(model)
+        spec = generation_resolvers.prepare_generation(info.context, entry, _request(input))
+        last_step = 0
+        async for event in generation_resolvers.stream_generation(entry, spec):
+            if isinstance(event, GenerationStep):
+                last_step = event.step
+
+                def token(t: int | None, step: int = event.step) -> Token | None:
+                    return None if t is None else Token(index=step, id=t, text=token_text(entry, t))
+
+                yield GenerationEvent(
+                    step=event.step,
+                    unsteered_token=token(event.unsteered),
+                    steered_token=token(event.steered),
+                    result=None,
+                )
+            else:
+                yield GenerationEvent(
+                    step=last_step,
+                    unsteered_token=None,
+                    steered_token=None,
+                    result=_result(entry, input.prompt, event),
+                )

@@ -1,0 +1,136 @@
+"""Generation and steering, against repeated argmax of the plain-torch reference."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from interpql.backends.tokenizer import gpt2_encoding
+from interpql.resolvers.context import RequestContext
+from interpql.schema.build import build_schema
+from interpql.settings import Settings
+from tests.conftest import SMALL, CountingBackend, error_codes, graphql
+from tests.reference import reference_forward
+
+PROMPT = "The meaning of life is"
+
+
+def state_of(backend: CountingBackend) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in backend.model.state_dict().items()}
+
+
+def greedy_reference(
+    state: dict[str, torch.Tensor], tokens: list[int], n: int, edit: Any = None
+) -> list[int]:
+    tokens = list(tokens)
+    out = []
+    for _ in range(n):
+        logits, _ = reference_forward(SMALL, state, tokens, edit=edit)
+        token = int(logits[-1].argmax())
+        out.append(token)
+        tokens.append(token)
+    return out
+
+
+async def generate(client: httpx.AsyncClient, input: str) -> dict[str, Any]:
+    body = await graphql(
+        client,
+        f'{{ model(name: "small") {{ generate(input: {input}) {{ prompt '
+        "unsteered { text tokens { id } } steered { text tokens { id } } } } }",
+    )
+    assert "errors" not in body, body
+    return body["data"]["model"]["generate"]  # type: ignore[no-any-return]
+
+
+async def test_greedy_equals_repeated_argmax(
+    client: httpx.AsyncClient, small_backend: CountingBackend
+) -> None:
+    result = await generate(client, f'{{prompt: "{PROMPT}", maxTokens: 6}}')
+    expected = greedy_reference(state_of(small_backend), gpt2_encoding().encode(PROMPT), 6)
+    assert [t["id"] for t in result["unsteered"]["tokens"]] == expected
+    assert result["unsteered"]["text"] == gpt2_encoding().decode(expected)
+    assert result["steered"] is None
+
+
+async def test_steering_strength_zero_is_no_steering(client: httpx.AsyncClient) -> None:
+    result = await generate(
+        client,
+        f'{{prompt: "{PROMPT}", maxTokens: 5, temperature: 1.0, seed: 3, '
+        'steering: [{nodeId: "small/mlp_neuron/1/5", strength: 0.0}]}',
+    )
+    assert result["steered"] == result["unsteered"]
+
+
+async def test_steering_adds_the_unit_write_direction(
+    client: httpx.AsyncClient, small_backend: CountingBackend
+) -> None:
+    strength = 40.0
+    result = await generate(
+        client,
+        f'{{prompt: "{PROMPT}", maxTokens: 4, '
+        f'steering: [{{nodeId: "small/mlp_neuron/2/9", strength: {strength}}}]}}',
+    )
+    w_out = small_backend.model.xf_layers[2].mlp.out_layer.weight[:, 9].double()
+    vector = strength * w_out / w_out.norm()
+
+    def steer(layer: int, name: str, act: torch.Tensor) -> torch.Tensor:
+        return act + vector if (layer, name) == (2, "mlp_out") else act
+
+    state = state_of(small_backend)
+    tokens = gpt2_encoding().encode(PROMPT)
+    assert [t["id"] for t in result["steered"]["tokens"]] == greedy_reference(
+        state, tokens, 4, steer
+    )
+    assert [t["id"] for t in result["unsteered"]["tokens"]] == greedy_reference(state, tokens, 4)
+    assert result["steered"] != result["unsteered"]
+
+
+async def test_sampling_is_seeded(client: httpx.AsyncClient) -> None:
+    runs = [
+        await generate(
+            client,
+            f'{{prompt: "{PROMPT}", maxTokens: 8, temperature: 1.5, topP: 0.9, seed: {seed}}}',
+        )
+        for seed in (7, 7, 8)
+    ]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+@pytest.mark.parametrize(
+    "input",
+    [
+        f'{{prompt: "{PROMPT}", maxTokens: 0}}',
+        f'{{prompt: "{PROMPT}", maxTokens: 100}}',  # past the 64-token context
+        f'{{prompt: "{PROMPT}", temperature: -1}}',
+        f'{{prompt: "{PROMPT}", topP: 0}}',
+        f'{{prompt: "{PROMPT}", steering: [{{nodeId: "small/mlp_neuron/2/9", strength: 1, tokenIndices: [99]}}]}}',
+    ],
+)
+async def test_bad_generation_input(client: httpx.AsyncClient, input: str) -> None:
+    body = await graphql(
+        client, f'{{ model(name: "small") {{ generate(input: {input}) {{ prompt }} }} }}'
+    )
+    assert error_codes(body) == ["INVALID_ARGUMENT"]
+
+
+async def test_subscription_streams_tokens_in_order(registry: Any) -> None:
+    schema = build_schema()
+    context = RequestContext.create(registry, Settings())
+    stream = await schema.subscribe(
+        'subscription { generate(model: "small", input: {prompt: "Hello there", maxTokens: 5, '
+        'steering: [{nodeId: "small/attention_head/1/1", strength: 3}]}) { step '
+        "unsteeredToken { id } steeredToken { id } result { unsteered { tokens { id } } steered { tokens { id } } } } }",
+        context_value=context,
+    )
+    events = [event.data["generate"] async for event in stream]  # type: ignore[union-attr]
+    steps = events[:-1]
+    assert [e["step"] for e in steps] == [0, 1, 2, 3, 4]
+    final = events[-1]["result"]
+    assert [e["unsteeredToken"]["id"] for e in steps] == [
+        t["id"] for t in final["unsteered"]["tokens"]
+    ]
+    assert [e["steeredToken"]["id"] for e in steps] == [t["id"] for t in final["steered"]["tokens"]]
