@@ -18,7 +18,8 @@ What a backend must do
      Every saved activation is token-major: ``[batch, token, ...]`` with the shapes listed on
      `Location`.
    * When `request.backward` is set, compute the per-prompt loss it describes (`losses.py`),
-     backpropagate the sum over prompts, and return gradients of the saved points.
+     backpropagate the sum over prompts (or, with `request.trace`, the traced value the hook
+     session computed: `HookSession.traced_value`), and return gradients of the saved points.
      Otherwise run under `torch.inference_mode()`.
    * Always return float32 logits ``[batch, token, vocab]`` and the next-token loss per prompt.
    * Autoencoders attached with `attach_autoencoder` are spliced in by the hook session at
@@ -136,6 +137,35 @@ class Addition:
     prompt: int | None = None
 
 
+class AttentionTrace(StrEnum):
+    """Which path of an attention score or write the gradient may flow through."""
+
+    Q = "q"
+    K = "k"
+    QK = "qk"
+    V = "v"
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Start the backward pass at an upstream activation instead of at the loss.
+
+    Without `attention`: the activation at `point`, `token` and `index`. With Q, K or QK: the
+    attention score of head `index[0]` between query `token` and key `key_token` (`point` is
+    that layer's ATTN_Q), the other side detached for Q and K. With V: what the head writes at
+    query `token` from `key_token`, projected on `value_direction` (a d_head vector: W_O[h]
+    applied to the direction of interest), with the attention probability detached.
+    The value is summed over the prompts of the batch.
+    """
+
+    point: HookPoint
+    token: int
+    index: tuple[int, ...]
+    attention: AttentionTrace | None = None
+    key_token: int | None = None
+    value_direction: tuple[float, ...] | None = None
+
+
 class LossKind(StrEnum):
     NEXT_TOKEN = "next_token"  # mean cross-entropy of each next token of the prompt
     LOGIT_DIFF = "logit_diff"  # last token: mean target logits - mean distractor logits
@@ -158,6 +188,7 @@ class ForwardRequest:
     interventions: tuple[Intervention, ...] = ()
     additions: tuple[Addition, ...] = ()
     backward: LossSpec | None = None
+    trace: Trace | None = None  # when set, gradients are of the traced value, not the loss
     save_grads: frozenset[HookPoint] = frozenset()
     # Where an autoencoder's latents are used (saved, overwritten or differentiated), the model
     # continues from decode(latents) + error, the error being what the autoencoder misses: with

@@ -15,9 +15,12 @@ import torch
 from interpql.backends.base import (
     Addition,
     AttachedAutoencoder,
+    AttentionTrace,
     ForwardRequest,
     HookPoint,
     Intervention,
+    Location,
+    Trace,
 )
 
 
@@ -28,7 +31,8 @@ class HookSession:
         autoencoders: Mapping[HookPoint, AttachedAutoencoder] | None = None,
     ) -> None:
         self._save = request.save | request.save_grads
-        self._keep_grads = request.save_grads if request.backward is not None else frozenset()
+        backward = request.backward is not None or request.trace is not None
+        self._keep_grads = request.save_grads if backward else frozenset()
         self._interventions: dict[HookPoint, list[Intervention]] = defaultdict(list)
         for intervention in request.interventions:
             self._interventions[intervention.point].append(intervention)
@@ -36,6 +40,11 @@ class HookSession:
         for addition in request.additions:
             self._additions[addition.point].append(addition)
         self._error_term = request.autoencoder_error_term
+        self._trace = request.trace
+        self._trace_points = _trace_points(request.trace)
+        self._trace_value: torch.Tensor | None = None
+        self._queries: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
         # Only autoencoders whose latents someone asked about are spliced in.
         self._splices = {
             attached.input_point: attached
@@ -45,17 +54,54 @@ class HookSession:
         self.activations: dict[HookPoint, torch.Tensor] = {}
 
     def _touches(self, point: HookPoint) -> bool:
-        return point in self._save or point in self._interventions or point in self._additions
+        return (
+            point in self._save
+            or point in self._interventions
+            or point in self._additions
+            or point in self._trace_points
+        )
 
     def wants(self, point: HookPoint) -> bool:
         """True when `process` would do anything at this point (backends may skip it if not)."""
-        return self._touches(point) or point in self._splices
+        return self._touches(point) or point in self._splices or point in self._trace_points
 
     def process(self, point: HookPoint, act: torch.Tensor) -> torch.Tensor:
         """Takes a token-major activation [batch, token, ...]; returns the one to use downstream."""
         act = self._apply(point, act)
         attached = self._splices.get(point)
         return act if attached is None else self._splice(attached, act)
+
+    def traced_value(self) -> torch.Tensor:
+        if self._trace_value is None:
+            raise RuntimeError("the forward pass never reached the traced location")
+        return self._trace_value
+
+    def _follow_trace(self, point: HookPoint, act: torch.Tensor) -> None:
+        trace = self._trace
+        assert trace is not None
+        head = trace.index[0] if trace.index else 0
+        if trace.attention is None:
+            index: tuple[slice | int, ...] = (slice(None), trace.token, *trace.index)
+            self._trace_value = act[index].sum()
+        elif point.location is Location.ATTN_Q:
+            self._queries = act
+        elif point.location is Location.ATTN_K:
+            q = self._queries[:, trace.token, head]  # type: ignore[index]
+            k = act[:, trace.key_token, head]
+            if trace.attention is AttentionTrace.Q:
+                k = k.detach()
+            elif trace.attention is AttentionTrace.K:
+                q = q.detach()
+            if trace.attention is not AttentionTrace.V:
+                self._trace_value = (q * k).sum() / q.shape[-1] ** 0.5
+        elif point.location is Location.ATTN_V:
+            direction = torch.tensor(
+                trace.value_direction or (), dtype=act.dtype, device=act.device
+            )
+            self._values = act[:, trace.key_token, head] @ direction  # [batch]
+        elif point.location is Location.ATTN_PROBS and self._values is not None:
+            prob = act[:, trace.token, head, trace.key_token].detach()
+            self._trace_value = (prob * self._values).sum()
 
     def _splice(self, attached: AttachedAutoencoder, x: torch.Tensor) -> torch.Tensor:
         ae = attached.autoencoder
@@ -89,6 +135,8 @@ class HookSession:
             if point in self._keep_grads and act.requires_grad:
                 act.retain_grad()
             self.activations[point] = act
+        if point in self._trace_points:
+            self._follow_trace(point, act)
         return act
 
     def gradients(self) -> dict[HookPoint, torch.Tensor]:
@@ -98,3 +146,16 @@ class HookSession:
             if act is not None:
                 grads[point] = act.grad if act.grad is not None else torch.zeros_like(act)
         return grads
+
+
+def _trace_points(trace: Trace | None) -> frozenset[HookPoint]:
+    if trace is None:
+        return frozenset()
+    if trace.attention is None:
+        return frozenset({trace.point})
+    layer = trace.point.layer
+    if trace.attention is AttentionTrace.V:
+        locations = (Location.ATTN_V, Location.ATTN_PROBS)
+    else:
+        locations = (Location.ATTN_Q, Location.ATTN_K)
+    return frozenset(HookPoint(layer, location) for location in locations)

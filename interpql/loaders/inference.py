@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -29,9 +29,11 @@ from interpql.backends.base import (
     LossSpec,
 )
 from interpql.backends.losses import spec_loss
+from interpql.loaders import tracing
 from interpql.loaders.analysis import KIND_LOCATION, NodeScores, node_scores, token_pair_attribution
 from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.registry import ModelEntry, ModelRegistry
+from interpql.loaders.tracing import TraceRequest
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,13 @@ class Ablation:
 
 @dataclass(frozen=True)
 class Variant:
-    """One run: a prompt, what to change while it runs, and the loss a backward pass uses."""
+    """One run: a prompt, what to change while it runs, and what a backward pass differentiates."""
 
     tokens: tuple[int, ...]
     ablations: tuple[Ablation, ...] = ()
     autoencoder_error_term: bool = True
     loss: LossSpec = field(default_factory=LossSpec)
+    trace: TraceRequest | None = None
 
 
 LayerKind = tuple[int, NodeKind]
@@ -93,12 +96,14 @@ class ActivationNeeds:
             points |= {HookPoint(layer, Location.ATTN_PROBS), HookPoint(layer, Location.ATTN_V)}
         return frozenset(points)
 
-    def gradient_points(self, n_layers: int) -> frozenset[HookPoint]:
+    def gradient_points(self, direct_point: HookPoint) -> frozenset[HookPoint]:
+        """`direct_point`: where direct effects are read (the final residual stream, or where a
+        traced node reads it)."""
         points = {
             HookPoint(layer, KIND_LOCATION[kind]) for layer, kind in self.gradient_layer_kinds
         }
         if self.final_gradient:
-            points.add(HookPoint(n_layers - 1, Location.RESID_POST))
+            points.add(direct_point)
         return frozenset(points)
 
 
@@ -145,14 +150,15 @@ class InferenceLoader:
         return await self._loader.load(_Key(model, variant, needs))
 
     async def _load_batch(self, keys: Sequence[_Key]) -> list[PromptRun]:
-        # One backend call per model, error-term setting and loss: request-wide switches.
-        groups: dict[tuple[str, bool, LossSpec], list[_Key]] = defaultdict(list)
+        # One backend call per model, error-term setting, loss and trace: request-wide switches.
+        groups: dict[tuple[str, bool, LossSpec, TraceRequest | None], list[_Key]]
+        groups = defaultdict(list)
         for key in keys:
-            variant = key.variant
-            groups[(key.model, variant.autoencoder_error_term, variant.loss)].append(key)
+            v = key.variant
+            groups[(key.model, v.autoencoder_error_term, v.loss, v.trace)].append(key)
         results: dict[_Key, PromptRun] = {}
         loop = asyncio.get_running_loop()
-        for (name, _, _), group in groups.items():
+        for (name, *_), group in groups.items():
             entry = self._registry.get(name)
             runs = await loop.run_in_executor(entry.executor, _run_batch, entry, group)
             for key in group:
@@ -186,18 +192,21 @@ def _run_batch(entry: ModelEntry, keys: list[_Key]) -> dict[Variant, PromptRun]:
         for row, variant in enumerate(variants)
         for ablation in variant.ablations
     )
-    result = backend.run(
-        ForwardRequest(
-            tokens=tuple(v.tokens for v in variants),
-            save=union.hook_points(),
-            interventions=interventions,
-            backward=variants[0].loss if union.backward else None,
-            save_grads=union.gradient_points(entry.architecture.n_layers),
-            autoencoder_error_term=variants[0].autoencoder_error_term,
-        )
+    first = variants[0]
+    request = ForwardRequest(
+        tokens=tuple(v.tokens for v in variants),
+        save=union.hook_points(),
+        interventions=interventions,
+        backward=first.loss if union.backward else None,
+        autoencoder_error_term=first.autoencoder_error_term,
     )
+    direct_point = HookPoint(entry.architecture.n_layers - 1, Location.RESID_POST)
+    if first.trace is not None and union.backward:
+        direct_point = tracing.read_point(first.trace.upstream)
+        request = replace(request, trace=tracing.backend_trace(entry, request, first.trace))
+    result = backend.run(replace(request, save_grads=union.gradient_points(direct_point)))
     return {
-        variant: _prompt_run(entry, result, row, variant, union, len(variants))
+        variant: _prompt_run(entry, result, row, variant, union, direct_point, len(variants))
         for row, variant in enumerate(variants)
     }
 
@@ -208,24 +217,25 @@ def _prompt_run(
     row: int,
     variant: Variant,
     needs: ActivationNeeds,
+    direct_point: HookPoint,
     batch_size: int,
 ) -> PromptRun:
     n_tok = result.lengths[row]
     final_grad = None
     if needs.final_gradient:
-        last = HookPoint(entry.architecture.n_layers - 1, Location.RESID_POST)
-        final_grad = result.gradients[last][row, :n_tok].float()
+        final_grad = result.gradients[direct_point][row, :n_tok].float()
     scores = {}
     for layer, kind in needs.all_layer_kinds():
         point = HookPoint(layer, KIND_LOCATION[kind])
         grad = result.gradients.get(point)
+        reaches = tracing.writes_reach(layer, kind, direct_point)
         scores[(layer, kind)] = node_scores(
             entry,
             layer,
             kind,
             result.activations[point][row, :n_tok],
             None if grad is None else grad[row, :n_tok],
-            final_grad,
+            final_grad if reaches else None if final_grad is None else final_grad * 0,
         )
     patterns, pairs = {}, {}
     for layer in needs.pattern_layers:

@@ -8,11 +8,12 @@ from enum import Enum
 
 import numpy as np
 
-from interpql.backends.base import LossSpec
+from interpql.backends.base import AttentionTrace, LossSpec
 from interpql.errors import check_range, invalid_argument, invalid_node
 from interpql.loaders.inference import Ablation, ActivationNeeds, PromptRun, Variant
 from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.registry import ModelEntry
+from interpql.loaders.tracing import TraceRequest
 from interpql.resolvers.context import RequestContext
 from interpql.resolvers.models import encode_prompt, node_from_id
 
@@ -47,6 +48,15 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class TraceSpec:
+    upstream_node_id: str
+    token: int
+    attention: AttentionTrace | None
+    key_token: int | None
+    downstream_node_id: str | None
+
+
+@dataclass(frozen=True)
 class AblationRequest:
     node_id: str
     value: float
@@ -78,6 +88,7 @@ def prepare(
     loss: LossSpec | None = None,
     mlp_component: MlpComponent = MlpComponent.NEURON,
     attention_component: AttentionComponent = AttentionComponent.HEAD,
+    trace: TraceSpec | None = None,
 ) -> Prompt:
     entry.require_backend()
     tokens = encode_prompt(ctx, entry, text)
@@ -89,8 +100,24 @@ def prepare(
         if not math.isfinite(request.value):
             raise invalid_argument(f"Ablation value of {node.id} must be finite.")
         checked.append(Ablation(node, request.value, request.token))
-    variant = Variant(tokens, tuple(checked), autoencoder_error_term, loss or LossSpec())
+    traced = None if trace is None else _trace(ctx, entry, tokens, trace)
+    variant = Variant(tokens, tuple(checked), autoencoder_error_term, loss or LossSpec(), traced)
     return Prompt(entry, text, variant, mlp_component, attention_component)
+
+
+def _trace(
+    ctx: RequestContext, entry: ModelEntry, tokens: tuple[int, ...], spec: TraceSpec
+) -> TraceRequest:
+    upstream = _own_node(ctx, entry, spec.upstream_node_id)
+    check_range("trace tokenIndex", spec.token, 0, len(tokens))
+    if spec.key_token is not None:
+        check_range("trace keyTokenIndex", spec.key_token, 0, spec.token + 1)
+    downstream = None
+    if spec.downstream_node_id is not None:
+        downstream = _own_node(ctx, entry, spec.downstream_node_id)
+        if downstream.layer <= upstream.layer and downstream.kind is not NodeKind.RESIDUAL_CHANNEL:
+            raise invalid_argument("The downstream node must be in a later layer.")
+    return TraceRequest(upstream, spec.token, spec.attention, spec.key_token, downstream)
 
 
 def _own_node(ctx: RequestContext, entry: ModelEntry, node_id: str) -> NodeRef:

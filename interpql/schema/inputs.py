@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import strawberry
 
-from interpql.backends.base import LossKind
+from interpql.backends.base import AttentionTrace, LossKind
 from interpql.resolvers.analysis import Group
 from interpql.resolvers.inference import AttentionComponent, MlpComponent
 
@@ -16,6 +16,11 @@ strawberry.enum(
         "logit; LOGIT_MINUS_MEAN: mean target logit minus the mean of all logits; PROBS: summed "
         "probability of the targets; ZERO: a constant 0."
     ),
+)
+strawberry.enum(
+    AttentionTrace,
+    name="AttentionTraceType",
+    description="Which path of an attention head a trace's gradient flows through.",
 )
 strawberry.enum(MlpComponent, description="The unit of analysis in MLP layers.")
 strawberry.enum(AttentionComponent, description="The unit of analysis in attention layers.")
@@ -63,6 +68,29 @@ class AblationInput:
     )
 
 
+@strawberry.input(
+    description=(
+        "Start the backward pass at an upstream node's activation instead of the loss. An "
+        "attention head is traced through its score between tokenIndex and keyTokenIndex (Q, "
+        "K or QK), or through its write from keyTokenIndex at tokenIndex (V), projected on the "
+        "downstream node's read direction or, without one, on the loss's gradient."
+    )
+)
+class TraceInput:
+    upstream_node_id: strawberry.ID = strawberry.field(description="The node to trace from.")
+    token_index: int = strawberry.field(description="Its token (an attention head's query).")
+    attention_trace_type: AttentionTrace | None = strawberry.field(
+        default=None, description="Attention heads: Q, K, QK or V."
+    )
+    key_token_index: int | None = strawberry.field(
+        default=None, description="Attention heads: the key token."
+    )
+    downstream_node_id: strawberry.ID | None = strawberry.field(
+        default=None,
+        description="V traces: an MLP neuron or residual channel whose read direction is used.",
+    )
+
+
 @strawberry.input(description="What to run the model on, and what to change while it runs.")
 class InferenceInput:
     prompt: str = strawberry.field(description="The text to run; at most the model's nCtx tokens.")
@@ -72,6 +100,10 @@ class InferenceInput:
     loss: LossInput | None = strawberry.field(
         default=None,
         description="The loss for gradients and attributions; default NEXT_TOKEN.",
+    )
+    trace: TraceInput | None = strawberry.field(
+        default=None,
+        description="Trace from an upstream node: gradients and attributions are of it.",
     )
     mlp_component: MlpComponent = strawberry.field(
         default=MlpComponent.NEURON,

@@ -14,7 +14,7 @@ from interpql.resolvers import inference as inference_resolvers
 from interpql.resolvers import models as model_resolvers
 from interpql.resolvers import node_data as node_data_resolvers
 from interpql.resolvers.context import RequestContext
-from interpql.schema.inputs import GenerateInput, InferenceInput
+from interpql.schema.inputs import GenerateInput, InferenceInput, TraceInput
 from interpql.schema.node_data import ActivationRecord, Explanation, NodeStatistics
 from interpql.schema.scalars import FloatArray
 
@@ -414,6 +414,17 @@ def prepared(info: Info, entry: ModelEntry, input: InferenceInput) -> inference_
         loss,
         input.mlp_component,
         input.attention_component,
+        None if input.trace is None else _trace(input.trace),
+    )
+
+
+def _trace(trace: TraceInput) -> inference_resolvers.TraceSpec:
+    return inference_resolvers.TraceSpec(
+        str(trace.upstream_node_id),
+        trace.token_index,
+        trace.attention_trace_type,
+        trace.key_token_index,
+        None if trace.downstream_node_id is None else str(trace.downstream_node_id),
     )
 
 

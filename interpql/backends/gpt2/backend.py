@@ -52,7 +52,7 @@ class NativeGPT2Backend(Backend):
         started = time.perf_counter()
         tokens, lengths = right_padded(request.tokens, self.device)
         hooks = HookSession(request, self.autoencoders)
-        backward = request.backward is not None
+        backward = request.backward is not None or request.trace is not None
         grad_mode = contextlib.nullcontext() if backward else torch.inference_mode()
         with grad_mode:
             logits = self.model(tokens, hooks, track_grad=backward).float()
@@ -60,6 +60,9 @@ class NativeGPT2Backend(Backend):
             backward_loss = None
             if request.backward is not None:
                 backward_loss = spec_loss(request.backward, logits, tokens, lengths)
+            if request.trace is not None:
+                torch.autograd.backward(hooks.traced_value())
+            elif backward_loss is not None:
                 torch.autograd.backward(backward_loss.sum())
         gradients = hooks.gradients()
         if self.device.type == "cuda":
