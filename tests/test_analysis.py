@@ -375,3 +375,12 @@ async def test_bad_traces(client: httpx.AsyncClient, trace: str) -> None:
         "{ topNodes(group: ACT_TIMES_GRAD) { top { value } } } } }",
     )
     assert error_codes(body) == ["INVALID_ARGUMENT"], body
+
+
+async def test_hide_early_layers_when_ablating(client: httpx.AsyncClient) -> None:
+    ablation = 'ablations: [{nodeId: "small/mlp_neuron/1/3", value: 0}]'
+    fields = "topNodes(group: ACTIVATION, k: 1000) { top { node { layerIndex } } }"
+    shown = await infer(client, fields, extra=ablation)
+    hidden = await infer(client, fields, extra=ablation + ", hideEarlyLayersWhenAblating: true")
+    assert {n["node"]["layerIndex"] for n in shown["topNodes"]["top"]} == {0, 1, 2}
+    assert {n["node"]["layerIndex"] for n in hidden["topNodes"]["top"]} == {1, 2}

@@ -97,9 +97,13 @@ def ranked_kinds(prompt: Prompt) -> list[NodeKind]:
 
 def _layer_kinds(prompt: Prompt) -> list[LayerKind]:
     entry = prompt.entry
+    first_layer = 0
+    if prompt.hide_early_layers_when_ablating and prompt.variant.ablations:
+        # Layers before the first ablation run as without it: nothing there to see.
+        first_layer = min(a.node.layer for a in prompt.variant.ablations)
     return [
         (layer, kind)
-        for layer in range(entry.architecture.n_layers)
+        for layer in range(first_layer, entry.architecture.n_layers)
         for kind in ranked_kinds(prompt)
         if entry.node_count(kind, layer) > 0
     ]

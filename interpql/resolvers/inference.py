@@ -41,6 +41,7 @@ class Prompt:
     variant: Variant
     mlp_component: MlpComponent = MlpComponent.NEURON
     attention_component: AttentionComponent = AttentionComponent.HEAD
+    hide_early_layers_when_ablating: bool = False
 
     @property
     def tokens(self) -> tuple[int, ...]:
@@ -89,6 +90,7 @@ def prepare(
     mlp_component: MlpComponent = MlpComponent.NEURON,
     attention_component: AttentionComponent = AttentionComponent.HEAD,
     trace: TraceSpec | None = None,
+    hide_early_layers_when_ablating: bool = False,
 ) -> Prompt:
     entry.require_backend()
     tokens = encode_prompt(ctx, entry, text)
@@ -102,7 +104,14 @@ def prepare(
         checked.append(Ablation(node, request.value, request.token))
     traced = None if trace is None else _trace(ctx, entry, tokens, trace)
     variant = Variant(tokens, tuple(checked), autoencoder_error_term, loss or LossSpec(), traced)
-    return Prompt(entry, text, variant, mlp_component, attention_component)
+    return Prompt(
+        entry,
+        text,
+        variant,
+        mlp_component,
+        attention_component,
+        hide_early_layers_when_ablating,
+    )
 
 
 def _trace(

@@ -113,6 +113,10 @@ class InferenceInput:
         default=AttentionComponent.HEAD,
         description="Rank attention heads or attention autoencoder latents in topNodes.",
     )
+    hide_early_layers_when_ablating: bool = strawberry.field(
+        default=False,
+        description="Leave layers before the first ablated node out of topNodes.",
+    )
     autoencoder_error_term: bool = strawberry.field(
         default=True,
         description=(

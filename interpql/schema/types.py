@@ -415,6 +415,7 @@ def prepared(info: Info, entry: ModelEntry, input: InferenceInput) -> inference_
         input.mlp_component,
         input.attention_component,
         None if input.trace is None else _trace(input.trace),
+        input.hide_early_layers_when_ablating,
     )
 
 
