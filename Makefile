@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup serve test lint typecheck schema check-schema pytest bench clean
+.PHONY: setup serve test lint typecheck schema check-schema pytest bench clean system-deps
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,17 @@ setup: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/interpql serve --host $(HOST) --port $(PORT) $(ARGS)
 
-test: $(STAMP) lint typecheck check-schema pytest
+test: $(STAMP) system-deps lint typecheck check-schema pytest
+
+# Services the tests start for real (Debian packages); installed only where missing.
+SYSTEM_PACKAGES := redis-server
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check interpql tests bench

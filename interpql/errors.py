@@ -11,9 +11,11 @@ masked before it reaches a client.
     ├── InvalidInputError
     │   ├── INVALID_ARGUMENT         a number out of its range, an empty list, ...
     │   ├── EMPTY_PROMPT             a prompt that tokenizes to nothing
+    │   ├── INVALID_TOKEN            a target/distractor that is not exactly one token
     │   └── PROMPT_TOO_LONG          more tokens than the model's context window
     ├── UnavailableError
     │   ├── MODEL_NOT_LOADED         the server runs with --no-model: metadata only
+    │   ├── NODE_DATA_UNREADABLE     a source's file for this node is broken (this node only)
     │   └── UNSUPPORTED              the backend cannot compute what was asked
     └── QueryTooComplexError
         └── QUERY_TOO_COMPLEX        depth, alias or token limits of the query were exceeded

@@ -15,6 +15,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 
+from interpql.loaders.cache import NodeDataCache
 from interpql.loaders.registry import ModelRegistry
 from interpql.resolvers.context import RequestContext
 from interpql.schema.build import build_schema
@@ -22,23 +23,30 @@ from interpql.settings import Settings
 
 
 class GraphQLApp(GraphQL[RequestContext, None]):
-    def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
+    def __init__(
+        self, registry: ModelRegistry, settings: Settings, cache: NodeDataCache | None
+    ) -> None:
         super().__init__(build_schema(settings), graphql_ide="graphiql")
         self.registry = registry
         self.settings = settings
+        self.cache = cache
 
     async def get_context(
         self, request: Request | WebSocket, response: Response | WebSocket
     ) -> RequestContext:
-        return RequestContext.create(self.registry, self.settings, request, response)
+        return RequestContext.create(self.registry, self.settings, request, response, self.cache)
 
     def encode_json(self, data: object) -> bytes:
         return orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def create_app(registry: ModelRegistry, settings: Settings | None = None) -> Starlette:
+def create_app(
+    registry: ModelRegistry,
+    settings: Settings | None = None,
+    cache: NodeDataCache | None = None,
+) -> Starlette:
     settings = settings or Settings()
-    graphql = GraphQLApp(registry, settings)
+    graphql = GraphQLApp(registry, settings, cache or NodeDataCache())
 
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "models": [e.name for e in registry.all()]})

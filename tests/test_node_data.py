@@ -13,14 +13,19 @@ import pytest
 import torch
 
 from interpql.backends.base import ForwardRequest, HookPoint, Location
+from interpql.backends.tokenizer import gpt2_encoding
 from interpql.demo.explanations import explain_and_score_all
 from interpql.demo.records import RecordStore, compute_records
-from interpql.loaders.node_sources import CompactSource
+from interpql.loaders.sources import CompactSource
 from interpql.loaders.registry import ModelEntry, ModelRegistry
 from interpql.server import create_app
 from tests.conftest import SMALL, CountingBackend, graphql
 
 SEQ_LEN = 24
+
+
+def token_text(token: int) -> str:
+    return gpt2_encoding().decode_single_token_bytes(token).decode("utf-8", errors="replace")
 
 
 class CountingSource(CompactSource):
@@ -60,8 +65,8 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory, small_backend: CountingB
 
 @pytest.fixture(scope="module")
 def source(store_dir: Path) -> CountingSource:
-    opened = CompactSource.open("test-dataset", store_dir)
-    return CountingSource(opened.name, opened._records, opened._explanations)
+    opened = CompactSource.open("test-dataset", store_dir, token_text)
+    return CountingSource(opened.name, opened.records, opened.explanations, token_text)
 
 
 @pytest.fixture
@@ -94,6 +99,9 @@ async def test_node_records_round_trip(client: httpx.AsyncClient, store_dir: Pat
     record = RecordStore.load(store_dir / "records").node_record("mlp_neuron", 1, 7)
     top = node["topActivations"]
     assert [t["tokenIds"] for t in top] == [list(e.token_ids) for e in record.top[:3]]
+    assert [t["tokens"] for t in top] == [
+        [token_text(i) for i in e.token_ids] for e in record.top[:3]
+    ]
     scale = max(max(e.activations) for e in record.top)
     for shown, example in zip(top, record.top, strict=False):
         assert shown["activations"] == pytest.approx(example.activations)

@@ -2,25 +2,39 @@
 
 Every `Node.topActivations`, `statistics`, `explanations`... field of one operation asks these
 loaders; the DataLoader gathers the nodes asked for in the same tick, and each of the model's
-sources is read once for the whole batch, on a worker thread.
+sources is read once for the whole batch, on a worker thread. Sources that are slow to read
+(`cacheable`) go through the shared cache first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from strawberry.dataloader import DataLoader
 
-from interpql.loaders.node_sources import ExplanationData, NodeRecordData
+from interpql.loaders.cache import NodeDataCache
 from interpql.loaders.nodes import NodeRef
 from interpql.loaders.registry import ModelRegistry
+from interpql.loaders.sources import (
+    Example,
+    ExplanationData,
+    NodeRecordData,
+    NodeSource,
+    NodeStatistics,
+)
+
+RecordResult = NodeRecordData | None | Exception
+ExplanationsResult = list[ExplanationData] | Exception
 
 
 class NodeDataLoaders:
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, cache: NodeDataCache | None = None) -> None:
         self._registry = registry
+        self._cache = cache
         self.records = DataLoader[NodeRef, NodeRecordData | None](load_fn=self._load_records)
         self.explanations = DataLoader[NodeRef, list[ExplanationData]](
             load_fn=self._load_explanations
@@ -32,26 +46,100 @@ class NodeDataLoaders:
             groups[node.model].append(node)
         return groups
 
-    async def _load_records(self, nodes: Sequence[NodeRef]) -> list[NodeRecordData | None]:
-        found: dict[NodeRef, NodeRecordData | None] = {}
+    async def _load_records(self, nodes: Sequence[NodeRef]) -> list[RecordResult]:
+        found: dict[NodeRef, RecordResult] = {}
         for model, group in self._by_model(nodes).items():
             for source in self._registry.get(model).sources:
                 missing = [node for node in group if found.get(node) is None]
                 if not missing:
                     break
-                read = await asyncio.to_thread(source.read_records, missing)
-                found.update((node, data) for node, data in zip(missing, read, strict=True) if data)
+                read = await self._read(source, "records", missing, _record_codec)
+                found.update((n, answer) for n, answer in zip(missing, read, strict=True) if answer)
         return [found.get(node) for node in nodes]
 
-    async def _load_explanations(self, nodes: Sequence[NodeRef]) -> list[list[ExplanationData]]:
-        found: dict[NodeRef, list[ExplanationData]] = defaultdict(list)
+    async def _load_explanations(self, nodes: Sequence[NodeRef]) -> list[ExplanationsResult]:
+        found: dict[NodeRef, ExplanationsResult] = defaultdict(list)
         for model, group in self._by_model(nodes).items():
             for source in self._registry.get(model).sources:
-                read = await asyncio.to_thread(source.read_explanations, group)
-                for node, explanations in zip(group, read, strict=True):
-                    found[node].extend(explanations)
+                read = await self._read(source, "explanations", group, _explanations_codec)
+                for node, answer in zip(group, read, strict=True):
+                    previous = found[node]
+                    if isinstance(answer, Exception) or isinstance(previous, Exception):
+                        found[node] = answer if isinstance(answer, Exception) else previous
+                    else:
+                        previous.extend(answer)
         return [_best_first(found[node]) for node in nodes]
 
+    async def _read(
+        self, source: NodeSource, what: str, nodes: list[NodeRef], codec: _Codec
+    ) -> list[Any]:
+        reader: Callable[[list[NodeRef]], list[Any]] = (
+            source.read_records if what == "records" else source.read_explanations
+        )
+        if self._cache is None or not getattr(source, "cacheable", False):
+            return await asyncio.to_thread(reader, nodes)
+        keys = [f"{what}:{source.name}:{node.id}" for node in nodes]
+        cached = await self._cache.get_many(keys)
+        answers: list[Any] = [None if c is None else codec.decode(c) for c in cached]
+        missing = [i for i, c in enumerate(cached) if c is None]
+        if missing:
+            read = await asyncio.to_thread(reader, [nodes[i] for i in missing])
+            for i, answer in zip(missing, read, strict=True):
+                answers[i] = answer
+            await self._cache.set_many(
+                [
+                    (keys[i], codec.encode(answer))
+                    for i, answer in zip(missing, read, strict=True)
+                    if not isinstance(answer, Exception)
+                ]
+            )
+        return answers
 
-def _best_first(explanations: list[ExplanationData]) -> list[ExplanationData]:
-    return sorted(explanations, key=lambda e: -e.score if e.score is not None else float("inf"))
+
+def _best_first(found: ExplanationsResult) -> ExplanationsResult:
+    if isinstance(found, Exception):
+        return found
+    return sorted(found, key=lambda e: -e.score if e.score is not None else float("inf"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Codec:
+    """To and from the JSON a cache holds."""
+
+    encode: Callable[[Any], Any]
+    decode: Callable[[Any], Any]
+
+
+def _decode_record(raw: dict[str, Any] | None) -> NodeRecordData | None:
+    if raw is None or raw.get("absent"):
+        return None
+
+    def examples(items: list[dict[str, Any]]) -> tuple[Example, ...]:
+        return tuple(
+            Example(
+                tuple(e["tokens"]),
+                None if e["token_ids"] is None else tuple(e["token_ids"]),
+                tuple(e["activations"]),
+            )
+            for e in items
+        )
+
+    stats = raw["statistics"]
+    stats["quantile_boundaries"] = tuple(stats["quantile_boundaries"])
+    return NodeRecordData(
+        source=raw["source"],
+        top=examples(raw["top"]),
+        random=examples(raw["random"]),
+        statistics=NodeStatistics(**stats),
+    )
+
+
+# Absent answers are cached too (as a marker), so unknown nodes do not hit the source again.
+_record_codec = _Codec(
+    encode=lambda r: {"absent": True} if r is None else dataclasses.asdict(r),
+    decode=_decode_record,
+)
+_explanations_codec = _Codec(
+    encode=lambda found: [dataclasses.asdict(e) for e in found],
+    decode=lambda raw: [ExplanationData(**e) for e in raw],
+)

@@ -15,8 +15,8 @@ from interpql.errors import (
     invalid_node,
     model_not_found,
 )
-from interpql.loaders.node_sources import NodeSource
 from interpql.loaders.nodes import NodeKind, NodeRef
+from interpql.loaders.sources.base import NodeSource
 
 LATENT_LOCATIONS = {
     NodeKind.MLP_AUTOENCODER_LATENT: Location.MLP_AE_LATENTS,

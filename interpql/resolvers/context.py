@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from interpql.loaders.cache import NodeDataCache
 from interpql.loaders.inference import InferenceLoader
 from interpql.loaders.node_data import NodeDataLoaders
 from interpql.loaders.registry import ModelRegistry
@@ -23,13 +24,18 @@ class RequestContext:
 
     @classmethod
     def create(
-        cls, registry: ModelRegistry, settings: Settings, request: Any = None, response: Any = None
+        cls,
+        registry: ModelRegistry,
+        settings: Settings,
+        request: Any = None,
+        response: Any = None,
+        cache: NodeDataCache | None = None,
     ) -> RequestContext:
         return cls(
             registry,
             settings,
             InferenceLoader(registry),
-            NodeDataLoaders(registry),
+            NodeDataLoaders(registry, cache),
             request,
             response,
         )

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from interpql.backends.explanations.normalize import normalize_activations
 from interpql.errors import check_range
-from interpql.loaders.node_sources import Example, ExplanationData, NodeRecordData, NodeStatistics
 from interpql.loaders.nodes import NodeRef
+from interpql.loaders.sources import Example, ExplanationData, NodeRecordData, NodeStatistics
 from interpql.resolvers.context import RequestContext
 
 MAX_EXAMPLES = 1000
@@ -16,7 +16,8 @@ MAX_EXAMPLES = 1000
 @dataclass(frozen=True)
 class ExampleView:
     source: str
-    token_ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+    token_ids: tuple[int, ...] | None
     activations: tuple[float, ...]
     normalized: list[int]  # 0-10, relative to the node's largest top activation
     max_activation: float
@@ -32,6 +33,7 @@ def _views(record: NodeRecordData, examples: tuple[Example, ...], first: int) ->
     return [
         ExampleView(
             source=record.source,
+            tokens=e.tokens,
             token_ids=e.token_ids,
             activations=e.activations,
             normalized=normalize_activations(e.activations, scale),

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import strawberry
 
-from interpql.loaders.node_sources import ExplanationData
-from interpql.loaders.node_sources import NodeStatistics as NodeStatisticsData
+from interpql.loaders.sources import ExplanationData
+from interpql.loaders.sources import NodeStatistics as NodeStatisticsData
 from interpql.resolvers.node_data import ExampleView
 
 
 @strawberry.type(description="A dataset example: a window of tokens with the node's activations.")
 class ActivationRecord:
     view: strawberry.Private[ExampleView]
-    tokens: list[str] = strawberry.field(description="The window's tokens, as text.")
 
-    @strawberry.field(description="The window's token ids.")
-    def token_ids(self) -> list[int]:
-        return list(self.view.token_ids)
+    @strawberry.field(description="The window's tokens, as text.")
+    def tokens(self) -> list[str]:
+        return list(self.view.tokens)
+
+    @strawberry.field(
+        description="The window's token ids; null where the source keeps only the text."
+    )
+    def token_ids(self) -> list[int] | None:
+        return None if self.view.token_ids is None else list(self.view.token_ids)
 
     @strawberry.field(description="The node's activation at each token.")
     def activations(self) -> list[float]:
@@ -46,11 +51,11 @@ class NodeStatistics:
         return self.data.max
 
     @strawberry.field(description="Mean over all tokens.")
-    def mean(self) -> float:
+    def mean(self) -> float | None:
         return self.data.mean
 
     @strawberry.field(description="Population variance over all tokens.")
-    def variance(self) -> float:
+    def variance(self) -> float | None:
         return self.data.variance
 
     @strawberry.field(description="Skewness (null for a constant node).")
@@ -97,3 +102,7 @@ class Explanation:
     @strawberry.field(description="The source it was read from.")
     def source(self) -> str:
         return self.data.source
+
+    @strawberry.field(description="When it was written (ISO 8601), where known.")
+    def created(self) -> str | None:
+        return self.data.created

@@ -325,12 +325,12 @@ class Node:
     @strawberry.field(description="Dataset examples where this node activates most, highest first.")
     async def top_activations(self, info: Info, first: int = 10) -> list[ActivationRecord]:
         views = await node_data_resolvers.top_activations(info.context, self.ref, first)
-        return [_record(info.context, self.ref, v) for v in views]
+        return [_record(v) for v in views]
 
     @strawberry.field(description="Dataset examples drawn at random, for contrast.")
     async def random_sample(self, info: Info, first: int = 10) -> list[ActivationRecord]:
         views = await node_data_resolvers.random_sample(info.context, self.ref, first)
-        return [_record(info.context, self.ref, v) for v in views]
+        return [_record(v) for v in views]
 
     @strawberry.field(description="Activation statistics over a dataset; null when unknown.")
     async def statistics(self, info: Info) -> NodeStatistics | None:
@@ -381,13 +381,8 @@ class Node:
         return node_activations(info.context, values)
 
 
-def _record(
-    ctx: RequestContext, node: NodeRef, view: node_data_resolvers.ExampleView
-) -> ActivationRecord:
-    entry = ctx.registry.get(node.model)
-    return ActivationRecord(
-        view=view, tokens=[model_resolvers.token_text(entry, t) for t in view.token_ids]
-    )
+def _record(view: node_data_resolvers.ExampleView) -> ActivationRecord:
+    return ActivationRecord(view=view)
 
 
 def prepared(info: Info, entry: ModelEntry, input: InferenceInput) -> inference_resolvers.Prompt:

@@ -1,0 +1,79 @@
+"""What is known about a node, and the interface every source of it implements.
+
+A model has an ordered list of sources, each with a name users see. A source answers a whole
+batch of nodes per call (the per-request loaders in `node_data.py` call it once per batch); its
+reads are blocking and run on a worker thread. Per node, a source answers a value, None (it
+knows nothing of that node), or an exception (that node's data is broken), so one bad file
+fails one field, not the query.
+
+    NodeSource
+    ├── CompactSource       the demo's compact store (records.npz + explanations.json.gz)
+    ├── TdbFolderSource     Transformer Debugger's JSON records / JSONL explanations, blobfile
+    └── ExplanationStore    explanations generated later, in SQLite (also written to)
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from interpql.loaders.nodes import NodeRef
+
+
+@dataclass(frozen=True)
+class Example:
+    tokens: tuple[str, ...]
+    token_ids: tuple[int, ...] | None  # None where the source keeps only the text
+    activations: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class NodeStatistics:
+    max: float
+    mean: float | None
+    variance: float | None
+    skewness: float | None
+    kurtosis: float | None
+    density: float | None
+    quantile_boundaries: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class NodeRecordData:
+    source: str
+    top: tuple[Example, ...]  # highest first
+    random: tuple[Example, ...]
+    statistics: NodeStatistics
+
+
+@dataclass(frozen=True)
+class ExplanationData:
+    source: str
+    text: str
+    score: float | None
+    scorer: str
+    explainer: str
+    created: str | None = None  # ISO 8601, where known
+
+
+RecordAnswer = NodeRecordData | None | Exception
+
+
+class NodeSource(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def read_records(self, nodes: Sequence[NodeRef]) -> list[RecordAnswer]:
+        """One answer per node: its record, None, or the exception that reading it raised."""
+
+    @abc.abstractmethod
+    def read_explanations(
+        self, nodes: Sequence[NodeRef]
+    ) -> list[list[ExplanationData] | Exception]:
+        """Each node's explanations (best score first), or the exception reading them raised."""
+
+
+def finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None

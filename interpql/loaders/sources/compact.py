@@ -1,0 +1,89 @@
+"""The demo's compact store: records and explanations held in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from interpql.demo.explanations import ExplanationTable
+from interpql.demo.records import NodeRecord, RecordStore
+from interpql.loaders.nodes import NodeRef
+from interpql.loaders.sources.base import (
+    Example,
+    ExplanationData,
+    NodeRecordData,
+    NodeSource,
+    NodeStatistics,
+    RecordAnswer,
+    finite,
+)
+
+
+class CompactSource(NodeSource):
+    """Records and explanations held in memory from the demo's compact files."""
+
+    def __init__(
+        self,
+        name: str,
+        records: RecordStore,
+        explanations: ExplanationTable | None,
+        decode: Callable[[int], str],
+    ):
+        self.name = name
+        self.records = records
+        self.explanations = explanations
+        self._decode = decode
+
+    @classmethod
+    def open(cls, name: str, folder: Path, decode: Callable[[int], str]) -> CompactSource:
+        explanations_dir = folder / "explanations"
+        table = ExplanationTable.load(explanations_dir) if explanations_dir.exists() else None
+        return cls(name, RecordStore.load(folder / "records"), table, decode)
+
+    def read_records(self, nodes: Sequence[NodeRef]) -> list[RecordAnswer]:
+        return [self._record(node) for node in nodes]
+
+    def _record(self, node: NodeRef) -> NodeRecordData | None:
+        kind = node.kind.value
+        if not 0 <= node.index < self.records.count(kind, node.layer):
+            return None
+        record = self.records.node_record(kind, node.layer, node.index)
+        return NodeRecordData(
+            source=self.name,
+            top=self._examples(record, "top"),
+            random=self._examples(record, "random"),
+            statistics=NodeStatistics(
+                max=record.stats.max,
+                mean=record.stats.mean,
+                variance=record.stats.variance,
+                skewness=finite(record.stats.skewness),
+                kurtosis=finite(record.stats.kurtosis),
+                density=record.stats.density,
+                quantile_boundaries=record.quantile_boundaries,
+            ),
+        )
+
+    def read_explanations(
+        self, nodes: Sequence[NodeRef]
+    ) -> list[list[ExplanationData] | Exception]:
+        table = self.explanations
+        if table is None:
+            return [[] for _ in nodes]
+        return [
+            [
+                ExplanationData(
+                    self.name, row.text, finite(row.score), row.simulator, row.explainer
+                )
+                for row in table.for_node(node.kind.value, node.layer, node.index)
+            ]
+            for node in nodes
+        ]
+
+    def _examples(self, record: NodeRecord, which: str) -> tuple[Example, ...]:
+        chosen = record.top if which == "top" else record.random
+        # Offsets of -1 mark slots the corpus could not fill (a node active in few sequences).
+        return tuple(
+            Example(tuple(self._decode(t) for t in e.token_ids), e.token_ids, e.activations)
+            for e in chosen
+            if e.offset >= 0
+        )
