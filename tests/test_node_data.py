@@ -16,8 +16,8 @@ from interpql.backends.base import ForwardRequest, HookPoint, Location
 from interpql.backends.tokenizer import gpt2_encoding
 from interpql.demo.explanations import explain_and_score_all
 from interpql.demo.records import RecordStore, compute_records
-from interpql.loaders.sources import CompactSource
 from interpql.loaders.registry import ModelEntry, ModelRegistry
+from interpql.loaders.sources import CompactSource
 from interpql.server import create_app
 from tests.conftest import SMALL, CountingBackend, graphql
 
