@@ -19,7 +19,7 @@ from interpql.demo.records import RecordStore, compute_records
 from interpql.loaders.registry import ModelEntry, ModelRegistry
 from interpql.loaders.sources import CompactSource
 from interpql.server import create_app
-from tests.conftest import SMALL, CountingBackend, graphql
+from tests.conftest import SMALL, CountingBackend, error_codes, graphql
 
 SEQ_LEN = 24
 
@@ -149,3 +149,112 @@ async def test_unknown_nodes_have_no_records(client: httpx.AsyncClient) -> None:
         "statistics": None,
         "bestExplanation": None,
     }
+
+
+async def test_search_by_explanation_text(
+    client: httpx.AsyncClient, source: CountingSource
+) -> None:
+    table = source.explanations
+    assert table is not None
+    target = table.rows[5]
+    word = max(target.text.split(), key=len).strip("'\"(),")
+    body = await graphql(
+        client,
+        'query($t: String!) { searchNodes(text: $t, model: "small", first: 500) { totalCount '
+        "edges { cursor node { id } score matchedExplanation } pageInfo { hasNextPage } } }",
+        {"t": word},
+    )
+    found = body["data"]["searchNodes"]
+    ids = [e["node"]["id"] for e in found["edges"]]
+    assert f"small/{target.kind}/{target.layer}/{target.index}" in ids
+    assert found["totalCount"] == len(ids) and not found["pageInfo"]["hasNextPage"]
+    assert all(word.lower() in e["matchedExplanation"].lower() for e in found["edges"])
+    scores = [e["score"] for e in found["edges"]]
+    assert scores == sorted(scores, reverse=True)
+    # Paging: two at a time gives the same order.
+    page = await graphql(
+        client,
+        "query($t: String!, $a: String) { searchNodes(text: $t, first: 2, after: $a) "
+        "{ edges { node { id } } pageInfo { endCursor hasNextPage } } }",
+        {"t": word, "a": "1"},
+    )
+    assert [e["node"]["id"] for e in page["data"]["searchNodes"]["edges"]] == ids[2:4]
+
+
+async def test_search_by_peak_token(client: httpx.AsyncClient, source: CountingSource) -> None:
+    record = source.records.node_record("mlp_neuron", 2, 9)
+    best = record.top[0]
+    peak = int(np.argmax(best.activations))
+    token = token_text(best.token_ids[peak])
+    body = await graphql(
+        client,
+        "query($t: String!) { searchNodes(token: $t, first: 1000) { edges { node { id } score } } }",
+        {"t": token},
+    )
+    edges = body["data"]["searchNodes"]["edges"]
+    assert "small/mlp_neuron/2/9" in [e["node"]["id"] for e in edges]
+    scores = [e["score"] for e in edges]
+    assert scores == sorted(scores, reverse=True)
+
+
+async def test_similar_nodes_are_cosines_of_output_weights(
+    client: httpx.AsyncClient, small_backend: CountingBackend
+) -> None:
+    body = await graphql(
+        client,
+        '{ node(id: "small/mlp_neuron/1/4") { similarNodes(first: 3) { node { id } cosine } } }',
+    )
+    found = body["data"]["node"]["similarNodes"]
+    directions = torch.cat(
+        [small_backend.model.xf_layers[layer].mlp.out_layer.weight.T for layer in range(3)]
+    )  # [3 * d_mlp, d_model]
+    units = directions / directions.norm(dim=-1, keepdim=True)
+    cosines = units @ units[80 + 4]
+    cosines[80 + 4] = -2
+    best = torch.topk(cosines, 3)
+    assert [n["node"]["id"] for n in found] == [
+        f"small/mlp_neuron/{i // 80}/{i % 80}" for i in best.indices.tolist()
+    ]
+    np.testing.assert_allclose([n["cosine"] for n in found], best.values, atol=1e-5)
+
+
+async def test_layer_nodes_sorted_by_max_activation(
+    client: httpx.AsyncClient, source: CountingSource
+) -> None:
+    body = await graphql(
+        client,
+        '{ model(name: "small") { layer(index: 1) { nodes(kind: MLP_NEURON, first: 5, orderBy: MAX_ACTIVATION) '
+        "{ edges { cursor node { index statistics { max } } } pageInfo { endCursor } } } } }",
+    )
+    edges = body["data"]["model"]["layer"]["nodes"]["edges"]
+    maxima = source.records.arrays("mlp_neuron", 1)["max"]
+    assert [e["node"]["index"] for e in edges] == list(np.argsort(-maxima, kind="stable")[:5])
+    assert [e["cursor"] for e in edges] == ["0", "1", "2", "3", "4"]
+    by_score = await graphql(
+        client,
+        '{ model(name: "small") { layer(index: 0) { nodes(kind: MLP_NEURON, first: 3, orderBy: EXPLANATION_SCORE) '
+        "{ edges { node { bestExplanation { score } } } } } } }",
+    )
+    scores = [
+        e["node"]["bestExplanation"]["score"]
+        for e in by_score["data"]["model"]["layer"]["nodes"]["edges"]
+    ]
+    assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        '{ searchNodes(text: "a", token: "b") { totalCount } }',
+        "{ searchNodes { totalCount } }",
+        '{ searchNodes(text: "a", after: "x") { totalCount } }',
+        '{ searchNodes(text: "a", first: -1) { totalCount } }',
+    ],
+)
+async def test_bad_searches(client: httpx.AsyncClient, query: str) -> None:
+    assert error_codes(await graphql(client, query)) == ["INVALID_ARGUMENT"]
+
+
+async def test_search_text_is_not_query_syntax(client: httpx.AsyncClient) -> None:
+    body = await graphql(client, '{ searchNodes(text: "NEAR( OR * \\" AND") { totalCount } }')
+    assert "errors" not in body

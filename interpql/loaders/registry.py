@@ -16,6 +16,7 @@ from interpql.errors import (
     model_not_found,
 )
 from interpql.loaders.nodes import NodeKind, NodeRef
+from interpql.loaders.search import SearchIndex, index_model
 from interpql.loaders.sources.base import NodeSource
 
 LATENT_LOCATIONS = {
@@ -86,6 +87,7 @@ class ModelEntry:
 class ModelRegistry:
     def __init__(self) -> None:
         self._models: dict[str, ModelEntry] = {}
+        self.search = SearchIndex()
 
     def add(self, entry: ModelEntry) -> None:
         if not _MODEL_NAME.match(entry.name):
@@ -95,6 +97,7 @@ class ModelRegistry:
         if entry.name in self._models:
             raise ValueError(f"a model named {entry.name!r} is already registered")
         self._models[entry.name] = entry
+        index_model(self.search, entry.name, entry.sources)
 
     def get(self, name: str) -> ModelEntry:
         entry = self._models.get(name)

@@ -9,6 +9,7 @@ from interpql.errors import InvalidInputError, check_range
 from interpql.loaders.nodes import NodeKind, NodeRef, parse_node_id
 from interpql.loaders.registry import LATENT_LOCATIONS, ModelEntry
 from interpql.resolvers.context import RequestContext
+from interpql.resolvers.search import offset_of, ordered_indices
 
 
 @dataclass(frozen=True)
@@ -63,15 +64,15 @@ def node_kind_counts(entry: ModelEntry, layer: int | None = None) -> list[tuple[
 
 
 def layer_nodes(
-    entry: ModelEntry, layer: int, kind: NodeKind, first: int, after: int | None
-) -> tuple[list[NodeRef], int]:
-    """One page of a layer's nodes of one kind, and the total count."""
-    count = entry.node_count(kind, layer)
-    start = 0 if after is None else after + 1
+    entry: ModelEntry, layer: int, kind: NodeKind, first: int, after: str | None, order: str
+) -> tuple[list[tuple[int, NodeRef]], int]:
+    """One page of a layer's nodes of one kind, as (position, node), and the total count."""
     check_range("first", first, 0, 1001)
+    start = offset_of(after)
+    indices = ordered_indices(entry, layer, kind, order)[start : start + first]
     return [
-        NodeRef(entry.name, kind, layer, i) for i in range(start, min(start + first, count))
-    ], count
+        (start + i, NodeRef(entry.name, kind, layer, int(index))) for i, index in enumerate(indices)
+    ], entry.node_count(kind, layer)
 
 
 def token_text(entry: ModelEntry, token_id: int) -> str:

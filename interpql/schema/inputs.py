@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
 import strawberry
 
 from interpql.backends.base import AttentionTrace, LossKind
@@ -34,6 +36,13 @@ strawberry.enum(
         "estimate of the node's total effect."
     ),
 )
+
+
+@strawberry.enum(description="How to order a layer's nodes.")
+class NodeOrder(Enum):
+    INDEX = "index"
+    MAX_ACTIVATION = "max_activation"
+    EXPLANATION_SCORE = "explanation_score"
 
 
 @strawberry.input(description="The loss that gradients and attributions are taken of.")

@@ -5,7 +5,27 @@ from __future__ import annotations
 import strawberry
 
 from interpql.resolvers import models as model_resolvers
-from interpql.schema.types import Info, Model, Node
+from interpql.resolvers import search as search_resolvers
+from interpql.schema.types import Info, Model, Node, PageInfo
+
+
+@strawberry.type(description="A node found by a search.")
+class SearchEdge:
+    cursor: str = strawberry.field(description="Opaque cursor of this hit.")
+    node: Node = strawberry.field(description="The node.")
+    score: float = strawberry.field(
+        description="Relevance: BM25 for text (higher is better), the peak activation for tokens."
+    )
+    matched_explanation: str | None = strawberry.field(
+        description="For text searches, the explanation that matched."
+    )
+
+
+@strawberry.type(description="A page of search hits, best first.")
+class SearchConnection:
+    edges: list[SearchEdge] = strawberry.field(description="The hits of this page.")
+    page_info: PageInfo = strawberry.field(description="Where this page ends.")
+    total_count: int = strawberry.field(description="Hits in all.")
 
 
 @strawberry.type(description="Entry points: models and their nodes.")
@@ -21,6 +41,42 @@ class Query:
     @strawberry.field(description="One node by id (<model>/<kind>/<layer>/<index>).")
     def node(self, info: Info, id: strawberry.ID) -> Node:
         return Node(ref=model_resolvers.node_from_id(info.context, str(id)))
+
+    @strawberry.field(
+        description=(
+            "Find nodes by the words of their explanations (text: full-text search, ranked) or "
+            "by the token their top dataset example peaks on (token: exact token text, e.g. "
+            '" def"), optionally within one model.'
+        )
+    )
+    def search_nodes(
+        self,
+        info: Info,
+        text: str | None = None,
+        token: str | None = None,
+        model: str | None = None,
+        first: int = 20,
+        after: str | None = None,
+    ) -> SearchConnection:
+        hits, total, start = search_resolvers.search(info.context, model, text, token, first, after)
+        edges = [
+            SearchEdge(
+                cursor=str(start + i),
+                node=Node(ref=h.node),
+                score=h.score,
+                matched_explanation=h.text,
+            )
+            for i, h in enumerate(hits)
+        ]
+        last = start + len(hits) - 1 if hits else None
+        return SearchConnection(
+            edges=edges,
+            page_info=PageInfo(
+                has_next_page=last is not None and last + 1 < total,
+                end_cursor=None if last is None else str(last),
+            ),
+            total_count=total,
+        )
 
     @strawberry.field(description="Several nodes by id, in the order given.")
     def nodes(self, info: Info, ids: list[strawberry.ID]) -> list[Node]:

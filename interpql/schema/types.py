@@ -6,15 +6,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import strawberry
 
-from interpql.errors import check_range, invalid_argument
+from interpql.errors import check_range
 from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.registry import ModelEntry
 from interpql.resolvers import analysis as analysis_resolvers
 from interpql.resolvers import inference as inference_resolvers
 from interpql.resolvers import models as model_resolvers
 from interpql.resolvers import node_data as node_data_resolvers
+from interpql.resolvers import search as search_resolvers
 from interpql.resolvers.context import RequestContext
-from interpql.schema.inputs import GenerateInput, InferenceInput, TraceInput
+from interpql.schema.inputs import GenerateInput, InferenceInput, NodeOrder, TraceInput
 from interpql.schema.node_data import ActivationRecord, Explanation, NodeStatistics
 from interpql.schema.scalars import FloatArray
 
@@ -219,12 +220,24 @@ class Layer:
         counts = model_resolvers.node_kind_counts(self.entry, self.index)
         return [NodeKindCount(kind=k, count=n) for k, n in counts]
 
-    @strawberry.field(description="The layer's nodes of one kind, a page at a time.")
-    def nodes(self, kind: NodeKind, first: int = 20, after: str | None = None) -> NodeConnection:
-        start = None if after is None else _cursor_index(after)
-        refs, total = model_resolvers.layer_nodes(self.entry, self.index, kind, first, start)
-        edges = [NodeEdge(cursor=str(r.index), node=Node(ref=r)) for r in refs]
-        last = refs[-1].index if refs else None
+    @strawberry.field(
+        description=(
+            "The layer's nodes of one kind, a page at a time, by index or by what the model's "
+            "sources know of them (highest first; nodes with no known value last)."
+        )
+    )
+    def nodes(
+        self,
+        kind: NodeKind,
+        first: int = 20,
+        after: str | None = None,
+        order_by: NodeOrder = NodeOrder.INDEX,
+    ) -> NodeConnection:
+        page, total = model_resolvers.layer_nodes(
+            self.entry, self.index, kind, first, after, order_by.value
+        )
+        edges = [NodeEdge(cursor=str(position), node=Node(ref=r)) for position, r in page]
+        last = page[-1][0] if page else None
         return NodeConnection(
             edges=edges,
             page_info=PageInfo(
@@ -235,10 +248,10 @@ class Layer:
         )
 
 
-def _cursor_index(cursor: str) -> int:
-    if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 12:
-        raise invalid_argument(f"Invalid cursor {cursor!r}.")
-    return int(cursor)
+@strawberry.type(description="A node with a similarity.")
+class SimilarNode:
+    node: Node = strawberry.field(description="The node.")
+    cosine: float = strawberry.field(description="Cosine similarity of the write directions.")
 
 
 @strawberry.type(description="A token with a score.")
@@ -336,6 +349,16 @@ class Node:
     async def statistics(self, info: Info) -> NodeStatistics | None:
         data = await node_data_resolvers.statistics(info.context, self.ref)
         return None if data is None else NodeStatistics(data=data)
+
+    @strawberry.field(
+        description=(
+            "Nodes of the same kind, in any layer, whose write direction (output weights, "
+            "decoder column; heads: W_O) is closest to this node's, by cosine."
+        )
+    )
+    async def similar_nodes(self, info: Info, first: int = 10) -> list[SimilarNode]:
+        found = await search_resolvers.similar_nodes(info.context, self.ref, first)
+        return [SimilarNode(node=Node(ref=ref), cosine=cosine) for ref, cosine in found]
 
     @strawberry.field(description="Every known explanation of this node, best score first.")
     async def explanations(self, info: Info) -> list[Explanation]:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from interpql.loaders.nodes import NodeRef
+import numpy as np
+
+from interpql.loaders.nodes import NodeKind, NodeRef
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,21 @@ class NodeSource(abc.ABC):
         self, nodes: Sequence[NodeRef]
     ) -> list[list[ExplanationData] | Exception]:
         """Each node's explanations (best score first), or the exception reading them raised."""
+
+    # Sources that can list what they hold make it searchable (loaders/search.py).
+
+    def list_explanations(self, model: str) -> Iterable[tuple[str, str, float | None]]:
+        """(node id, text, score) of every explanation of `model`'s nodes."""
+        return ()
+
+    def list_peaks(self, model: str) -> Iterable[tuple[str, str, float]]:
+        """(node id, token text, activation) where each node's top example peaks."""
+        return ()
+
+    def layer_values(self, model: str, kind: NodeKind, layer: int, what: str) -> np.ndarray | None:
+        """One value per node of a layer (`what`: "max_activation" or "explanation_score";
+        nan where unknown), for sorting; None when this source cannot tell."""
+        return None
 
 
 def finite(value: float | None) -> float | None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from interpql.demo.explanations import ExplanationTable
 from interpql.demo.records import NodeRecord, RecordStore
-from interpql.loaders.nodes import NodeRef
+from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.sources.base import (
     Example,
     ExplanationData,
@@ -87,3 +90,39 @@ class CompactSource(NodeSource):
             for e in chosen
             if e.offset >= 0
         )
+
+    def list_explanations(self, model: str) -> Iterable[tuple[str, str, float | None]]:
+        if self.explanations is None:
+            return
+        for row in self.explanations.rows:
+            node = NodeRef(model, NodeKind(row.kind), row.layer, row.index)
+            yield node.id, row.text, finite(row.score)
+
+    def list_peaks(self, model: str) -> Iterable[tuple[str, str, float]]:
+        window = self.records.layout.window
+        for group in self.records.groups():
+            arrays = self.records.arrays(group.kind, group.layer)
+            offsets = arrays["top_offsets"][:, 0]  # each node's best example
+            acts = arrays["top_acts"][:, 0].astype(np.float32)  # [node, window]
+            peaks = acts.argmax(axis=1)
+            for index in np.flatnonzero(offsets >= 0):
+                position = int(offsets[index]) + int(peaks[index])
+                if position >= len(self.records.tokens) or peaks[index] >= window:
+                    continue
+                node = NodeRef(model, NodeKind(group.kind), group.layer, int(index))
+                token = self._decode(int(self.records.tokens[position]))
+                yield node.id, token, float(acts[index, peaks[index]])
+
+    def layer_values(self, model: str, kind: NodeKind, layer: int, what: str) -> np.ndarray | None:
+        count = self.records.count(kind.value, layer)
+        if count == 0:
+            return None
+        if what == "max_activation":
+            return self.records.arrays(kind.value, layer)["max"].astype(np.float64)
+        scores = np.full(count, np.nan)
+        if self.explanations is not None:
+            for index in range(count):
+                found = self.explanations.for_node(kind.value, layer, index)
+                if found and math.isfinite(found[0].score):
+                    scores[index] = found[0].score
+        return scores

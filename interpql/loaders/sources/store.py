@@ -12,7 +12,7 @@ import json
 import math
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,11 @@ class ExplanationStore(NodeSource):
         for stored in self._select(f"WHERE node_id IN ({marks})", tuple(ids)) if ids else []:
             found[stored.node.id].append(stored.data)
         return [found[node_id] for node_id in ids]
+
+    def list_explanations(self, model: str) -> Iterable[tuple[str, str, float | None]]:
+        prefix = model.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "/%"
+        for stored in self._select("WHERE node_id LIKE ? ESCAPE '\\' ORDER BY id", (prefix,)):
+            yield stored.node.id, stored.data.text, stored.data.score
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,83 @@
+"""Finding nodes: full-text search over explanations, search by peak token, similar nodes and
+layers sorted by what is known about their nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from interpql.errors import UnavailableError, check_range, invalid_argument
+from interpql.loaders.nodes import NodeKind, NodeRef, parse_node_id
+from interpql.loaders.registry import ModelEntry
+from interpql.loaders.similarity import similar_nodes as similar
+from interpql.resolvers.context import RequestContext
+
+MAX_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class Found:
+    node: NodeRef
+    score: float
+    text: str | None
+
+
+def offset_of(cursor: str | None) -> int:
+    if cursor is None:
+        return 0
+    if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 12:
+        raise invalid_argument(f"Invalid cursor {cursor!r}.")
+    return int(cursor) + 1
+
+
+def search(
+    ctx: RequestContext,
+    model: str | None,
+    text: str | None,
+    token: str | None,
+    first: int,
+    after: str | None,
+) -> tuple[list[Found], int, int]:
+    """A page of hits, the total count, and the offset the page starts at."""
+    check_range("first", first, 0, MAX_PAGE + 1)
+    if (text is None) == (token is None):
+        raise invalid_argument("Search by exactly one of text and token.")
+    if model is not None:
+        ctx.registry.get(model)
+    if (text is not None and len(text) > 1000) or (token is not None and len(token) > 256):
+        raise invalid_argument("The search text is too long.")
+    start = offset_of(after)
+    index = ctx.registry.search
+    if text is not None:
+        hits, total = index.by_text(model, text, first, start)
+    else:
+        hits, total = index.by_token(model, token or "", first, start)
+    return [Found(parse_node_id(h.node_id), h.rank, h.text) for h in hits], total, start
+
+
+async def similar_nodes(
+    ctx: RequestContext, node: NodeRef, first: int
+) -> list[tuple[NodeRef, float]]:
+    check_range("first", first, 0, MAX_PAGE + 1)
+    entry = ctx.registry.get(node.model)
+    if node.kind is NodeKind.RESIDUAL_CHANNEL:
+        raise UnavailableError("Residual channels have no write direction to compare.")
+    entry.require_backend()
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(entry.executor, similar, entry, node, first)
+
+
+def ordered_indices(entry: ModelEntry, layer: int, kind: NodeKind, order: str) -> np.ndarray:
+    """The layer's node indices in the asked order (highest first; unknown values last)."""
+    count = entry.node_count(kind, layer)
+    if order == "index":
+        return np.arange(count)
+    for source in entry.sources:
+        values = source.layer_values(entry.name, kind, layer, order)
+        if values is not None:
+            keyed = np.where(np.isnan(values), -math.inf, values)
+            return np.argsort(-keyed, kind="stable")
+    raise UnavailableError(f"No source of {entry.name!r} knows the {order} of these nodes.")
