@@ -17,8 +17,15 @@ masked before it reaches a client.
     │   ├── MODEL_NOT_LOADED         the server runs with --no-model: metadata only
     │   ├── NODE_DATA_UNREADABLE     a source's file for this node is broken (this node only)
     │   └── UNSUPPORTED              the backend cannot compute what was asked
-    └── QueryTooComplexError
-        └── QUERY_TOO_COMPLEX        depth, alias or token limits of the query were exceeded
+    ├── QueryTooComplexError
+    │   └── QUERY_TOO_COMPLEX        depth, alias or token limits of the query were exceeded
+    ├── UnauthenticatedError
+    │   └── UNAUTHENTICATED          no valid API key (Authorization: Bearer ...) was given
+    └── (others)
+        ├── RATE_LIMITED             too many jobs at once for this API key
+        ├── QUOTA_EXCEEDED           this API key has spent its tokens
+        ├── NO_RECORDS               a node with no records cannot be explained or scored
+        └── JOB_NOT_FOUND            no job with that id
 
 Codes graphql itself produces are mapped too: GRAPHQL_PARSE_FAILED, GRAPHQL_VALIDATION_FAILED,
 BAD_USER_INPUT (a variable of the wrong type); masked internal errors carry
@@ -55,6 +62,10 @@ class UnavailableError(InterpqlError):
 
 class QueryTooComplexError(InterpqlError):
     default_code = "QUERY_TOO_COMPLEX"
+
+
+class UnauthenticatedError(InterpqlError):
+    default_code = "UNAUTHENTICATED"
 
 
 def model_not_found(name: str) -> NotFoundError:

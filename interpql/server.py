@@ -14,39 +14,54 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
+from strawberry.subscriptions import (
+    GRAPHQL_TRANSPORT_WS_PROTOCOL,
+    GRAPHQL_WS_PROTOCOL,
+    MULTIPART_SUBSCRIPTION_PROTOCOL,
+)
 
 from interpql.loaders.cache import NodeDataCache
 from interpql.loaders.registry import ModelRegistry
-from interpql.resolvers.context import RequestContext
+from interpql.resolvers.context import RequestContext, Services
 from interpql.schema.build import build_schema
 from interpql.settings import Settings
 
 
 class GraphQLApp(GraphQL[RequestContext, None]):
-    def __init__(
-        self, registry: ModelRegistry, settings: Settings, cache: NodeDataCache | None
-    ) -> None:
-        super().__init__(build_schema(settings), graphql_ide="graphiql")
-        self.registry = registry
-        self.settings = settings
-        self.cache = cache
+    def __init__(self, services: Services) -> None:
+        super().__init__(
+            build_schema(services.settings),
+            graphql_ide="graphiql",
+            # graphql-transport-ws and graphql-ws on /graphql's WebSocket, and subscriptions
+            # over plain HTTP as multipart responses.
+            subscription_protocols=(
+                GRAPHQL_TRANSPORT_WS_PROTOCOL,
+                GRAPHQL_WS_PROTOCOL,
+                MULTIPART_SUBSCRIPTION_PROTOCOL,
+            ),
+        )
+        self.services = services
 
     async def get_context(
         self, request: Request | WebSocket, response: Response | WebSocket
     ) -> RequestContext:
-        return RequestContext.create(self.registry, self.settings, request, response, self.cache)
+        return RequestContext.create(self.services, request=request, response=response)
 
     def encode_json(self, data: object) -> bytes:
         return orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def create_app(
-    registry: ModelRegistry,
+    services: Services | ModelRegistry,
     settings: Settings | None = None,
     cache: NodeDataCache | None = None,
 ) -> Starlette:
-    settings = settings or Settings()
-    graphql = GraphQLApp(registry, settings, cache or NodeDataCache())
+    """The app for `services`, or for a bare registry (with `settings` and `cache`)."""
+    if isinstance(services, ModelRegistry):
+        services = Services(services, settings or Settings(), cache or NodeDataCache())
+    settings = services.settings
+    registry = services.registry
+    graphql = GraphQLApp(services)
 
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "models": [e.name for e in registry.all()]})
@@ -54,6 +69,9 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         yield
+        await services.jobs.shutdown()
+        if services.explaining is not None:
+            await services.explaining.close()
         registry.close()
 
     return Starlette(

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+import torch
 
+from interpql.backends.base import ForwardRequest, HookPoint, Location
 from interpql.backends.gpt2 import GPT2Config, NativeGPT2Backend
 from interpql.backends.gpt2.loading import random_model
 from interpql.loaders.registry import ModelEntry, ModelRegistry
@@ -52,6 +56,35 @@ async def client(registry: ModelRegistry) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=create_app(registry))
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         yield client
+
+
+RECORDS_SEQ_LEN = 24
+
+
+@pytest.fixture(scope="session")
+def records_dir(tmp_path_factory: pytest.TempPathFactory, small_backend: CountingBackend) -> Path:
+    """A compact store (records and baseline explanations) of the small model's MLP neurons,
+    computed on random tokens."""
+    from interpql.demo.explanations import explain_and_score_all
+    from interpql.demo.records import compute_records
+
+    generator = np.random.default_rng(0)
+    tokens = generator.integers(0, 2000, size=40 * RECORDS_SEQ_LEN).astype(np.uint16)
+    points = frozenset(HookPoint(layer, Location.MLP_POST) for layer in range(SMALL.n_layers))
+
+    def activations(batch: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
+        result = small_backend.run(
+            ForwardRequest(tokens=tuple(tuple(row) for row in batch.tolist()), save=points)
+        )
+        return {("mlp_neuron", p.layer): result.activations[p] for p in points}
+
+    store = compute_records(
+        tokens, activations, seq_len=RECORDS_SEQ_LEN, window=8, top_k=5, n_random=3, batch_size=8
+    )
+    folder = tmp_path_factory.mktemp("store")
+    store.save(folder / "records")
+    explain_and_score_all(store, str).save(folder / "explanations")
+    return folder
 
 
 async def graphql(

@@ -12,10 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from interpql.backends.base import ForwardRequest, HookPoint, Location
 from interpql.backends.tokenizer import gpt2_encoding
-from interpql.demo.explanations import explain_and_score_all
-from interpql.demo.records import RecordStore, compute_records
+from interpql.demo.records import RecordStore
 from interpql.loaders.registry import ModelEntry, ModelRegistry
 from interpql.loaders.sources import CompactSource
 from interpql.server import create_app
@@ -43,29 +41,8 @@ class CountingSource(CompactSource):
 
 
 @pytest.fixture(scope="module")
-def store_dir(tmp_path_factory: pytest.TempPathFactory, small_backend: CountingBackend) -> Path:
-    generator = np.random.default_rng(0)
-    tokens = generator.integers(0, 2000, size=40 * SEQ_LEN).astype(np.uint16)
-    points = frozenset(HookPoint(layer, Location.MLP_POST) for layer in range(SMALL.n_layers))
-
-    def activations(batch: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
-        result = small_backend.run(
-            ForwardRequest(tokens=tuple(tuple(row) for row in batch.tolist()), save=points)
-        )
-        return {("mlp_neuron", p.layer): result.activations[p] for p in points}
-
-    store = compute_records(
-        tokens, activations, seq_len=SEQ_LEN, window=8, top_k=5, n_random=3, batch_size=8
-    )
-    folder = tmp_path_factory.mktemp("store")
-    store.save(folder / "records")
-    explain_and_score_all(store, str).save(folder / "explanations")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def source(store_dir: Path) -> CountingSource:
-    opened = CompactSource.open("test-dataset", store_dir, token_text)
+def source(records_dir: Path) -> CountingSource:
+    opened = CompactSource.open("test-dataset", records_dir, token_text)
     return CountingSource(opened.name, opened.records, opened.explanations, token_text)
 
 
@@ -83,7 +60,7 @@ async def client(
     registry.close()
 
 
-async def test_node_records_round_trip(client: httpx.AsyncClient, store_dir: Path) -> None:
+async def test_node_records_round_trip(client: httpx.AsyncClient, records_dir: Path) -> None:
     body = await graphql(
         client,
         """{ node(id: "small/mlp_neuron/1/7") {
@@ -96,7 +73,7 @@ async def test_node_records_round_trip(client: httpx.AsyncClient, store_dir: Pat
     )
     assert "errors" not in body, body
     node = body["data"]["node"]
-    record = RecordStore.load(store_dir / "records").node_record("mlp_neuron", 1, 7)
+    record = RecordStore.load(records_dir / "records").node_record("mlp_neuron", 1, 7)
     top = node["topActivations"]
     assert [t["tokenIds"] for t in top] == [list(e.token_ids) for e in record.top[:3]]
     assert [t["tokens"] for t in top] == [

@@ -1,41 +1,77 @@
-"""What every resolver receives: the app's registry and settings, and this request's loaders."""
+"""What every resolver receives: the server's long-lived services, and this request's loaders."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from interpql.loaders.auth import ApiKeys
 from interpql.loaders.cache import NodeDataCache
+from interpql.loaders.explaining import ExplanationService
 from interpql.loaders.inference import InferenceLoader
+from interpql.loaders.jobs import JobManager
 from interpql.loaders.node_data import NodeDataLoaders
 from interpql.loaders.registry import ModelRegistry
+from interpql.loaders.search import index_model
+from interpql.loaders.sources import ExplanationStore
 from interpql.settings import Settings
 
 
 @dataclass
-class RequestContext:
+class Services:
+    """Everything that lives as long as the server: shared by all requests."""
+
     registry: ModelRegistry
-    settings: Settings
+    settings: Settings = field(default_factory=Settings)
+    cache: NodeDataCache | None = None
+    jobs: JobManager = field(default_factory=JobManager)
+    explaining: ExplanationService | None = None
+    api_keys: ApiKeys = field(default_factory=ApiKeys)
+
+    def __post_init__(self) -> None:
+        if self.explaining is None:
+            # A store in memory: explanations generated while the server runs.
+            self.explaining = ExplanationService(
+                ExplanationStore(), self.registry.search, self.jobs, None
+            )
+        # Generated explanations are one more source of every model, and searchable.
+        store = self.explaining.store
+        for entry in self.registry.all():
+            if store not in entry.sources:
+                entry.sources.append(store)
+                index_model(self.registry.search, entry.name, [store])
+
+
+@dataclass
+class RequestContext:
+    services: Services
     inference: InferenceLoader
     node_data: NodeDataLoaders
     request: Any = None
     response: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return self.services.registry
+
+    @property
+    def settings(self) -> Settings:
+        return self.services.settings
 
     @classmethod
     def create(
         cls,
-        registry: ModelRegistry,
-        settings: Settings,
+        services: Services | ModelRegistry,
+        settings: Settings | None = None,
         request: Any = None,
         response: Any = None,
-        cache: NodeDataCache | None = None,
     ) -> RequestContext:
+        if isinstance(services, ModelRegistry):
+            services = Services(services, settings or Settings())
         return cls(
-            registry,
-            settings,
-            InferenceLoader(registry),
-            NodeDataLoaders(registry, cache),
+            services,
+            InferenceLoader(services.registry),
+            NodeDataLoaders(services.registry, services.cache),
             request,
             response,
         )

@@ -17,6 +17,7 @@ from strawberry.types import ExecutionContext
 from interpql.schema.errors import MaskInternalErrors, add_codes
 from interpql.schema.generation import Subscription
 from interpql.schema.inference import InferenceResult
+from interpql.schema.jobs import Mutation
 from interpql.schema.query import Query
 from interpql.schema.scalars import SCALARS
 from interpql.settings import Settings
@@ -34,6 +35,7 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
     settings = settings or Settings()
     return InterpqlSchema(
         query=Query,
+        mutation=Mutation,
         subscription=Subscription,
         types=[InferenceResult],
         config=StrawberryConfig(auto_camel_case=True, scalar_map=SCALARS),

@@ -12,6 +12,7 @@ from interpql.resolvers import generation as generation_resolvers
 from interpql.resolvers.inference import AblationRequest
 from interpql.resolvers.models import token_text
 from interpql.schema.inputs import GenerateInput
+from interpql.schema.jobs import JobEvent, job_updates
 from interpql.schema.types import Info, Token
 
 
@@ -76,8 +77,16 @@ async def generate(info: Info, entry: ModelEntry, input: GenerateInput) -> Gener
     return _result(entry, input.prompt, generated)
 
 
-@strawberry.type(description="Streams: generation token by token.")
+@strawberry.type(description="Streams: generation token by token, and jobs' progress.")
 class Subscription:
+    @strawberry.subscription(
+        description="A job's events: those already past first, then each as it happens, "
+        "until it succeeds or fails."
+    )
+    async def job_updates(self, info: Info, id: strawberry.ID) -> AsyncGenerator[JobEvent, None]:
+        async for event in job_updates(info, id):
+            yield event
+
     @strawberry.subscription(
         description="Generate as in Model.generate, one event per step, then the result."
     )

@@ -6,6 +6,7 @@ import strawberry
 
 from interpql.resolvers import models as model_resolvers
 from interpql.resolvers import search as search_resolvers
+from interpql.schema.jobs import Job, job
 from interpql.schema.types import Info, Model, Node, PageInfo
 
 
@@ -77,6 +78,10 @@ class Query:
             ),
             total_count=total,
         )
+
+    @strawberry.field(description="A job (explaining or scoring a node) by id.")
+    def job(self, info: Info, id: strawberry.ID) -> Job:
+        return job(info, id)
 
     @strawberry.field(description="Several nodes by id, in the order given.")
     def nodes(self, info: Info, ids: list[strawberry.ID]) -> list[Node]:

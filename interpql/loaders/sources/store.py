@@ -97,9 +97,9 @@ class ExplanationStore(NodeSource):
         data = ExplanationData(self.name, text, score, scorer, explainer, created)
         return StoredExplanation(row_id, node, data, request_key, provenance or {})
 
-    def find_request(self, request_key: str) -> StoredExplanation | None:
-        rows = self._select("WHERE request_key = ? ORDER BY id DESC LIMIT 1", (request_key,))
-        return rows[0] if rows else None
+    def find_request(self, request_key: str) -> list[StoredExplanation]:
+        """What an earlier identical request stored, in the order it stored it."""
+        return self._select("WHERE request_key = ? ORDER BY id", (request_key,))
 
     def all(self) -> list[StoredExplanation]:
         return self._select("ORDER BY id", ())
