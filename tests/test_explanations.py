@@ -31,7 +31,7 @@ def example(tokens: Sequence[str], activations: Sequence[float]) -> ActivationEx
 
 def test_all_is_complete() -> None:
     public = {name for name in vars(explanations) if not name.startswith("_")}
-    modules = {"base", "baseline", "normalize", "scoring"}
+    modules = {"api", "base", "baseline", "normalize", "scoring"}
     assert set(explanations.__all__) == public - modules
 
 

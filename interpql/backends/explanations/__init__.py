@@ -1,6 +1,14 @@
 """Explaining nodes and scoring explanations: protocols (`base.py`), OpenAI's 0-10
-normalisation, the offline baseline explainer and simulator, and correlation scoring."""
+normalisation, the offline baseline explainer and simulator, the OpenAI-API explainer and
+simulators (`api.py`), and correlation scoring."""
 
+from interpql.backends.explanations.api import (
+    ApiSettings,
+    AutoSimulator,
+    JsonSimulator,
+    LogprobSimulator,
+    OpenAIExplainer,
+)
 from interpql.backends.explanations.base import (
     ActivationExample,
     Explainer,
@@ -24,10 +32,15 @@ from interpql.backends.explanations.scoring import (
 
 __all__ = [
     "ActivationExample",
+    "ApiSettings",
+    "AutoSimulator",
     "BaselineExplainer",
     "BaselineSimulator",
     "Explainer",
     "ExplanationError",
+    "JsonSimulator",
+    "LogprobSimulator",
+    "OpenAIExplainer",
     "ScoredExplanation",
     "ScoredSequence",
     "SimulationError",
