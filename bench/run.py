@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from bench import overhead
+from bench import backends, overhead
 
 
 def main() -> None:
     overhead.main()
+    backends.main()
 
 
 if __name__ == "__main__":

@@ -26,9 +26,14 @@ def _serve(args: argparse.Namespace) -> int:
     name = args.name or (DEFAULT_MODEL_NAME if args.model is None else None)
     try:
         entry = load_model(
-            spec, name=name, device=args.device, dtype=args.dtype, with_weights=not args.no_model
+            spec,
+            name=name,
+            device=args.device,
+            dtype=args.dtype,
+            with_weights=not args.no_model,
+            backend=args.backend,
         )
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ImportError) as exc:
         print(f"interpql: cannot load model {spec!r}: {exc}", file=sys.stderr)
         return 2
     for role, ae_spec in (("mlp", args.mlp_autoencoder), ("attention", args.attn_autoencoder)):
@@ -71,6 +76,13 @@ def parser() -> argparse.ArgumentParser:
         "Face folder, or random:<preset>; default: the embedded demo model",
     )
     serve.add_argument("--name", help="the name clients use for the model")
+    serve.add_argument(
+        "--backend",
+        default="native",
+        choices=["native", "transformerlens"],
+        help="native: our GPT-2; transformerlens: any model TransformerLens 4.x bridges (a "
+        "Hugging Face folder or hub name; needs the extra interpql[transformerlens])",
+    )
     serve.add_argument(
         "--mlp-autoencoder",
         help="MLP autoencoders: a registered name (ae-mlp-post-act-v4, ae-resid-delta-mlp-v4, "

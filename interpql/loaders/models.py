@@ -10,12 +10,14 @@ from interpql.backends.autoencoder_files import load_autoencoder_set, registered
 from interpql.backends.base import AutoencoderInput, Backend
 from interpql.backends.gpt2.backend import NativeGPT2Backend
 from interpql.backends.gpt2.loading import REGISTERED_MODELS, read_config
+from interpql.backends.transformerlens import TransformerLensBackend, read_architecture
 from interpql.loaders.nodes import NodeKind
 from interpql.loaders.registry import ModelEntry
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MODEL = "random:tiny"
 DEFAULT_MODEL_NAME = "tiny-random"
+BACKENDS = ("native", "transformerlens")
 
 
 def default_name(spec: str) -> str:
@@ -33,17 +35,26 @@ def load_model(
     device: str = "cpu",
     dtype: str = "float32",
     with_weights: bool = True,
+    backend: str = "native",
 ) -> ModelEntry:
+    """`backend`: "native" (our GPT-2) or "transformerlens" (any model TransformerLens bridges;
+    ImportError naming the extra when it is not installed)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
     name = name or default_name(spec)
+    native = backend == "native"
     if not with_weights:
-        arch = read_config(spec).architecture
-        return ModelEntry(name, arch, None, NativeGPT2Backend.name, device, dtype)
-    backend = NativeGPT2Backend.load(spec, device=device, dtype=DTYPES[dtype])
-    return ModelEntry(name, backend.architecture, backend, backend.name, str(backend.device), dtype)
+        arch = read_config(spec).architecture if native else read_architecture(spec)
+        backend_name = NativeGPT2Backend.name if native else TransformerLensBackend.name
+        return ModelEntry(name, arch, None, backend_name, device, dtype)
+    loaded = (NativeGPT2Backend if native else TransformerLensBackend).load(
+        spec, device=device, dtype=DTYPES[dtype]
+    )
+    return ModelEntry(name, loaded.architecture, loaded, loaded.name, str(loaded.device), dtype)
 
 
 def attach_autoencoders(entry: ModelEntry, spec: str, role: str) -> None:

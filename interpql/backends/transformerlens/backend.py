@@ -1,0 +1,266 @@
+"""The TransformerLens backend: any decoder-only model TransformerLens 4.x bridges.
+
+`TransformerBridge` wraps a Hugging Face model and fires TransformerLens's hook points inside it.
+Its weights stay raw (no LayerNorm folding: compatibility mode is never enabled), so on the same
+GPT-2 weights every activation equals the native backend's.
+
+Which locations a model offers is found at load (`locations.py`); requests for any other answer
+UNSUPPORTED with the reason. Beyond renaming hooks:
+
+* attn_scores / attn_probs: TransformerLens holds them head-major, [batch, head, query, key].
+* attn_scores: its hook sees the scores after the causal mask, so future keys hold the mask
+  value (the dtype's minimum) where the native backend shows q·k; writes there are undone,
+  keeping the mask as the native backend does.
+* resid_mid: TransformerLens's `hook_resid_mid` is the input of the second LayerNorm, read by the
+  MLP alone; the skip connection keeps its own copy, so a write there would not reach the
+  residual stream, nor would a gradient there count the skip path. We compute resid_mid at
+  `hook_attn_out` as resid_pre + attn_out and hand the block back resid_mid' - resid_pre.
+* attn_q / attn_k of rotary models are TransformerLens's hook_q / hook_k: before the rotation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from typing import Any
+
+import torch
+
+from interpql.backends.base import (
+    Architecture,
+    AttentionTrace,
+    Autoencoder,
+    AutoencoderInput,
+    Backend,
+    ForwardRequest,
+    ForwardResult,
+    HookPoint,
+    Location,
+    Tokenizer,
+)
+from interpql.backends.hooks import HookSession
+from interpql.backends.losses import next_token_loss, spec_loss
+from interpql.backends.runtime import memory_in_use, right_padded
+from interpql.backends.transformerlens.loading import boot, boot_hf_model
+from interpql.backends.transformerlens.locations import (
+    HEAD_MAJOR,
+    HOOK_NAMES,
+    Hook,
+    find_unsupported,
+)
+from interpql.errors import UnavailableError, invalid_argument
+
+_BLOCK_WEIGHT = re.compile(
+    r"blocks\.(?P<layer>\d+)\.(?P<part>attn|mlp)\.(?P<name>W_([QKVO]|in|out))"
+)
+
+
+class TransformerLensBackend(Backend):
+    name = "transformerlens"
+
+    def __init__(self, bridge: Any, tokenizer: Tokenizer, family: str) -> None:
+        """`bridge`: a booted `TransformerBridge` (raw weights); `tokenizer`: its vocabulary's."""
+        if not hasattr(bridge, "blocks"):
+            raise ValueError("TransformerLens exposes no transformer blocks for this model")
+        self.bridge = bridge.eval().requires_grad_(False)
+        first = next(bridge.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        cfg = bridge.cfg
+        self.architecture = Architecture(
+            n_layers=cfg.n_layers,
+            d_model=cfg.d_model,
+            n_heads=cfg.n_heads,
+            d_head=cfg.d_head,
+            d_mlp=cfg.d_mlp,
+            n_ctx=cfg.n_ctx,
+            n_vocab=cfg.d_vocab,
+            family=family,
+        )
+        self.tokenizer = tokenizer
+        self.autoencoders = {}
+        # Why each missing location is missing; the backend offers every other one.
+        self.unsupported = find_unsupported(bridge, self.architecture)
+        self._rotary = getattr(cfg, "positional_embedding_type", None) == "rotary"
+        self.locations = frozenset(Location) - frozenset(self.unsupported)
+
+    # --- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls, spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> TransformerLensBackend:
+        """`spec`: a local Hugging Face folder, a hub name, or anything the native GPT-2 loader
+        reads (random:<preset>, a Transformer Debugger folder or URL, a registered name)."""
+        return cls(*boot(spec, device, dtype))
+
+    @classmethod
+    def from_hf_model(cls, hf_model: Any, hf_tokenizer: Any = None) -> TransformerLensBackend:
+        """An already-loaded Hugging Face causal LM, on its device and in its dtype (without
+        `hf_tokenizer`, its vocabulary must hold GPT-2's)."""
+        return cls(*boot_hf_model(hf_model, hf_tokenizer))
+
+    def attach_autoencoder(
+        self, layer: int, input: AutoencoderInput, autoencoder: Autoencoder
+    ) -> None:
+        if input.location not in self.locations:
+            raise ValueError(
+                f"an autoencoder cannot read {input.value} here: {self.unsupported[input.location]}"
+            )
+        super().attach_autoencoder(layer, input, autoencoder)
+
+    # --- running ---------------------------------------------------------------------------
+
+    def run(self, request: ForwardRequest) -> ForwardResult:
+        session = HookSession(request, self.autoencoders)
+        self._check(request, session)
+        memory_before = memory_in_use(self.device)
+        started = time.perf_counter()
+        # Right padding in a causal model: no real token attends to a pad, so no mask is needed
+        # and every prompt runs exactly as it would alone.
+        tokens, lengths = right_padded(request.tokens, self.device)
+        backward = request.backward is not None or request.trace is not None
+        grad_mode = contextlib.nullcontext() if backward else torch.inference_mode()
+        with grad_mode:
+            with self.bridge.hooks(fwd_hooks=self._hooks(session, backward)):
+                logits = self.bridge(tokens, return_type="logits").float()
+            lm_loss = next_token_loss(logits, tokens, lengths)
+            backward_loss = None
+            if request.backward is not None:
+                backward_loss = spec_loss(request.backward, logits, tokens, lengths)
+            if request.trace is not None:
+                torch.autograd.backward(session.traced_value())
+            elif backward_loss is not None:
+                torch.autograd.backward(backward_loss.sum())
+        gradients = session.gradients()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return ForwardResult(
+            lengths=lengths.tolist(),
+            logits=logits.detach(),
+            next_token_loss=lm_loss.detach(),
+            activations={p: a.detach() for p, a in session.activations.items()},
+            gradients={p: g.detach() for p, g in gradients.items()},
+            backward_loss=None if backward_loss is None else backward_loss.detach(),
+            elapsed_s=time.perf_counter() - started,
+            memory_before_bytes=memory_before,
+            memory_after_bytes=memory_in_use(self.device),
+        )
+
+    def _check(self, request: ForwardRequest, session: HookSession) -> None:
+        # Asking the session covers every way a request reaches a point: saves, writes,
+        # additions, traces and autoencoder inputs.
+        for location, why in self.unsupported.items():
+            for layer in range(self.architecture.n_layers):
+                if session.wants(HookPoint(layer, location)):
+                    raise self._unsupported(location.value, why)
+        trace = request.trace
+        if trace is not None and trace.attention not in (None, AttentionTrace.V) and self._rotary:
+            raise self._unsupported(
+                "an attention score's trace",
+                "rotary positions rotate queries and keys after attn_q and attn_k, so their "
+                "product is not the score",
+            )
+        largest = max((max(prompt) for prompt in request.tokens if prompt), default=0)
+        if largest >= self.architecture.n_vocab:
+            raise invalid_argument(
+                f"token id {largest} is outside the vocabulary of {self.architecture.n_vocab}"
+            )
+
+    def _unsupported(self, what: str, why: str) -> UnavailableError:
+        return UnavailableError(
+            f"{what} is not available on this {self.architecture.family} model "
+            f"(transformerlens backend): {why}",
+            code="UNSUPPORTED",
+            location=what,
+        )
+
+    def _hooks(self, session: HookSession, backward: bool) -> list[tuple[str, Hook]]:
+        """(TransformerLens hook name, function) for every point this request touches."""
+        hooks: list[tuple[str, Hook]] = []
+        resid_pre: dict[int, torch.Tensor] = {}  # kept for resid_mid, by layer
+        for layer in range(self.architecture.n_layers):
+            mid = HookPoint(layer, Location.RESID_MID)
+            wants_mid = session.wants(mid)
+            for location, hook_name in HOOK_NAMES.items():
+                point = HookPoint(layer, location)
+                hook: Hook | None = None
+                if location is Location.RESID_PRE and (wants_mid or (backward and layer == 0)):
+                    hook = _resid_pre_hook(session, point, backward and layer == 0, resid_pre)
+                elif location is Location.ATTN_OUT and wants_mid:
+                    hook = _attn_out_and_mid_hook(session, point, mid, resid_pre)
+                elif session.wants(point) and location in HEAD_MAJOR:
+                    hook = _head_major_hook(session, point)
+                elif session.wants(point):
+                    hook = _plain_hook(session, point)
+                if hook is not None:
+                    hooks.append((f"blocks.{layer}.{hook_name}", hook))
+        return hooks
+
+    # --- weights ---------------------------------------------------------------------------
+
+    def weight(self, name: str) -> torch.Tensor:
+        try:
+            if name in ("W_E", "W_pos", "W_U"):
+                tensor = getattr(self.bridge, name)
+            else:
+                match = _BLOCK_WEIGHT.fullmatch(name)
+                if match is None or int(match["layer"]) >= self.architecture.n_layers:
+                    raise KeyError(name)
+                block = self.bridge.blocks[int(match["layer"])]
+                tensor = getattr(getattr(block, match["part"]), match["name"])
+        except AttributeError:  # e.g. W_pos of a rotary model
+            raise KeyError(name) from None
+        if not isinstance(tensor, torch.Tensor):
+            raise KeyError(name)
+        return tensor.detach().float().contiguous()
+
+
+# --- hook functions ------------------------------------------------------------------------
+
+
+def _plain_hook(session: HookSession, point: HookPoint) -> Hook:
+    def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        return session.process(point, act)
+
+    return hook
+
+
+def _head_major_hook(session: HookSession, point: HookPoint) -> Hook:
+    def hook(act_bhqk: torch.Tensor, hook: Any) -> torch.Tensor:
+        out = session.process(point, act_bhqk.transpose(1, 2)).transpose(1, 2)
+        if point.location is Location.ATTN_SCORES:
+            # The mask is already applied here: keep masked keys masked whatever was written.
+            n_query, n_key = act_bhqk.shape[-2:]
+            visible = torch.ones(n_query, n_key, dtype=torch.bool, device=act_bhqk.device)
+            out = torch.where(visible.tril(n_key - n_query), out, act_bhqk)
+        return out
+
+    return hook
+
+
+def _resid_pre_hook(
+    session: HookSession, point: HookPoint, track_grad: bool, keep: dict[int, torch.Tensor]
+) -> Hook:
+    def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        if track_grad:
+            # Autograd follows the residual stream from here on; the frozen weights get none.
+            act = act.detach().requires_grad_(True)
+        if session.wants(point):
+            act = session.process(point, act)
+        keep[point.layer] = act
+        return act
+
+    return hook
+
+
+def _attn_out_and_mid_hook(
+    session: HookSession, point: HookPoint, mid: HookPoint, resid_pre: dict[int, torch.Tensor]
+) -> Hook:
+    def hook(attn_out: torch.Tensor, hook: Any) -> torch.Tensor:
+        if session.wants(point):
+            attn_out = session.process(point, attn_out)
+        pre = resid_pre[point.layer]
+        return session.process(mid, pre + attn_out) - pre
+
+    return hook

@@ -1,0 +1,501 @@
+"""The TransformerLens backend: parity with the native backend on the same GPT-2 weights (through
+`run` and through GraphQL), non-GPT-2 architectures served end to end and checked against
+Hugging Face, and UNSUPPORTED answers for what an architecture lacks."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+import torch.nn.functional as F
+
+from interpql.backends.base import (
+    Addition,
+    AttentionTrace,
+    AutoencoderInput,
+    ForwardRequest,
+    ForwardResult,
+    HookPoint,
+    Intervention,
+    Location,
+    LossKind,
+    LossSpec,
+    Trace,
+)
+from interpql.backends.gpt2 import NativeGPT2Backend
+from interpql.backends.gpt2.loading import random_model, save_hf_folder
+from interpql.backends.hf_tokenizer import HFTokenizer, gpt2_hf_tokenizer
+from interpql.backends.tokenizer import gpt2_encoding
+from interpql.backends.transformerlens import TransformerLensBackend
+from interpql.errors import UnavailableError
+from interpql.loaders.models import load_model
+from interpql.loaders.registry import ModelEntry, ModelRegistry
+from interpql.server import create_app
+from tests.conftest import SMALL, error_codes, graphql
+from tests.test_autoencoder_latents import random_autoencoder
+
+PROMPTS = [
+    [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13],
+    [15496, 995],
+    [50256, 4299, 277, 7, 87, 2599, 198, 220, 220, 220, 1441, 2124, 1635, 362],
+]
+MLP_LATENTS = HookPoint(1, Location.MLP_AE_LATENTS)
+ATTN_LATENTS = HookPoint(2, Location.ATTN_AE_LATENTS)
+MODEL_LOCATIONS = [
+    loc for loc in Location if loc not in (MLP_LATENTS.location, ATTN_LATENTS.location)
+]
+EVERY_POINT = frozenset(
+    {HookPoint(layer, loc) for layer in range(SMALL.n_layers) for loc in MODEL_LOCATIONS}
+    | {MLP_LATENTS, ATTN_LATENTS}
+)
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def state() -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in random_model(SMALL, seed=21).state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def native(state: dict[str, torch.Tensor]) -> NativeGPT2Backend:
+    model = random_model(SMALL, seed=0)
+    model.load_state_dict(state)
+    backend = NativeGPT2Backend(model)
+    backend.attach_autoencoder(1, AutoencoderInput.MLP_POST_ACT, random_autoencoder(80, 200, 1))
+    backend.attach_autoencoder(2, AutoencoderInput.RESID_DELTA_ATTN, random_autoencoder(48, 96, 2))
+    return backend
+
+
+@pytest.fixture(scope="module")
+def lens(
+    tmp_path_factory: pytest.TempPathFactory,
+    state: dict[str, torch.Tensor],
+    native: NativeGPT2Backend,
+) -> TransformerLensBackend:
+    folder = tmp_path_factory.mktemp("hf-gpt2")
+    save_hf_folder(folder, SMALL, state)
+    backend = TransformerLensBackend.load(str(folder))
+    for attached in native.autoencoders.values():
+        backend.attach_autoencoder(attached.layer, attached.input, attached.autoencoder)
+    return backend
+
+
+def visible(point: HookPoint, act: torch.Tensor, n_tok: int) -> torch.Tensor:
+    """One prompt's real positions; attention scores only where the query may see the key.
+
+    attn_scores is the one location whose values differ by design: TransformerLens hooks the
+    scores after the causal mask, so a future key holds the dtype's minimum where the native
+    backend holds q·k. Both then mask it, so the probabilities agree everywhere.
+    """
+    act = act[:n_tok]
+    if point.location in (Location.ATTN_SCORES, Location.ATTN_PROBS):
+        act = act[:, :, :n_tok]
+    if point.location is Location.ATTN_SCORES:
+        causal = torch.ones(n_tok, n_tok, dtype=torch.bool).tril()
+        act = act.permute(1, 0, 2)[:, causal]  # [head, visible (query, key) pairs]
+    return act
+
+
+def max_difference(a: ForwardResult, b: ForwardResult, point: HookPoint, grads: bool) -> float:
+    source_a = a.gradients if grads else a.activations
+    source_b = b.gradients if grads else b.activations
+    return max(
+        float(
+            (visible(point, source_a[point][row], n) - visible(point, source_b[point][row], n))
+            .abs()
+            .max()
+        )
+        for row, n in enumerate(a.lengths)
+    )
+
+
+def run_both(
+    native: NativeGPT2Backend, lens: TransformerLensBackend, **kwargs: Any
+) -> tuple[ForwardResult, ForwardResult]:
+    request = ForwardRequest(tokens=tuple(map(tuple, PROMPTS)), **kwargs)
+    return native.run(request), lens.run(request)
+
+
+def test_every_location_and_its_gradient_match_native(
+    native: NativeGPT2Backend, lens: TransformerLensBackend
+) -> None:
+    assert lens.locations == frozenset(Location) and lens.architecture == native.architecture
+    a, b = run_both(native, lens, save=EVERY_POINT, backward=LossSpec(), save_grads=EVERY_POINT)
+    assert a.lengths == b.lengths == [len(p) for p in PROMPTS]
+    for row, n in enumerate(a.lengths):
+        assert float((a.logits[row, :n] - b.logits[row, :n]).abs().max()) < TOLERANCE
+    torch.testing.assert_close(b.next_token_loss, a.next_token_loss, atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(b.backward_loss, a.backward_loss, atol=TOLERANCE, rtol=0)
+    for point in sorted(EVERY_POINT):
+        for grads in (False, True):
+            # Random weights give small gradients: they must agree relative to their scale too.
+            scale = float((a.gradients if grads else a.activations)[point].abs().max())
+            assert scale > 0, point  # the comparison means something
+            difference = max_difference(a, b, point, grads)
+            assert difference < TOLERANCE and difference < TOLERANCE * scale, (point, grads)
+    for point in (HookPoint(1, Location.MLP_POST), MLP_LATENTS):  # act x grad
+        act_times_grad = [r.activations[point] * r.gradients[point] for r in (a, b)]
+        assert float((act_times_grad[0] - act_times_grad[1]).abs().max()) < TOLERANCE
+    future = b.activations[HookPoint(0, Location.ATTN_SCORES)][0, 0, :, 1]  # query 0, key 1
+    assert bool((future == torch.finfo(torch.float32).min).all())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        Intervention(HookPoint(1, Location.MLP_POST), 2.0, token=3, index=(5,)),
+        Intervention(HookPoint(1, Location.MLP_PRE), -1.0, index=(11,)),
+        # resid_mid feeds the MLP and the skip connection: both must see the write.
+        Intervention(HookPoint(1, Location.RESID_MID), 0.5, token=4, index=(7,)),
+        Intervention(HookPoint(0, Location.ATTN_PROBS), 0.0, token=5, index=(1, 2)),
+        Intervention(HookPoint(2, Location.ATTN_SCORES), 3.0, token=2, index=(0, 1)),
+        Intervention(HookPoint(1, Location.ATTN_Z), 0.0, index=(2,)),
+        Intervention(HookPoint(0, Location.ATTN_V), 0.3, token=1),
+        Intervention(HookPoint(2, Location.RESID_PRE), 1.0, token=0, index=(3,), prompt=2),
+        Intervention(MLP_LATENTS, 0.0, token=6),
+        Intervention(ATTN_LATENTS, 1.5, index=(4,)),
+        Addition(HookPoint(1, Location.RESID_MID), tuple(0.1 * (i % 5) for i in range(48))),
+    ],
+    ids=lambda change: f"{type(change).__name__}-{change.point}",
+)
+def test_interventions_match_native(
+    native: NativeGPT2Backend, lens: TransformerLensBackend, change: Intervention | Addition
+) -> None:
+    key = "interventions" if isinstance(change, Intervention) else "additions"
+    point = HookPoint(1, Location.MLP_POST)
+    a, b = run_both(
+        native,
+        lens,
+        **{key: (change,)},
+        save=frozenset({point}),
+        backward=LossSpec(),
+        save_grads=frozenset({point}),
+    )
+    plain = native.run(ForwardRequest(tokens=tuple(map(tuple, PROMPTS))))
+    for row, n in enumerate(a.lengths):
+        assert float((a.logits[row, :n] - b.logits[row, :n]).abs().max()) < TOLERANCE
+    assert max_difference(a, b, point, grads=True) < TOLERANCE
+    assert float((a.logits - plain.logits).abs().max()) > 1e-3  # the change did something
+
+
+@pytest.mark.parametrize(
+    "trace",
+    [
+        Trace(HookPoint(2, Location.MLP_POST), token=5, index=(3,)),
+        Trace(HookPoint(2, Location.RESID_MID), token=6, index=(10,)),
+        Trace(HookPoint(1, Location.ATTN_Q), 4, (1,), AttentionTrace.QK, key_token=2),
+        Trace(
+            HookPoint(1, Location.ATTN_V),
+            4,
+            (1,),
+            AttentionTrace.V,
+            key_token=2,
+            value_direction=tuple(0.1 * i for i in range(16)),
+        ),
+    ],
+    ids=lambda trace: f"{trace.point}-{trace.attention}",
+)
+def test_traces_match_native(
+    native: NativeGPT2Backend, lens: TransformerLensBackend, trace: Trace
+) -> None:
+    points = frozenset({HookPoint(0, Location.MLP_POST), HookPoint(1, Location.RESID_PRE)})
+    a, b = run_both(native, lens, trace=trace, save=points, save_grads=points)
+    for point in points:
+        scale = float(a.gradients[point].abs().max())
+        assert scale > 0
+        assert max_difference(a, b, point, grads=True) < TOLERANCE * scale, point
+
+
+def test_a_write_to_a_masked_score_changes_nothing(lens: TransformerLensBackend) -> None:
+    future = Intervention(HookPoint(1, Location.ATTN_SCORES), 5.0, token=1, index=(0, 4))
+    plain = lens.run(ForwardRequest(tokens=(tuple(PROMPTS[0]),)))
+    written = lens.run(ForwardRequest(tokens=(tuple(PROMPTS[0]),), interventions=(future,)))
+    assert torch.equal(plain.logits, written.logits)
+
+
+def test_batched_prompts_run_as_they_would_alone(lens: TransformerLensBackend) -> None:
+    point = HookPoint(2, Location.RESID_MID)
+    batch = lens.run(ForwardRequest(tokens=tuple(map(tuple, PROMPTS)), save=frozenset({point})))
+    for row, prompt in enumerate(PROMPTS):
+        alone = lens.run(ForwardRequest(tokens=(tuple(prompt),), save=frozenset({point})))
+        n = len(prompt)
+        torch.testing.assert_close(batch.logits[row, :n], alone.logits[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            batch.activations[point][row, :n], alone.activations[point][0], atol=1e-5, rtol=0
+        )
+
+
+def test_weights_match_native(native: NativeGPT2Backend, lens: TransformerLensBackend) -> None:
+    names = ["W_E", "W_pos", "W_U"] + [
+        f"blocks.{layer}.{name}"
+        for layer in range(SMALL.n_layers)
+        for name in ("attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O", "mlp.W_in", "mlp.W_out")
+    ]
+    for name in names:
+        assert torch.equal(lens.weight(name), native.weight(name)), name
+    for bad in ("blocks.3.mlp.W_in", "blocks.0.attn.nope", "W_nope"):
+        with pytest.raises(KeyError):
+            lens.weight(bad)
+
+
+def test_native_specs_load_through_a_converted_folder() -> None:
+    request = ForwardRequest(tokens=(tuple(PROMPTS[0]),))
+    expected = NativeGPT2Backend.load("random:tiny").run(request).logits
+    got = TransformerLensBackend.load("random:tiny").run(request).logits
+    assert float((got - expected).abs().max()) < TOLERANCE
+
+
+# --- GraphQL -----------------------------------------------------------------------------------
+
+PARITY_QUERY = """query($m: String!, $p: String!, $head: ID!, $latent: ID!, $neuron: ID!) {
+  model(name: $m) {
+    nLayers dModel nHeads dHead dMlp nCtx nVocab
+    tokenize(text: $p) { id text }
+    infer(input: {prompt: $p, mlpComponent: AUTOENCODER_LATENT,
+                  loss: {kind: LOGIT_DIFF, targetTokens: [" Mary"], distractorTokens: [" John"]}}) {
+      loss objective
+      topPredictions(k: 5) { token { id text } logit probability }
+      mlp: layerActivations(layer: 1, kind: MLP_NEURON) { shape values }
+      resid: layerActivations(layer: 2, kind: RESIDUAL_CHANNEL) { values }
+      heads: layerActivations(layer: 0, kind: ATTENTION_HEAD) { values }
+      latents: layerActivations(layer: 1, kind: MLP_AUTOENCODER_LATENT) { values }
+      activations(nodeIds: [$head]) { values attentionPattern tokenPairAttribution }
+      actTimesGrad: topNodes(group: ACT_TIMES_GRAD, k: 8) {
+        top { node { id } value } bottom { node { id } value } tokenSums }
+      directEffect: topNodes(group: DIRECT_EFFECT, k: 8) { top { node { id } value } tokenSums }
+    }
+    ablated: infer(input: {prompt: $p, ablations: [{nodeId: $latent, tokenIndex: 3, value: 0}]}) {
+      loss latents: layerActivations(layer: 1, kind: MLP_AUTOENCODER_LATENT) { values } }
+    node(layer: 1, kind: MLP_NEURON, index: 3) {
+      scoredTokens(k: 3) { upvotedOutputTokens { token { id } value } } }
+  }
+  neuron: node(id: $neuron) { activations(prompt: $p) { values maxTokenIndex } }
+}"""
+
+
+@pytest.fixture(scope="module")
+async def pair_client(
+    native: NativeGPT2Backend, lens: TransformerLensBackend
+) -> AsyncIterator[httpx.AsyncClient]:
+    registry = ModelRegistry()
+    for name, backend in (("native", native), ("lens", lens)):
+        registry.add(
+            ModelEntry(name, backend.architecture, backend, backend.name, "cpu", "float32")
+        )
+    transport = httpx.ASGITransport(app=create_app(registry))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        yield client
+    registry.close()
+
+
+def assert_same_json(a: Any, b: Any, where: str = "") -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_same_json(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_json(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        # Relative: act x grad and probabilities of random weights are far below 1e-4.
+        assert a == pytest.approx(b, rel=TOLERANCE, abs=1e-6), where
+    else:
+        assert a == b, where
+
+
+async def test_the_same_query_gives_the_same_answers_over_graphql(
+    pair_client: httpx.AsyncClient,
+) -> None:
+    answers = []
+    for model in ("native", "lens"):
+        body = await graphql(
+            pair_client,
+            PARITY_QUERY,
+            {
+                "m": model,
+                "p": "When Mary and John went to the store, John gave a drink to",
+                "head": f"{model}/attention_head/0/1",
+                "latent": f"{model}/mlp_autoencoder_latent/1/7",
+                "neuron": f"{model}/mlp_neuron/2/5",
+            },
+        )
+        assert "errors" not in body, body
+        # Node ids name their model; the rest must be identical.
+        answers.append(json.loads(re.sub(rf'"{model}/', '"', json.dumps(body))))
+    assert_same_json(answers[0], answers[1])
+
+
+# --- other architectures -------------------------------------------------------------------------
+
+
+def tiny_hf_model(family: str, folder: Path, gqa: bool = False) -> Any:
+    """A random Hugging Face causal LM of another family, saved without tokenizer files: its
+    vocabulary holds GPT-2's, so the backend reads it with GPT-2's tokenizer."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    shape = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=72)
+    if family == "gpt_neox":
+        # Pythia pads GPT-2's 50,257 tokens to 50,304 embedding rows.
+        config = GPTNeoXConfig(vocab_size=50304, max_position_embeddings=64, **shape)
+        model = GPTNeoXForCausalLM(config)
+    else:
+        config = LlamaConfig(
+            vocab_size=50257,
+            max_position_embeddings=64,
+            num_key_value_heads=2 if gqa else 4,
+            **shape,
+        )
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+def down_projection(model: Any, layer: int) -> torch.nn.Module:
+    """The module reading the MLP neurons' values in a Hugging Face model."""
+    if model.config.model_type == "gpt_neox":
+        return model.gpt_neox.layers[layer].mlp.dense_4h_to_h  # type: ignore[no-any-return]
+    return model.model.layers[layer].mlp.down_proj  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+async def test_another_architecture_answers_infer(tmp_path: Path, family: str) -> None:
+    hf = tiny_hf_model(family, tmp_path)
+    entry = load_model(str(tmp_path), name="other", backend="transformerlens")
+    registry = ModelRegistry()
+    registry.add(entry)
+    prompt = "The quick brown fox jumps over the lazy dog"
+    transport = httpx.ASGITransport(app=create_app(registry))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        body = await graphql(
+            client,
+            """query($p: String!) { model(name: "other") { backend nLayers dMlp nVocab
+                 infer(input: {prompt: $p}) { loss
+                   layerActivations(layer: 1, kind: MLP_NEURON) { shape values }
+                   topNodes(group: ACT_TIMES_GRAD, k: 3) { top { node { id } value } } } } }""",
+            {"p": prompt},
+        )
+    registry.close()
+    assert "errors" not in body, body
+    model = body["data"]["model"]
+    assert model["backend"] == "transformerlens" and entry.architecture.family == family
+    assert (model["nLayers"], model["dMlp"], model["nVocab"]) == (2, 72, hf.config.vocab_size)
+    # Against Hugging Face's own forward pass on the same tokens.
+    tokens = torch.tensor([gpt2_encoding().encode(prompt)])
+    seen: list[torch.Tensor] = []
+    handle = down_projection(hf, 1).register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    with torch.no_grad():
+        expected_loss = float(hf(tokens, labels=tokens).loss)
+    handle.remove()
+    infer = model["infer"]
+    assert infer["loss"] == pytest.approx(expected_loss, abs=TOLERANCE)
+    activations = torch.tensor(infer["layerActivations"]["values"])
+    assert infer["layerActivations"]["shape"] == [tokens.shape[1], 72]
+    assert float((activations - seen[0][0]).abs().max()) < TOLERANCE
+    assert len(infer["topNodes"]["top"]) == 3
+
+
+def test_a_folder_with_tokenizer_files_reads_them(tmp_path: Path) -> None:
+    tiny_hf_model("llama", tmp_path)
+    gpt2_hf_tokenizer().save_pretrained(tmp_path)
+    tokenizer = TransformerLensBackend.load(str(tmp_path)).tokenizer
+    assert isinstance(tokenizer, HFTokenizer) and tokenizer.n_vocab == 50257
+    encoding = gpt2_encoding()
+    text = "Hello <|endoftext|> wörld \U0001f600 code:\n\tx = 1"
+    assert tokenizer.encode(text) == encoding.encode(text, allowed_special="all")
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    for token in range(0, 50257, 101):  # byte-level pieces, partial UTF-8 characters included
+        assert tokenizer.decode_single_token_bytes(token) == encoding.decode_single_token_bytes(
+            token
+        )
+
+
+def test_what_an_architecture_lacks_is_listed_with_its_reason(tmp_path: Path) -> None:
+    tiny_hf_model("gpt_neox", tmp_path / "neox")
+    tiny_hf_model("llama", tmp_path / "llama", gqa=True)
+    neox = TransformerLensBackend.load(str(tmp_path / "neox"))
+    llama = TransformerLensBackend.load(str(tmp_path / "llama"))
+    assert set(neox.unsupported) == {Location.RESID_MID}
+    assert "parallel" in neox.unsupported[Location.RESID_MID]
+    assert set(llama.unsupported) == {Location.ATTN_K, Location.ATTN_V, Location.MLP_PRE}
+    assert "gated" in llama.unsupported[Location.MLP_PRE]
+    with pytest.raises(UnavailableError, match="resid_mid is not available") as raised:
+        neox.run(
+            ForwardRequest(tokens=((1, 2),), save=frozenset({HookPoint(0, Location.RESID_MID)}))
+        )
+    assert raised.value.code == "UNSUPPORTED"
+
+
+def test_metadata_only_reads_the_config(tmp_path: Path) -> None:
+    tiny_hf_model("llama", tmp_path)
+    entry = load_model(str(tmp_path), with_weights=False, backend="transformerlens")
+    assert entry.backend is None and entry.backend_name == "transformerlens"
+    assert entry.architecture == TransformerLensBackend.load(str(tmp_path)).architecture
+
+
+async def test_an_unsupported_location_is_an_unsupported_error_over_graphql(tmp_path: Path) -> None:
+    tiny_hf_model("llama", tmp_path, gqa=True)
+    registry = ModelRegistry()
+    registry.add(load_model(str(tmp_path), name="gqa", backend="transformerlens"))
+    transport = httpx.ASGITransport(app=create_app(registry))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        # A head's token-pair attribution reads its values, which grouped-query attention
+        # shares between heads.
+        body = await graphql(
+            client,
+            """{ model(name: "gqa") { infer(input: {prompt: "Hello there"}) {
+                 activations(nodeIds: ["gqa/attention_head/0/1"]) { tokenPairAttribution } } } }""",
+        )
+        assert error_codes(body) == ["UNSUPPORTED"]
+        assert "attn_v" in body["errors"][0]["message"]
+        fine = await graphql(
+            client,
+            """{ model(name: "gqa") { infer(input: {prompt: "Hello there"}) { loss
+                 layerActivations(layer: 0, kind: MLP_NEURON) { shape } } } }""",
+        )
+        assert "errors" not in fine, fine
+    registry.close()
+
+
+def test_rotary_score_traces_are_refused(tmp_path: Path) -> None:
+    tiny_hf_model("llama", tmp_path)
+    llama = TransformerLensBackend.load(str(tmp_path))
+    trace = Trace(
+        HookPoint(0, Location.ATTN_Q), token=2, index=(1,), attention=AttentionTrace.QK, key_token=0
+    )
+    with pytest.raises(UnavailableError, match="rotary"):
+        llama.run(ForwardRequest(tokens=((1, 2, 3),), trace=trace))
+
+
+def test_without_transformer_lens_the_error_names_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['transformer_lens'] = None\n"
+        "from interpql.loaders.models import load_model\n"
+        "try:\n    load_model('random:tiny', backend='transformerlens')\n"
+        "except ImportError as e:\n    print(e)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "pip install 'interpql[transformerlens]'" in result.stdout
+
+
+def test_unknown_backend_is_refused() -> None:
+    with pytest.raises(ValueError, match="backend must be one of native, transformerlens"):
+        load_model("random:tiny", backend="jax")
+
+
+def test_next_token_loss_matches_cross_entropy(lens: TransformerLensBackend) -> None:
+    result = lens.run(ForwardRequest(tokens=(tuple(PROMPTS[2]),), backward=LossSpec(LossKind.ZERO)))
+    expected = F.cross_entropy(result.logits[0, :-1], torch.tensor(PROMPTS[2][1:]))
+    assert float(result.next_token_loss[0]) == pytest.approx(float(expected), abs=1e-5)
+    assert float(result.backward_loss[0]) == 0.0  # type: ignore[index]
