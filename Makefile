@@ -5,8 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# npm folders, each installed by `npm ci` again only when its package-lock.json changes.
+GRAPHIQL_ASSETS := interpql/static/node_modules/.interpql-installed
+NPM_STAMPS := $(GRAPHIQL_ASSETS) tests/federation/node_modules/.interpql-installed \
+	clients/typescript/node_modules/.interpql-installed
 
-.PHONY: setup serve test lint typecheck schema check-schema pytest bench clean system-deps
+.PHONY: setup serve test lint typecheck schema check-schema pytest bench clean system-deps \
+	npm-deps node-tools graphiql-assets clients
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,13 +20,22 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-serve: $(STAMP)
+serve: $(STAMP) graphiql-assets
 	$(BIN)/interpql serve --host $(HOST) --port $(PORT) $(ARGS)
 
-test: $(STAMP) system-deps lint typecheck check-schema pytest
+# GraphiQL served from local npm packages where npm is at hand; otherwise the server falls back
+# to GraphiQL's CDN page, and `make serve` still needs nothing but python.
+graphiql-assets:
+	@if command -v npm >/dev/null; then \
+		$(MAKE) --no-print-directory $(GRAPHIQL_ASSETS) \
+			|| echo "GraphiQL assets not installed: /graphql serves the CDN page"; \
+	else echo "npm not found: /graphql serves GraphiQL's CDN page"; fi
+
+test: $(STAMP) system-deps npm-deps lint typecheck check-schema pytest
 
 # Services the tests start for real (Debian packages); installed only where missing.
-SYSTEM_PACKAGES := redis-server
+# chromium: the browser tests drive Debian's build (/usr/bin/chromium) through Playwright.
+SYSTEM_PACKAGES := redis-server chromium
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -30,9 +44,24 @@ system-deps:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
+# The npm packages of the GraphiQL page, the federation gateway and the TypeScript client.
+npm-deps: $(NPM_STAMPS)
+
+node-tools:
+	@command -v npm >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm; }
+
+%/node_modules/.interpql-installed: %/package-lock.json %/package.json | node-tools
+	cd $* && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The TypeScript client's types, generated from schema.graphql, and its example type-checked.
+clients: clients/typescript/node_modules/.interpql-installed
+	cd clients/typescript && npx graphql-codegen --config codegen.ts && npx tsc --noEmit
+
 lint: $(STAMP)
-	$(BIN)/ruff check interpql tests bench
-	$(BIN)/ruff format --check interpql tests bench
+	$(BIN)/ruff check interpql tests bench examples
+	$(BIN)/ruff format --check interpql tests bench examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy interpql
@@ -51,4 +80,5 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache test-artifacts
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache test-artifacts \
+		$(dir $(NPM_STAMPS)) clients/typescript/src/gql

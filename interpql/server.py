@@ -1,4 +1,5 @@
-"""The Starlette app: GraphQL over HTTP and WebSocket on /graphql (GraphiQL on GET), /healthz."""
+"""The Starlette app: GraphQL over HTTP and WebSocket on /graphql (GraphiQL on GET), /healthz,
+and the node viewer on /viewer."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from strawberry.subscriptions import (
     MULTIPART_SUBSCRIPTION_PROTOCOL,
 )
 
+from interpql import web
 from interpql.loaders.cache import NodeDataCache
 from interpql.loaders.registry import ModelRegistry
 from interpql.resolvers.context import RequestContext, Services
@@ -50,6 +52,11 @@ class GraphQLApp(GraphQL[RequestContext, None]):
     def encode_json(self, data: object) -> bytes:
         return orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
 
+    @property
+    def graphql_ide_html(self) -> str:
+        # Looked up on every GET, so assets installed while the server runs are picked up.
+        return web.graphiql_page() if web.graphiql_assets_installed() else super().graphql_ide_html
+
 
 def create_app(
     services: Services | ModelRegistry,
@@ -79,6 +86,7 @@ def create_app(
             Route("/graphql", graphql, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", graphql),
             Route("/healthz", healthz),
+            *web.routes(),
         ],
         middleware=[
             Middleware(

@@ -1,9 +1,12 @@
-"""The Schema, with the extensions that cut across every field: limits, caches, errors."""
+"""The (Apollo Federation v2) Schema, with the extensions that cut across every field: limits,
+caches, errors."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import strawberry
-from graphql import GraphQLError
+from graphql import GraphQLError, GraphQLSchema
 from strawberry.extensions import (
     MaxAliasesLimiter,
     MaxTokensLimiter,
@@ -23,7 +26,7 @@ from interpql.schema.scalars import SCALARS
 from interpql.settings import Settings
 
 
-class InterpqlSchema(strawberry.Schema):
+class InterpqlSchema(strawberry.federation.Schema):
     def process_errors(
         self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
     ) -> None:
@@ -31,9 +34,25 @@ class InterpqlSchema(strawberry.Schema):
         add_codes(errors)
 
 
+# What strawberry's federation fields and types are, for GraphiQL's docs (it leaves them bare).
+FEDERATION_DESCRIPTIONS = {
+    "_Any": "Apollo Federation: an entity representation, {__typename, ...key fields}.",
+    "_Entity": "Apollo Federation: the types other subgraphs can reference by key.",
+    "_Service": "Apollo Federation: what a gateway needs to compose this subgraph.",
+    "_Service.sdl": "This subgraph's schema, with its federation directives.",
+    "Query._service": "Apollo Federation: this subgraph's schema, for gateways.",
+    "Query._entities": "Apollo Federation: the entities (Model by name, Node by id) a gateway "
+    "asks for by representation, in order; null for one that does not resolve.",
+    "Query._entities.representations": "Entity representations: __typename and the key fields.",
+    "_FieldSet": "Apollo Federation: a selection of fields, e.g. an entity's key.",
+    "link__Import": "Apollo Federation: a name that @link imports from a spec.",
+    "link__Purpose": "Apollo Federation: why a schema links a spec (SECURITY or EXECUTION).",
+}
+
+
 def build_schema(settings: Settings | None = None) -> strawberry.Schema:
     settings = settings or Settings()
-    return InterpqlSchema(
+    schema = InterpqlSchema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
@@ -48,4 +67,17 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
             lambda: ParserCache(maxsize=256),
             lambda: ValidationCache(maxsize=256),
         ],
+        # Pinned, so that the @link in schema.graphql moves only when we choose.
+        federation_version="2.11",
     )
+    _describe(schema._schema, FEDERATION_DESCRIPTIONS)
+    return schema
+
+
+def _describe(schema: GraphQLSchema, descriptions: dict[str, str]) -> None:
+    for path, description in descriptions.items():
+        type_name, *rest = path.split(".")
+        target: Any = schema.get_type(type_name)
+        for name in rest:
+            target = (target.fields if hasattr(target, "fields") else target.args)[name]
+        target.description = description

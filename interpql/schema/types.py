@@ -55,9 +55,15 @@ class AutoencoderInfo:
     source: str = strawberry.field(description="Where its weights were loaded from.")
 
 
-@strawberry.type(description="A transformer language model served by interpql.")
+@strawberry.federation.type(
+    keys=["name"], description="A transformer language model served by interpql."
+)
 class Model:
     entry: strawberry.Private[ModelEntry]
+
+    @classmethod
+    def resolve_reference(cls, info: Info, name: str) -> Model:
+        return cls(entry=info.context.registry.get(name))
 
     @strawberry.field(description="The model's name, unique on this server.")
     def name(self) -> str:
@@ -302,14 +308,19 @@ class NodeActivations:
     )
 
 
-@strawberry.type(
+@strawberry.federation.type(
+    keys=["id"],
     description=(
         "A unit of analysis: an MLP neuron, an attention head, an autoencoder latent or a "
         "residual channel. Its id reads <model>/<kind>/<layer>/<index>."
-    )
+    ),
 )
 class Node:
     ref: strawberry.Private[NodeRef]
+
+    @classmethod
+    def resolve_reference(cls, info: Info, id: strawberry.ID) -> Node:
+        return cls(ref=model_resolvers.node_from_id(info.context, str(id)))
 
     @strawberry.field(description="Readable id: <model>/<kind>/<layer>/<index>.")
     def id(self) -> strawberry.ID:

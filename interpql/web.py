@@ -1,0 +1,58 @@
+"""The browser side: GraphiQL on assets installed from npm, and the node viewer at /viewer.
+
+`npm ci` in interpql/static (run by `make serve` and `make test`) installs GraphiQL, React and
+ReactDOM into static/node_modules; this module serves the few built files the GraphiQL page loads,
+so GraphiQL works with no internet. Without them, GET /graphql falls back to strawberry's page,
+which loads the same libraries from a CDN.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+
+STATIC = Path(__file__).parent / "static"
+NODE_MODULES = STATIC / "node_modules"
+
+# What the GraphiQL page loads, by the name it loads it under, inside NODE_MODULES.
+GRAPHIQL_ASSETS = {
+    "react.production.min.js": "react/umd/react.production.min.js",
+    "react-dom.production.min.js": "react-dom/umd/react-dom.production.min.js",
+    "graphiql.min.js": "graphiql/graphiql.min.js",
+    "graphiql.min.css": "graphiql/graphiql.min.css",
+}
+VIEWER_ASSETS = ("viewer.js", "viewer.css")
+
+
+def graphiql_assets_installed() -> bool:
+    return all((NODE_MODULES / path).is_file() for path in GRAPHIQL_ASSETS.values())
+
+
+def graphiql_page() -> str:
+    return (STATIC / "graphiql.html").read_text()
+
+
+def _asset_path(name: str) -> Path | None:
+    if name in GRAPHIQL_ASSETS:
+        return NODE_MODULES / GRAPHIQL_ASSETS[name]
+    if name in VIEWER_ASSETS:
+        return STATIC / name
+    return None
+
+
+async def static_asset(request: Request) -> Response:
+    path = _asset_path(request.path_params["name"])
+    if path is None or not path.is_file():
+        return PlainTextResponse("Not found.", status_code=404)
+    return FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+
+async def viewer(_: Request) -> HTMLResponse:
+    return HTMLResponse((STATIC / "viewer.html").read_text())
+
+
+def routes() -> list[BaseRoute]:
+    return [Route("/viewer", viewer), Route("/static/{name}", static_asset)]

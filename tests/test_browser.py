@@ -1,0 +1,243 @@
+"""GraphiQL and the node viewer in a real browser: Debian's chromium driven by Playwright.
+
+Every request the pages make to anything but the server is refused and recorded, so these tests
+also prove that both pages work offline. Screenshots go to test-artifacts/. What the pages show is
+checked against the server's own answers, so the tests hold for whichever default model it serves.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import BrowserContext, Page, Route, expect, sync_playwright
+
+from tests.test_server import ROOT, serve
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PROMPT = "def area(r): return 3.14 * r * r"
+
+
+@dataclass(frozen=True)
+class Served:
+    url: str
+    model: dict[str, Any]  # the default model, as `{ models { ... } }` gives it
+    node: str  # the MLP neuron of layer 0 most active on PROMPT: a lively page to look at
+
+    def query(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+        response = httpx.post(
+            self.url + "/graphql", json={"query": query, "variables": variables or {}}, timeout=30
+        )
+        body: dict[str, Any] = response.json()
+        assert "errors" not in body, body
+        data: dict[str, Any] = body["data"]
+        return data
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    with serve() as url:
+        probe = Served(url, {}, "")
+        [model] = probe.query("{ models { name backend nLayers dModel } }")["models"]
+        layer = probe.query(
+            "query($m: String!, $p: String!) { model(name: $m) { infer(input: {prompt: $p}) "
+            "{ layerActivations(layer: 0, kind: MLP_NEURON) { values } } } }",
+            {"m": model["name"], "p": PROMPT},
+        )["model"]["infer"]["layerActivations"]["values"]
+        peaks = [max(column) for column in zip(*layer, strict=True)]
+        yield Served(url, model, f"{model['name']}/mlp_neuron/0/{peaks.index(max(peaks))}")
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext]:
+    assert CHROMIUM.exists(), "Debian's chromium is needed: `make test` installs it"
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            tmp_path_factory.mktemp("chromium-profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 800},
+        )
+        context.set_default_timeout(20_000)
+        yield context
+        context.close()
+
+
+@pytest.fixture
+def page(browser: BrowserContext, served: Served) -> Iterator[Page]:
+    page = browser.new_page()
+    outside: list[str] = []
+    errors: list[str] = []
+
+    def only_the_server(route: Route) -> None:
+        if route.request.url.startswith(served.url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_the_server)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    page.close()
+    assert outside == [], f"the page asked for outside resources: {outside}"
+    assert errors == [], f"the page raised: {errors}"
+
+
+def screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / name)
+
+
+def alpha(css_colour: str) -> float:
+    match = re.fullmatch(r"rgba?\((\d+), (\d+), (\d+)(?:, ([\d.]+))?\)", css_colour)
+    assert match is not None, css_colour
+    return 1.0 if match[4] is None else float(match[4])
+
+
+def background_colours(page: Page, selector: str) -> list[str]:
+    colours: list[str] = page.locator(selector).evaluate_all(
+        "ts => ts.map(t => getComputedStyle(t).backgroundColor)"
+    )
+    return colours
+
+
+def test_graphiql_runs_a_typed_query(page: Page, served: Served) -> None:
+    page.goto(served.url + "/graphql")
+    editor = page.locator(".graphiql-query-editor .CodeMirror").first
+    expect(editor).to_be_visible()
+    editor.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.press("Delete")
+    # Inserted like a paste: typed key by key, CodeMirror would close every brace a second time.
+    page.keyboard.insert_text(
+        f'{{\n  model(name: "{served.model["name"]}") {{\n    name\n    backend\n    nLayers\n'
+        "    dModel\n    nodeKinds { kind count }\n  }\n}\n"
+    )
+    page.keyboard.press("Control+Enter")
+    response = page.locator(".graphiql-response")
+    expect(response).to_contain_text(f'"name": "{served.model["name"]}"')
+    text = response.inner_text()
+    assert f'"backend": "{served.model["backend"]}"' in text
+    assert f'"nLayers": {served.model["nLayers"]}' in text
+    assert f'"dModel": {served.model["dModel"]}' in text
+    assert '"kind": "MLP_NEURON"' in text
+    screenshot(page, "graphiql.png")
+
+
+def test_graphiql_docs_show_descriptions(page: Page, served: Served) -> None:
+    page.goto(served.url + "/graphql")
+    page.get_by_role("button", name=re.compile("documentation", re.IGNORECASE)).first.click()
+    docs = page.locator(".graphiql-doc-explorer")
+    docs.get_by_text("Query", exact=True).first.click()
+    expect(docs).to_contain_text("Every model this server serves.")
+    docs.get_by_text("node", exact=True).first.click()
+    expect(docs).to_contain_text("One node by id")
+
+
+def test_viewer_colours_a_prompt_and_shows_what_is_stored(page: Page, served: Served) -> None:
+    stored = served.query(
+        "query($id: ID!) { node(id: $id) { topActivations { tokens } bestExplanation { text } } }",
+        {"id": served.node},
+    )["node"]
+    page.goto(f"{served.url}/viewer?node={served.node}&prompt={PROMPT}")
+    expect(page.locator("#status")).to_have_text(served.node)
+    tokens = page.locator("#live .token")
+    expect(tokens.first).to_be_visible()
+    assert "".join(tokens.all_inner_texts()) == PROMPT
+    values = [float(v) for v in tokens.evaluate_all("ts => ts.map(t => t.dataset.activation)")]
+    colours = background_colours(page, "#live .token")
+    # The strongest activation has the strongest colour, and the colours vary with the values.
+    strongest = max(range(len(values)), key=lambda i: abs(values[i]))
+    assert alpha(colours[strongest]) == max(map(alpha, colours)) > 0.5, colours
+    assert len(set(colours)) > 3, colours
+    # Records and explanations where the model has them; where not, the page says so.
+    if stored["topActivations"]:
+        expect(page.locator("#records .record")).to_have_count(len(stored["topActivations"]))
+    else:
+        expect(page.locator("#records")).to_contain_text("No dataset examples are stored")
+    if stored["bestExplanation"]:
+        expect(page.locator("#explanation")).to_contain_text(stored["bestExplanation"]["text"])
+    else:
+        expect(page.locator("#explanation")).to_contain_text("No explanation is stored")
+    screenshot(page, "viewer.png")
+
+
+def test_viewer_changes_node_from_its_text_box(page: Page, served: Served) -> None:
+    page.goto(f"{served.url}/viewer?node={served.node}&prompt=hello world")
+    expect(page.locator("#live .token")).to_have_count(2)
+    other = f"{served.model['name']}/attention_head/0/1"
+    page.locator("#node-input").fill(other)
+    page.locator("#show").click()
+    expect(page.locator("#status")).to_have_text(other)
+    assert f"node={other}&" in page.url
+    page.locator("#node-input").fill(f"{served.model['name']}/mlp_neuron/999/0")
+    page.locator("#show").click()
+    expect(page.locator("#status")).to_contain_text("INVALID_NODE")
+
+
+def test_viewer_without_a_node_opens_the_first_models_first_neuron(
+    page: Page, served: Served
+) -> None:
+    page.goto(f"{served.url}/viewer")
+    first = f"{served.model['name']}/mlp_neuron/0/0"
+    expect(page.locator("#status")).to_have_text(first)
+    expect(page.locator("#node-input")).to_have_value(first)
+
+
+# Stored examples and an explanation, as a model with records has them.
+RECORDS = [
+    {
+        "tokens": ["for", " i", " in", " range", "(", "10", "):"],
+        "activations": [0.0, 0.1, 0.3, 2.4, 0.9, 0.2, -0.05],
+        "normalizedActivations": [0, 0, 1, 10, 4, 1, 0],
+    },
+    {
+        "tokens": ["x", " =", " range", "(", "n", ")"],
+        "activations": [0.0, 0.05, 1.9, 0.6, 0.1, 0.0],
+        "normalizedActivations": [0, 0, 8, 3, 0, 0],
+    },
+]
+EXPLANATION = {"text": "the builtin range and its opening parenthesis", "score": 0.61}
+
+
+def test_viewer_shows_records_and_explanation(page: Page, served: Served) -> None:
+    def with_records(route: Route) -> None:
+        # The real server answers the viewer's query; these records replace what it stores.
+        if "topActivations" not in (route.request.post_data or ""):
+            route.fallback()
+            return
+        response = route.fetch()
+        body: dict[str, Any] = response.json()
+        body["data"]["node"].update(topActivations=RECORDS, bestExplanation=EXPLANATION)
+        route.fulfill(response=response, body=json.dumps(body))
+
+    page.route(served.url + "/graphql", with_records)
+    page.goto(f"{served.url}/viewer?node={served.node}&prompt={PROMPT}")
+    records = page.locator("#records .record")
+    expect(records).to_have_count(2)
+    expect(records.nth(0).locator(".token")).to_have_count(7)
+    colours = background_colours(page, "#records .record >> nth=0 >> .token")
+    assert alpha(colours[3]) == max(map(alpha, colours)) > 0.5, colours  # " range": 10 of 10
+    expect(records.nth(1)).to_contain_text("max 1.900")
+    expect(page.locator("#explanation")).to_contain_text(EXPLANATION["text"])
+    expect(page.locator("#explanation")).to_contain_text("score 0.61")
+    expect(page.locator("#live .token").first).to_be_visible()
+    screenshot(page, "viewer-records.png")
