@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from bench import backends, overhead
+from bench import backends, concurrency, node_lookup, overhead, tdb_request
 
 
 def main() -> None:
     overhead.main()
     backends.main()
+    tdb_request.main()
+    node_lookup.main()
+    concurrency.main()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ class Settings:
     max_top_k: int = 1000
     max_nodes_per_request: int = 10_000
     max_batch: int = 64
+    # How long concurrent requests wait for each other to share a forward pass.
+    coalesce_window_ms: float = 2.0
     # Before tokenizing: no GPT-2 token is longer than this many characters of text.
     max_chars_per_token: int = 128
     cors_origin_regex: str = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"

@@ -234,7 +234,7 @@ def test_cli_refuses_mismatched_autoencoders_at_start(tmp_path: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 2
-    assert "cannot attach mlp autoencoders" in result.stderr and "reads 13" in result.stderr
+    assert "cannot start" in result.stderr and "reads 13" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -366,3 +367,71 @@ async def test_logprob_simulator_reads_expected_values(fake: FakeOpenAI) -> None
     assert await auto.simulate("x", ["a", "b"]) == [1.0, 2.0]
     assert len(fake.calls("completions")) == 2 and auto.name.endswith("(json)")
     await client.close()
+
+
+def test_serve_command_wires_sources_keys_and_the_api(tmp_path: Path, fake: FakeOpenAI) -> None:
+    """`interpql serve` with --source, --api-key and --openai-base-url, end to end over HTTP."""
+    from tests.test_node_sources import explanation_line, neuron_record
+    from tests.test_server import serve
+
+    (tmp_path / "records" / "0").mkdir(parents=True)
+    (tmp_path / "explanations" / "0").mkdir(parents=True)
+    (tmp_path / "records" / "0" / "5.json").write_text(json.dumps(neuron_record(0, 5)))
+    (tmp_path / "explanations" / "0" / "5.jsonl").write_text(explanation_line(0, 5, "defs", 0.3))
+    source = f"name=folder,kind=mlp_neuron,records={tmp_path / 'records'},explanations={tmp_path / 'explanations'}"
+    args = [
+        "--model",
+        "random:tiny",
+        "--name",
+        "tiny",
+        "--source",
+        source,
+        "--api-key",
+        KEY,
+        "--openai-base-url",
+        fake.base_url,
+        "--openai-api-key",
+        "sk-fake",
+        "--simulator",
+        "json",
+        "--explanation-store",
+        str(tmp_path / "store.sqlite"),
+    ]
+    with serve(*args) as url:
+        node = httpx.post(
+            url + "/graphql",
+            json={
+                "query": '{ node(id: "tiny/mlp_neuron/0/5") { statistics { mean } explanations { text } } }'
+            },
+        ).json()
+        assert node["data"]["node"] == {
+            "statistics": {"mean": 5.125},
+            "explanations": [
+                {
+                    "text": "defs",
+                }
+            ],
+        }
+        denied = httpx.post(
+            url + "/graphql", json={"query": EXPLAIN, "variables": {"n": "tiny/mlp_neuron/0/5"}}
+        )
+        assert error_codes(denied.json()) == ["UNAUTHENTICATED"]
+        started = httpx.post(
+            url + "/graphql",
+            json={"query": EXPLAIN, "variables": {"n": "tiny/mlp_neuron/0/5"}},
+            headers=AUTH,
+        ).json()
+        job_id = started["data"]["explainNode"]["id"]
+        for _ in range(100):
+            job = httpx.post(
+                url + "/graphql",
+                json={
+                    "query": "query($id: ID!) { job(id: $id) { status error result { text } } }",
+                    "variables": {"id": job_id},
+                },
+            ).json()["data"]["job"]
+            if job["status"] in ("SUCCEEDED", "FAILED"):
+                break
+            time.sleep(0.05)
+        assert job["status"] == "SUCCEEDED", job
+        assert job["result"] == [{"text": EXPLANATION}]

@@ -135,7 +135,7 @@ def test_unknown_model_fails_at_start_with_a_clear_message() -> None:
         timeout=60,
     )
     assert result.returncode == 2
-    assert "cannot load model" in result.stderr and "Traceback" not in result.stderr
+    assert "cannot start" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_exported_schema_is_current() -> None:

@@ -11,7 +11,6 @@ the event loop. Results leave this module as numpy arrays: nothing above loaders
 
 from __future__ import annotations
 
-import asyncio
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -31,6 +30,7 @@ from interpql.backends.base import (
 from interpql.backends.losses import spec_loss
 from interpql.loaders import tracing
 from interpql.loaders.analysis import KIND_LOCATION, NodeScores, node_scores, token_pair_attribution
+from interpql.loaders.coalescing import InferenceRunner
 from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.registry import ModelEntry, ModelRegistry
 from interpql.loaders.tracing import TraceRequest
@@ -137,9 +137,14 @@ class PromptRun:
     batch_size: int = 1
 
 
+def default_runner(window_s: float = 0.002) -> InferenceRunner:
+    return InferenceRunner(_run_batch, window_s=window_s)
+
+
 class InferenceLoader:
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, runner: InferenceRunner | None = None) -> None:
         self._registry = registry
+        self._runner = runner or default_runner(0.0)
         self._loader = DataLoader[_Key, PromptRun](load_fn=self._load_batch, cache=False)
         self._memo: dict[tuple[str, Variant], PromptRun] = {}
 
@@ -157,10 +162,9 @@ class InferenceLoader:
             v = key.variant
             groups[(key.model, v.autoencoder_error_term, v.loss, v.trace)].append(key)
         results: dict[_Key, PromptRun] = {}
-        loop = asyncio.get_running_loop()
-        for (name, *_), group in groups.items():
+        for (name, *switches), group in groups.items():
             entry = self._registry.get(name)
-            runs = await loop.run_in_executor(entry.executor, _run_batch, entry, group)
+            runs = await self._runner.run(entry, tuple(switches), group)
             for key in group:
                 results[key] = runs[key.variant]
                 self._memo[(name, key.variant)] = runs[key.variant]

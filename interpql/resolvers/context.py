@@ -7,8 +7,9 @@ from typing import Any
 
 from interpql.loaders.auth import ApiKeys
 from interpql.loaders.cache import NodeDataCache
+from interpql.loaders.coalescing import InferenceRunner
 from interpql.loaders.explaining import ExplanationService
-from interpql.loaders.inference import InferenceLoader
+from interpql.loaders.inference import InferenceLoader, default_runner
 from interpql.loaders.jobs import JobManager
 from interpql.loaders.node_data import NodeDataLoaders
 from interpql.loaders.registry import ModelRegistry
@@ -27,8 +28,12 @@ class Services:
     jobs: JobManager = field(default_factory=JobManager)
     explaining: ExplanationService | None = None
     api_keys: ApiKeys = field(default_factory=ApiKeys)
+    # Gathers concurrent requests' forward passes (window from settings).
+    runner: InferenceRunner | None = None
 
     def __post_init__(self) -> None:
+        if self.runner is None:
+            self.runner = default_runner(self.settings.coalesce_window_ms / 1000)
         if self.explaining is None:
             # A store in memory: explanations generated while the server runs.
             self.explaining = ExplanationService(
@@ -70,7 +75,7 @@ class RequestContext:
             services = Services(services, settings or Settings())
         return cls(
             services,
-            InferenceLoader(services.registry),
+            InferenceLoader(services.registry, services.runner),
             NodeDataLoaders(services.registry, services.cache),
             request,
             response,

@@ -236,6 +236,8 @@ def read_config(spec: str) -> GPT2Config:
     if spec.startswith("random:"):
         return _preset(spec)[0]
     location = REGISTERED_MODELS.get(spec, spec)
+    if "://" not in location and (Path(location) / "weights.safetensors").exists():
+        return tdb_config_from_json(json.loads((Path(location) / "config.json").read_text()))
     if "://" not in location and (Path(location) / "model.safetensors").exists():
         return hf_config_from_json(json.loads((Path(location) / "config.json").read_text()))
     config_path = bf.join(location, "config.json")
@@ -263,6 +265,12 @@ def load_weights(spec: str) -> tuple[GPT2Config, StateDict]:
     root = Path(location)
     if (root / "model.safetensors").exists():
         return load_hf_folder(root)
+    if (root / "weights.safetensors").exists():
+        # The demo's compact format (interpql/demo/artifacts.py), imported here only: the demo
+        # package builds on this module.
+        from interpql.demo.artifacts import load_demo_model
+
+        return load_demo_model(root)
     if (root / "model_pieces").is_dir():
         return load_tdb_folder(str(root))
     raise WeightsFormatError(

@@ -1,0 +1,206 @@
+"""`interpql build-demo`: the embedded demo, from the standard library's sources to the files
+in `interpql/demo/tiny-stdlib/` (layout in artifacts.py). Seeds are fixed; each stage shows a
+progress bar and its figures go to `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from interpql.backends.autoencoder import SparseAutoencoder
+from interpql.backends.gpt2.loading import build_model
+from interpql.backends.gpt2.model import GPT2, GPT2Config
+from interpql.demo.artifacts import (
+    AUTOENCODER_DIR,
+    DEMO_NAME,
+    METRICS_FILE,
+    artifact_bytes,
+    load_demo_autoencoders,
+    load_demo_model,
+    save_demo_autoencoders,
+    save_demo_model,
+)
+from interpql.demo.corpus import Corpus, load_corpus
+from interpql.demo.node_data import build_node_data
+from interpql.demo.train_autoencoders import (
+    AutoencoderConfig,
+    AutoencoderKey,
+    train_autoencoders,
+)
+from interpql.demo.train_model import (
+    TrainConfig,
+    eval_windows,
+    model_loss,
+    ngram_baselines,
+    train_model,
+)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    model: TrainConfig = field(default_factory=TrainConfig)
+    autoencoders: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    heldout_eval_tokens: int | None = None  # None: the whole held-out split
+
+
+# A smoke-test build of about a minute: same stages, toy sizes, meaningless quality.
+QUICK = BuildConfig(
+    model=TrainConfig(
+        n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=256, n_ctx=64, train_tokens=32_768
+    ),
+    autoencoders=AutoencoderConfig(
+        mlp_latents=128,
+        attn_latents=64,
+        train_tokens=16_384,
+        eval_tokens=8_192,
+        batch_size=256,
+        resample_every=20,
+    ),
+    heldout_eval_tokens=16_384,
+)
+
+
+@dataclass
+class DemoBuild:
+    """What a build has made so far; later stages read it and add to `metrics`."""
+
+    out_dir: Path
+    config: BuildConfig
+    corpus: Corpus
+    cfg: GPT2Config
+    model: GPT2  # as loaded back from `out_dir`: exactly what is served
+    autoencoders: dict[AutoencoderKey, SparseAutoencoder]
+    metrics: dict[str, Any]
+    started: float
+
+
+def build_demo(
+    out_dir: Path,
+    *,
+    quick: bool = False,
+    progress: bool = True,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Builds the demo into `out_dir` and returns its metrics (also in `metrics.json`)."""
+    build = build_model_and_autoencoders(
+        out_dir, QUICK if quick else BuildConfig(), progress=progress, cache_dir=cache_dir
+    )
+    build_node_data(build, progress=progress)
+    finish(build, progress=progress)
+    return build.metrics
+
+
+def build_model_and_autoencoders(
+    out_dir: Path, config: BuildConfig, *, progress: bool = True, cache_dir: Path | None = None
+) -> DemoBuild:
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    with _timed(timings, "corpus"):
+        corpus = load_corpus(cache_dir)
+    with _timed(timings, "model_training"):
+        trained = train_model(corpus, config.model, progress=progress)
+        save_demo_model(out_dir, trained.cfg, trained.state, torch.from_numpy(trained.used_tokens))
+        cfg, state = load_demo_model(out_dir)
+        model = build_model(cfg, state).eval().requires_grad_(False)
+    heldout = eval_windows(corpus.heldout.tokens, cfg.n_ctx, config.heldout_eval_tokens)
+    with _timed(timings, "heldout_loss"):
+        loss = model_loss(model, heldout, trained.used_tokens, progress=progress)
+    with _timed(timings, "ngram_baselines"):
+        baselines = ngram_baselines(corpus.train.tokens, heldout, corpus.used_tokens)
+    with _timed(timings, "autoencoders"):
+        ae_config = config.autoencoders
+        autoencoders, ae_metrics = train_autoencoders(
+            model,
+            eval_windows(corpus.train.tokens, cfg.n_ctx, ae_config.train_tokens),
+            eval_windows(corpus.heldout.tokens, cfg.n_ctx, ae_config.eval_tokens),
+            ae_config,
+            progress=progress,
+        )
+        shutil.rmtree(out_dir / AUTOENCODER_DIR, ignore_errors=True)
+        save_demo_autoencoders(out_dir, autoencoders)
+        autoencoders = load_demo_autoencoders(out_dir)
+    metrics: dict[str, Any] = {
+        "model_name": DEMO_NAME,
+        "python": sys.version.split()[0],
+        "corpus": {
+            "fingerprint": corpus.fingerprint,
+            "train_documents": len(corpus.train.documents),
+            "heldout_documents": len(corpus.heldout.documents),
+            "train_tokens": len(corpus.train.tokens),
+            "heldout_tokens": len(corpus.heldout.tokens),
+            "vocabulary_used": len(corpus.used_tokens),
+        },
+        "model": {
+            "config": cfg.to_json(),
+            "training": asdict(config.model),
+            "parameters": sum(t.numel() for t in state.values()),
+            "steps": trained.steps,
+            "tokens_seen": trained.tokens_seen,
+            "final_train_loss": sum(trained.train_losses[-50:]) / len(trained.train_losses[-50:]),
+            "unused_token_logit": trained.unused_token_logit,
+        },
+        "heldout": {
+            "tokens_predicted": int(heldout[:, 1:].size),
+            "model_loss": loss,
+            "unigram_loss": baselines.pop("unigram"),
+            "bigram_loss": baselines.pop("bigram"),
+            "bigram_interpolated_loss": baselines.pop("bigram_interpolated"),
+            "smoothing": baselines,
+        },
+        "autoencoders": {"training": asdict(ae_config), "heldout": ae_metrics},
+        "timings_s": timings,
+    }
+    metrics["heldout"]["beats_bigram"] = loss < metrics["heldout"]["bigram_loss"]
+    return DemoBuild(out_dir, config, corpus, cfg, model, autoencoders, metrics, started)
+
+
+def finish(build: DemoBuild, *, progress: bool = True) -> None:
+    """Writes `metrics.json` (with the artefacts' sizes and the total time) and prints them."""
+    build.metrics["timings_s"]["total"] = time.perf_counter() - build.started
+    metrics_path = build.out_dir / METRICS_FILE
+    metrics_path.write_text(json.dumps(build.metrics, indent=2) + "\n")
+    build.metrics["artifact_bytes"] = artifact_bytes(build.out_dir)  # metrics.json included
+    metrics_path.write_text(json.dumps(build.metrics, indent=2) + "\n")
+    if progress:
+        print(summary(build.metrics))
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    cfg, held = metrics["model"]["config"], metrics["heldout"]
+    lines = [
+        f"{metrics['model_name']}: {cfg['n_layers']} layers, d_model {cfg['d_model']}, "
+        f"trained on {metrics['model']['tokens_seen']:,} tokens "
+        f"in {metrics['timings_s']['model_training'] / 60:.1f} min",
+        f"held-out loss over {held['tokens_predicted']:,} tokens (nats): "
+        f"model {held['model_loss']:.3f} | bigram {held['bigram_loss']:.3f} "
+        f"(interpolated {held['bigram_interpolated_loss']:.3f}) | "
+        f"unigram {held['unigram_loss']:.3f}",
+        f"{'autoencoder':<22}{'latents':>8}{'FVE':>8}{'L0':>8}{'dead':>8}",
+    ]
+    for name, ae in metrics["autoencoders"]["heldout"].items():
+        lines.append(
+            f"{name:<22}{ae['n_latents']:>8}{ae['fve']:>8.3f}{ae['mean_l0']:>8.1f}"
+            f"{ae['dead_share']:>8.1%}"
+        )
+    lines.append(
+        f"artefacts {metrics['artifact_bytes']['total'] / 1e6:.1f} MB; "
+        f"build {metrics['timings_s']['total'] / 60:.1f} min"
+    )
+    return "\n".join(lines)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - started

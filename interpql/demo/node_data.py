@@ -1,0 +1,99 @@
+"""The demo's node data: records of every node (neurons, heads, both autoencoders' latents) on
+the held-out split, and baseline explanations scored by the baseline simulator."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from interpql.backends.base import AutoencoderInput, ForwardRequest, HookPoint, Location
+from interpql.backends.gpt2.backend import NativeGPT2Backend
+from interpql.backends.tokenizer import gpt2_encoding
+from interpql.demo.explanations import explain_and_score_all
+from interpql.demo.records import compute_records, head_write_norms
+
+if TYPE_CHECKING:
+    from interpql.demo.build import DemoBuild
+
+RECORDS_DIR = "records"
+EXPLANATIONS_DIR = "explanations"
+# Autoencoder folders are named by what they read; records by the node kind of their latents.
+_LATENT_KINDS = {
+    AutoencoderInput.MLP_POST_ACT.value: ("mlp_autoencoder_latent", Location.MLP_POST),
+    AutoencoderInput.RESID_DELTA_MLP.value: ("mlp_autoencoder_latent", Location.MLP_OUT),
+    AutoencoderInput.RESID_DELTA_ATTN.value: ("attention_autoencoder_latent", Location.ATTN_OUT),
+}
+
+Activations = dict[tuple[str, int], torch.Tensor]
+
+
+def activations_fn(build: DemoBuild) -> Callable[[torch.Tensor], Activations]:
+    """One forward pass per batch: every node kind of every layer, [batch, token, node]."""
+    backend = NativeGPT2Backend(build.model)
+    n_layers = build.cfg.n_layers
+    save = {
+        HookPoint(layer, loc)
+        for layer in range(n_layers)
+        for loc in (Location.MLP_POST, Location.ATTN_Z)
+    }
+    save |= {HookPoint(layer, _LATENT_KINDS[kind][1]) for kind, layer in build.autoencoders}
+    w_o = {layer: backend.weight(f"blocks.{layer}.attn.W_O") for layer in range(n_layers)}
+
+    def activations(batch: torch.Tensor) -> Activations:
+        result = backend.run(
+            ForwardRequest(tokens=tuple(tuple(row) for row in batch.tolist()), save=frozenset(save))
+        )
+        acts = result.activations
+        out: Activations = {}
+        for layer in range(n_layers):
+            out[("mlp_neuron", layer)] = acts[HookPoint(layer, Location.MLP_POST)]
+            out[("attention_head", layer)] = head_write_norms(
+                acts[HookPoint(layer, Location.ATTN_Z)], w_o[layer]
+            )
+        for (kind, layer), ae in build.autoencoders.items():
+            node_kind, location = _LATENT_KINDS[kind]
+            out[(node_kind, layer)] = ae.encode(acts[HookPoint(layer, location)].float())
+        return out
+
+    return activations
+
+
+def build_node_data(build: DemoBuild, *, progress: bool = True) -> None:
+    """Writes records/ and explanations/ under the build's folder and adds their figures."""
+    started = time.perf_counter()
+    heldout = build.corpus.heldout.tokens
+    with torch.inference_mode():
+        store = compute_records(
+            heldout,
+            activations_fn(build),
+            seq_len=build.cfg.n_ctx,
+            window=24,
+            top_k=10,
+            n_random=5,
+            batch_size=16,
+            progress=progress,
+        )
+    store.save(build.out_dir / RECORDS_DIR)
+    records_s = time.perf_counter() - started
+    encoding = gpt2_encoding()
+
+    def decode(token: int) -> str:
+        return encoding.decode_single_token_bytes(token).decode("utf-8", errors="replace")
+
+    table = explain_and_score_all(store, decode, progress=progress)
+    table.save(build.out_dir / EXPLANATIONS_DIR)
+    scores = torch.tensor([row.score for row in table.rows], dtype=torch.float64)
+    finite = scores[torch.isfinite(scores)]
+    metrics: dict[str, Any] = {
+        "nodes": {f"{g.kind}/{g.layer}": g.n_nodes for g in store.groups()},
+        "heldout_tokens": len(heldout),
+        "explanations": len(table),
+        "mean_score": float(finite.mean()) if len(finite) else None,
+        "share_score_above_0_5": float((finite > 0.5).double().mean()) if len(finite) else None,
+    }
+    build.metrics["node_data"] = metrics
+    build.metrics["timings_s"]["records"] = records_s
+    build.metrics["timings_s"]["explanations"] = time.perf_counter() - started - records_s

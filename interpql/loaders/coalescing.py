@@ -1,0 +1,111 @@
+"""Coalescing: concurrent requests for the same model share forward passes.
+
+Each request's DataLoader hands its batch to the server-wide `InferenceRunner`. When a model is
+idle, the runner waits `window_s` for other requests; while it is busy, requests simply gather,
+and all that gathered run together as soon as it is free (so batches grow with the load). Batches
+with the same request-wide switches (error term, loss, trace) merge while their prompts are of
+similar length (padding wasted is bounded by `max_length_ratio`) and up to `max_rows` prompts;
+one request's own batch is never split. With `window_s` 0 every batch runs as it comes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from interpql.loaders.registry import ModelEntry
+
+# A per-request batch: opaque keys that each carry `.variant` (with `.tokens`).
+RunBatch = Callable[[ModelEntry, list[Any]], dict[Any, Any]]
+
+
+@dataclass
+class _Waiting:
+    entry: ModelEntry
+    keys: list[Any]
+    future: asyncio.Future[dict[Any, Any]]
+
+
+class InferenceRunner:
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        window_s: float = 0.002,
+        max_rows: int = 32,
+        max_length_ratio: float = 2.0,
+    ) -> None:
+        self._run_batch = run_batch
+        self.window_s = window_s
+        self.max_rows = max_rows
+        self.max_length_ratio = max_length_ratio
+        # model -> request-wide switches -> requests waiting
+        self._waiting: dict[str, dict[Hashable, list[_Waiting]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
+        self._draining: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, entry: ModelEntry, switches: Hashable, keys: list[Any]) -> dict[Any, Any]:
+        """Results by variant for `keys`; `switches` must be equal for batches to merge."""
+        if self.window_s <= 0:
+            return await self._execute(entry, keys)
+        future: asyncio.Future[dict[Any, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[entry.name][switches].append(_Waiting(entry, keys, future))
+        if entry.name not in self._draining:
+            self._draining.add(entry.name)
+            task = asyncio.ensure_future(self._drain(entry.name))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _drain(self, model: str) -> None:
+        """Runs what gathers for one model until nothing waits."""
+        try:
+            await asyncio.sleep(self.window_s)
+            while self._waiting.get(model):
+                groups = self._waiting.pop(model)
+                for waiting in groups.values():
+                    await self._run_group(waiting)
+        finally:
+            self._draining.discard(model)
+
+    async def _run_group(self, waiting: list[_Waiting]) -> None:
+        entry = waiting[0].entry
+        for chunk in self._chunks(waiting):
+            try:
+                results = await self._execute(entry, [key for w in chunk for key in w.keys])
+            except Exception as exc:
+                for w in chunk:
+                    if not w.future.done():
+                        w.future.set_exception(exc)
+                continue
+            for w in chunk:
+                if not w.future.done():
+                    w.future.set_result({key.variant: results[key.variant] for key in w.keys})
+
+    async def _execute(self, entry: ModelEntry, keys: list[Any]) -> dict[Any, Any]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(entry.executor, self._run_batch, entry, keys)
+
+    def _chunks(self, waiting: Sequence[_Waiting]) -> list[list[_Waiting]]:
+        """Requests grouped so that each group's prompts are of similar length."""
+
+        def lengths(w: _Waiting) -> list[int]:
+            return [len(key.variant.tokens) for key in w.keys]
+
+        chunks: list[list[_Waiting]] = []
+        shortest = rows = 0
+        for w in sorted(waiting, key=lambda w: max(lengths(w))):
+            longest = max(lengths(w))
+            fits = chunks and rows + len(w.keys) <= self.max_rows
+            if fits and longest <= self.max_length_ratio * shortest:
+                chunks[-1].append(w)
+                rows += len(w.keys)
+                shortest = min(shortest, *lengths(w))
+            else:
+                chunks.append([w])
+                rows, shortest = len(w.keys), min(lengths(w))
+        return chunks

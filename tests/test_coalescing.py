@@ -1,0 +1,76 @@
+"""Concurrent requests share forward passes, and get exactly what they would alone."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+
+from interpql.loaders.registry import ModelEntry, ModelRegistry
+from interpql.resolvers.context import Services
+from interpql.server import create_app
+from interpql.settings import Settings
+from tests.conftest import SMALL, CountingBackend, graphql
+
+QUERY = """query($p: String!) { model(name: "small") { infer(input: {prompt: $p}) {
+  loss topPredictions(k: 3) { token { id } probability }
+  layerActivations(layer: 1, kind: MLP_NEURON) { values } } } }"""
+PROMPTS = [f"request number {i} says {'hello ' * (i % 3)}" for i in range(8)]
+
+
+def app_for(backend: CountingBackend, window_ms: float) -> tuple[Any, ModelRegistry]:
+    registry = ModelRegistry()
+    registry.add(ModelEntry("small", SMALL.architecture, backend, "native-gpt2", "cpu", "float32"))
+    settings = Settings(coalesce_window_ms=window_ms)
+    return create_app(Services(registry, settings)), registry
+
+
+async def answers(backend: CountingBackend, window_ms: float, concurrent: bool) -> list[Any]:
+    app, registry = app_for(backend, window_ms)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        if concurrent:
+            bodies = await asyncio.gather(*(graphql(client, QUERY, {"p": p}) for p in PROMPTS))
+        else:
+            bodies = [await graphql(client, QUERY, {"p": p}) for p in PROMPTS]
+    registry.close()
+    return bodies
+
+
+async def test_concurrent_requests_share_passes_and_answer_the_same(
+    small_backend: CountingBackend,
+) -> None:
+    small_backend.calls.clear()
+    sequential = await answers(small_backend, 0.0, concurrent=False)
+    assert len(small_backend.calls) == len(PROMPTS)
+    small_backend.calls.clear()
+    coalesced = await answers(small_backend, 50.0, concurrent=True)
+    assert len(small_backend.calls) < len(PROMPTS)
+    assert max(len(call.tokens) for call in small_backend.calls) > 1
+    for alone, together in zip(sequential, coalesced, strict=True):
+        a, b = alone["data"]["model"]["infer"], together["data"]["model"]["infer"]
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+        assert [p["token"]["id"] for p in a["topPredictions"]] == [
+            p["token"]["id"] for p in b["topPredictions"]
+        ]
+        for row_a, row_b in zip(
+            a["layerActivations"]["values"], b["layerActivations"]["values"], strict=True
+        ):
+            assert max(abs(x - y) for x, y in zip(row_a, row_b, strict=True)) < 1e-5
+
+
+async def test_prompts_of_very_different_lengths_are_not_padded_together(
+    small_backend: CountingBackend,
+) -> None:
+    app, registry = app_for(small_backend, 50.0)
+    transport = httpx.ASGITransport(app=app)
+    small_backend.calls.clear()
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        await asyncio.gather(
+            graphql(client, QUERY, {"p": "short"}),
+            graphql(client, QUERY, {"p": "tiny"}),
+            graphql(client, QUERY, {"p": "a much longer prompt " * 8}),
+        )
+    registry.close()
+    assert sorted(len(call.tokens) for call in small_backend.calls) == [1, 2]
