@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import backends, concurrency, node_lookup, overhead, tdb_request
+from bench import backends, concurrency, node_lookup, overhead, payload, tdb_request
 
 
 def main() -> None:
@@ -11,6 +11,7 @@ def main() -> None:
     tdb_request.main()
     node_lookup.main()
     concurrency.main()
+    payload.main()
 
 
 if __name__ == "__main__":

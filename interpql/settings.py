@@ -15,6 +15,8 @@ class Settings:
     max_batch: int = 64
     # How long concurrent requests wait for each other to share a forward pass.
     coalesce_window_ms: float = 2.0
+    # Runs kept for identical inputs (0: none).
+    cached_runs: int = 32
     # Before tokenizing: no GPT-2 token is longer than this many characters of text.
     max_chars_per_token: int = 128
     cors_origin_regex: str = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"

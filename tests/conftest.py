@@ -16,6 +16,7 @@ from interpql.backends.gpt2 import GPT2Config, NativeGPT2Backend
 from interpql.backends.gpt2.loading import random_model
 from interpql.loaders.registry import ModelEntry, ModelRegistry
 from interpql.server import create_app
+from interpql.settings import Settings
 
 # Deliberately uneven widths, so that transposed or mixed-up axes cannot go unnoticed.
 SMALL = GPT2Config(n_layers=3, d_model=48, n_heads=3, d_head=16, d_mlp=80, n_ctx=64)
@@ -53,7 +54,8 @@ def registry(small_backend: CountingBackend) -> Iterator[ModelRegistry]:
 
 @pytest.fixture(scope="session")
 async def client(registry: ModelRegistry) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(registry))
+    # No run cache: tests count forward passes.
+    transport = httpx.ASGITransport(app=create_app(registry, Settings(cached_runs=0)))
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         yield client
 

@@ -22,7 +22,7 @@ PROMPTS = [f"request number {i} says {'hello ' * (i % 3)}" for i in range(8)]
 def app_for(backend: CountingBackend, window_ms: float) -> tuple[Any, ModelRegistry]:
     registry = ModelRegistry()
     registry.add(ModelEntry("small", SMALL.architecture, backend, "native-gpt2", "cpu", "float32"))
-    settings = Settings(coalesce_window_ms=window_ms)
+    settings = Settings(coalesce_window_ms=window_ms, cached_runs=0)
     return create_app(Services(registry, settings)), registry
 
 
@@ -74,3 +74,27 @@ async def test_prompts_of_very_different_lengths_are_not_padded_together(
         )
     registry.close()
     assert sorted(len(call.tokens) for call in small_backend.calls) == [1, 2]
+
+
+async def test_identical_inputs_are_served_from_the_run_cache(
+    small_backend: CountingBackend,
+) -> None:
+    registry = ModelRegistry()
+    registry.add(
+        ModelEntry("small", SMALL.architecture, small_backend, "native-gpt2", "cpu", "float32")
+    )
+    app = create_app(Services(registry, Settings(coalesce_window_ms=0)))
+    small_backend.calls.clear()
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as client:
+        first = await graphql(client, QUERY, {"p": "cached prompt"})
+        again = await graphql(client, QUERY, {"p": "cached prompt"})
+        ablated = await graphql(
+            client,
+            'query { model(name: "small") { infer(input: {prompt: "cached prompt", '
+            'ablations: [{nodeId: "small/mlp_neuron/0/1"}]}) { loss } } }',
+        )
+    registry.close()
+    assert first == again and "errors" not in ablated
+    assert len(small_backend.calls) == 2  # the identical input ran once; the ablated one ran

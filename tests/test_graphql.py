@@ -314,3 +314,26 @@ async def test_concurrent_requests(client: httpx.AsyncClient) -> None:
     query = 'query($p: String!) { model(name: "small") { infer(input: {prompt: $p}) { loss } } }'
     bodies = await asyncio.gather(*(graphql(client, query, {"p": f"prompt {i}"}) for i in range(8)))
     assert all("errors" not in b for b in bodies)
+
+
+async def test_packed_layer_activations(client: httpx.AsyncClient) -> None:
+    import base64
+
+    body = await graphql(
+        client,
+        """query($p: String!) { model(name: "small") { infer(input: {prompt: $p}) {
+             layerActivations(layer: 2, kind: MLP_NEURON) { shape values
+               f32: packed { dtype shape base64 } f16: packed(dtype: FLOAT16) { dtype base64 } } } } }""",
+        {"p": PROMPT},
+    )
+    layer = body["data"]["model"]["infer"]["layerActivations"]
+    values = np.array(layer["values"], dtype=np.float32)
+    f32 = np.frombuffer(base64.b64decode(layer["f32"]["base64"]), dtype="<f4").reshape(
+        layer["f32"]["shape"]
+    )
+    assert layer["f32"]["dtype"] == "FLOAT32" and layer["f32"]["shape"] == layer["shape"]
+    np.testing.assert_array_equal(f32, values)
+    f16 = np.frombuffer(base64.b64decode(layer["f16"]["base64"]), dtype="<f2").reshape(
+        layer["shape"]
+    )
+    np.testing.assert_allclose(f16, values, rtol=1e-3, atol=1e-4)

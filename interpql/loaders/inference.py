@@ -11,6 +11,7 @@ the event loop. Results leave this module as numpy arrays: nothing above loaders
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -30,6 +31,7 @@ from interpql.backends.base import (
 from interpql.backends.losses import spec_loss
 from interpql.loaders import tracing
 from interpql.loaders.analysis import KIND_LOCATION, NodeScores, node_scores, token_pair_attribution
+from interpql.loaders.cache import BoundedMemoryCache
 from interpql.loaders.coalescing import InferenceRunner
 from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.registry import ModelEntry, ModelRegistry
@@ -141,18 +143,49 @@ def default_runner(window_s: float = 0.002) -> InferenceRunner:
     return InferenceRunner(_run_batch, window_s=window_s)
 
 
+class RunCache:
+    """Runs of earlier requests, shared by all requests: an identical input (model, prompt,
+    ablations, loss, trace, autoencoder switch: `Variant`, a frozen value, is the key) is
+    answered without running again when the earlier run computed what is asked now."""
+
+    def __init__(self, max_runs: int = 64) -> None:
+        self._cache = BoundedMemoryCache(max_runs)
+
+    @staticmethod
+    def key(model: str, variant: Variant) -> str:
+        return hashlib.sha256(repr((model, variant)).encode()).hexdigest()
+
+    async def get(self, model: str, variant: Variant) -> PromptRun | None:
+        found: PromptRun | None = await self._cache.get(self.key(model, variant))
+        return found
+
+    async def put(self, model: str, run: PromptRun) -> None:
+        await self._cache.set(self.key(model, run.variant), run)
+
+
 class InferenceLoader:
-    def __init__(self, registry: ModelRegistry, runner: InferenceRunner | None = None) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        runner: InferenceRunner | None = None,
+        cache: RunCache | None = None,
+    ) -> None:
         self._registry = registry
         self._runner = runner or default_runner(0.0)
+        self._cache = cache
         self._loader = DataLoader[_Key, PromptRun](load_fn=self._load_batch, cache=False)
         self._memo: dict[tuple[str, Variant], PromptRun] = {}
 
     async def load(self, model: str, variant: Variant, needs: ActivationNeeds) -> PromptRun:
         done = self._memo.get((model, variant))
+        if done is None and self._cache is not None:
+            done = await self._cache.get(model, variant)
         if done is not None and needs.covered_by(done.needs):
             return done
-        return await self._loader.load(_Key(model, variant, needs))
+        run = await self._loader.load(_Key(model, variant, needs))
+        if self._cache is not None:
+            await self._cache.put(model, run)
+        return run
 
     async def _load_batch(self, keys: Sequence[_Key]) -> list[PromptRun]:
         # One backend call per model, error-term setting, loss and trace: request-wide switches.

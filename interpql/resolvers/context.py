@@ -9,7 +9,7 @@ from interpql.loaders.auth import ApiKeys
 from interpql.loaders.cache import NodeDataCache
 from interpql.loaders.coalescing import InferenceRunner
 from interpql.loaders.explaining import ExplanationService
-from interpql.loaders.inference import InferenceLoader, default_runner
+from interpql.loaders.inference import InferenceLoader, RunCache, default_runner
 from interpql.loaders.jobs import JobManager
 from interpql.loaders.node_data import NodeDataLoaders
 from interpql.loaders.registry import ModelRegistry
@@ -30,10 +30,14 @@ class Services:
     api_keys: ApiKeys = field(default_factory=ApiKeys)
     # Gathers concurrent requests' forward passes (window from settings).
     runner: InferenceRunner | None = None
+    # Earlier requests' runs, for identical inputs.
+    runs: RunCache | None = None
 
     def __post_init__(self) -> None:
         if self.runner is None:
             self.runner = default_runner(self.settings.coalesce_window_ms / 1000)
+        if self.runs is None and self.settings.cached_runs > 0:
+            self.runs = RunCache(self.settings.cached_runs)
         if self.explaining is None:
             # A store in memory: explanations generated while the server runs.
             self.explaining = ExplanationService(
@@ -75,7 +79,7 @@ class RequestContext:
             services = Services(services, settings or Settings())
         return cls(
             services,
-            InferenceLoader(services.registry, services.runner),
+            InferenceLoader(services.registry, services.runner, services.runs),
             NodeDataLoaders(services.registry, services.cache),
             request,
             response,

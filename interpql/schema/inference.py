@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+from enum import Enum
+from typing import Any
+
+import numpy as np
 import strawberry
 
 from interpql.loaders.inference import ActivationNeeds
@@ -45,6 +50,23 @@ class NodeRanking:
     )
 
 
+@strawberry.enum(description="Element type of a packed tensor.")
+class TensorDType(Enum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+    @property
+    def numpy(self) -> np.dtype[Any]:
+        return np.dtype(self.value)
+
+
+@strawberry.type(description="A tensor as base64 bytes: decode, then view as dtype in shape.")
+class PackedTensor:
+    dtype: TensorDType = strawberry.field(description="Element type, little-endian.")
+    shape: list[int] = strawberry.field(description="Shape, row-major.")
+    base64: str = strawberry.field(description="The elements' bytes, base64-encoded.")
+
+
 @strawberry.type(description="Activations of every node of one kind in one layer.")
 class LayerActivations:
     layer: int = strawberry.field(description="Layer index.")
@@ -53,6 +75,18 @@ class LayerActivations:
     values: FloatArray = strawberry.field(
         description="values[token][node], as in NodeActivations.values."
     )
+
+    @strawberry.field(
+        description=(
+            "The same values packed: little-endian float32 (or float16) bytes in base64, "
+            "row-major in `shape`. Much smaller and faster than the list for large layers."
+        )
+    )
+    def packed(self, dtype: TensorDType = TensorDType.FLOAT32) -> PackedTensor:
+        data = np.asarray(self.values, dtype=dtype.numpy).astype(dtype.numpy.newbyteorder("<"))
+        return PackedTensor(
+            dtype=dtype, shape=list(data.shape), base64=base64.b64encode(data.tobytes()).decode()
+        )
 
 
 @strawberry.type(description="The result of running a model on a prompt.")
