@@ -1,9 +1,57 @@
-"""Small helpers every backend needs around a forward pass: padding and memory figures."""
+"""What every backend does around its own forward pass: padding, grad mode, losses, the
+backward pass, timing and memory figures. A backend supplies only `forward`."""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Callable
+
 import psutil
 import torch
+
+from interpql.backends.base import ForwardRequest, ForwardResult
+from interpql.backends.hooks import HookSession
+from interpql.backends.losses import next_token_loss, spec_loss
+
+# (token ids [batch, token], hook session, whether autograd must follow) -> logits
+Forward = Callable[[torch.Tensor, HookSession, bool], torch.Tensor]
+
+
+def run_request(
+    request: ForwardRequest, session: HookSession, device: torch.device, forward: Forward
+) -> ForwardResult:
+    memory_before = memory_in_use(device)
+    started = time.perf_counter()
+    # Right padding in a causal model: no real token attends to a pad, so no mask is needed
+    # and every prompt runs exactly as it would alone.
+    tokens, lengths = right_padded(request.tokens, device)
+    backward = request.backward is not None or request.trace is not None
+    grad_mode = contextlib.nullcontext() if backward else torch.inference_mode()
+    with grad_mode:
+        logits = forward(tokens, session, backward).float()
+        lm_loss = next_token_loss(logits, tokens, lengths)
+        backward_loss = None
+        if request.backward is not None:
+            backward_loss = spec_loss(request.backward, logits, tokens, lengths)
+        if request.trace is not None:
+            torch.autograd.backward(session.traced_value())
+        elif backward_loss is not None:
+            torch.autograd.backward(backward_loss.sum())
+    gradients = session.gradients()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return ForwardResult(
+        lengths=lengths.tolist(),
+        logits=logits.detach(),
+        next_token_loss=lm_loss.detach(),
+        activations={p: a.detach() for p, a in session.activations.items()},
+        gradients={p: g.detach() for p, g in gradients.items()},
+        backward_loss=None if backward_loss is None else backward_loss.detach(),
+        elapsed_s=time.perf_counter() - started,
+        memory_before_bytes=memory_before,
+        memory_after_bytes=memory_in_use(device),
+    )
 
 
 def right_padded(

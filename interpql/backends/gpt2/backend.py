@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
-import time
 
 import torch
 
@@ -17,8 +15,7 @@ from interpql.backends.base import (
 from interpql.backends.gpt2.loading import build_model, load_weights
 from interpql.backends.gpt2.model import GPT2, GPT2Config
 from interpql.backends.hooks import HookSession
-from interpql.backends.losses import next_token_loss, spec_loss
-from interpql.backends.runtime import memory_in_use, right_padded
+from interpql.backends.runtime import run_request
 from interpql.backends.tokenizer import gpt2_encoding
 
 
@@ -48,35 +45,11 @@ class NativeGPT2Backend(Backend):
         return cls(build_model(cfg, state), device=device, dtype=dtype)
 
     def run(self, request: ForwardRequest) -> ForwardResult:
-        memory_before = memory_in_use(self.device)
-        started = time.perf_counter()
-        tokens, lengths = right_padded(request.tokens, self.device)
-        hooks = HookSession(request, self.autoencoders)
-        backward = request.backward is not None or request.trace is not None
-        grad_mode = contextlib.nullcontext() if backward else torch.inference_mode()
-        with grad_mode:
-            logits = self.model(tokens, hooks, track_grad=backward).float()
-            lm_loss = next_token_loss(logits, tokens, lengths)
-            backward_loss = None
-            if request.backward is not None:
-                backward_loss = spec_loss(request.backward, logits, tokens, lengths)
-            if request.trace is not None:
-                torch.autograd.backward(hooks.traced_value())
-            elif backward_loss is not None:
-                torch.autograd.backward(backward_loss.sum())
-        gradients = hooks.gradients()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return ForwardResult(
-            lengths=lengths.tolist(),
-            logits=logits.detach(),
-            next_token_loss=lm_loss.detach(),
-            activations={p: a.detach() for p, a in hooks.activations.items()},
-            gradients={p: g.detach() for p, g in gradients.items()},
-            backward_loss=None if backward_loss is None else backward_loss.detach(),
-            elapsed_s=time.perf_counter() - started,
-            memory_before_bytes=memory_before,
-            memory_after_bytes=memory_in_use(self.device),
+        return run_request(
+            request,
+            HookSession(request, self.autoencoders),
+            self.device,
+            lambda tokens, hooks, track_grad: self.model(tokens, hooks, track_grad),
         )
 
     def weight(self, name: str) -> torch.Tensor:

@@ -20,9 +20,7 @@ UNSUPPORTED with the reason. Beyond renaming hooks:
 
 from __future__ import annotations
 
-import contextlib
 import re
-import time
 from typing import Any
 
 import torch
@@ -40,8 +38,7 @@ from interpql.backends.base import (
     Tokenizer,
 )
 from interpql.backends.hooks import HookSession
-from interpql.backends.losses import next_token_loss, spec_loss
-from interpql.backends.runtime import memory_in_use, right_padded
+from interpql.backends.runtime import run_request
 from interpql.backends.transformerlens.loading import boot, boot_hf_model
 from interpql.backends.transformerlens.locations import (
     HEAD_MAJOR,
@@ -114,38 +111,13 @@ class TransformerLensBackend(Backend):
     def run(self, request: ForwardRequest) -> ForwardResult:
         session = HookSession(request, self.autoencoders)
         self._check(request, session)
-        memory_before = memory_in_use(self.device)
-        started = time.perf_counter()
-        # Right padding in a causal model: no real token attends to a pad, so no mask is needed
-        # and every prompt runs exactly as it would alone.
-        tokens, lengths = right_padded(request.tokens, self.device)
-        backward = request.backward is not None or request.trace is not None
-        grad_mode = contextlib.nullcontext() if backward else torch.inference_mode()
-        with grad_mode:
-            with self.bridge.hooks(fwd_hooks=self._hooks(session, backward)):
-                logits = self.bridge(tokens, return_type="logits").float()
-            lm_loss = next_token_loss(logits, tokens, lengths)
-            backward_loss = None
-            if request.backward is not None:
-                backward_loss = spec_loss(request.backward, logits, tokens, lengths)
-            if request.trace is not None:
-                torch.autograd.backward(session.traced_value())
-            elif backward_loss is not None:
-                torch.autograd.backward(backward_loss.sum())
-        gradients = session.gradients()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return ForwardResult(
-            lengths=lengths.tolist(),
-            logits=logits.detach(),
-            next_token_loss=lm_loss.detach(),
-            activations={p: a.detach() for p, a in session.activations.items()},
-            gradients={p: g.detach() for p, g in gradients.items()},
-            backward_loss=None if backward_loss is None else backward_loss.detach(),
-            elapsed_s=time.perf_counter() - started,
-            memory_before_bytes=memory_before,
-            memory_after_bytes=memory_in_use(self.device),
-        )
+
+        def forward(tokens: torch.Tensor, hooks: HookSession, track_grad: bool) -> torch.Tensor:
+            with self.bridge.hooks(fwd_hooks=self._hooks(hooks, track_grad)):
+                logits: torch.Tensor = self.bridge(tokens, return_type="logits")
+            return logits
+
+        return run_request(request, session, self.device, forward)
 
     def _check(self, request: ForwardRequest, session: HookSession) -> None:
         # Asking the session covers every way a request reaches a point: saves, writes,
