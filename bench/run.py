@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from bench import backends, concurrency, node_lookup, overhead, payload, tdb_request
+from bench import (
+    backends,
+    concurrency,
+    node_lookup,
+    overhead,
+    payload,
+    startup,
+    tdb_request,
+)
 
 
 def main() -> None:
@@ -12,6 +20,7 @@ def main() -> None:
     node_lookup.main()
     concurrency.main()
     payload.main()
+    startup.main()
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
-
-import openai
+from typing import TYPE_CHECKING, Any
 
 from interpql.backends.explanations.api import (
     ApiSettings,
@@ -34,6 +32,9 @@ from interpql.loaders.nodes import NodeRef
 from interpql.loaders.registry import ModelEntry
 from interpql.loaders.search import SearchIndex
 from interpql.loaders.sources import Example, ExplanationStore, NodeRecordData, StoredExplanation
+
+if TYPE_CHECKING:
+    import openai
 
 
 @dataclass(frozen=True)

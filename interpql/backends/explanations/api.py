@@ -21,9 +21,10 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openai
+if TYPE_CHECKING:  # the client library is imported when a client is made: start-up stays fast
+    import openai
 
 from interpql.backends.explanations.base import (
     ActivationExample,
@@ -48,6 +49,8 @@ class ApiSettings:
     simulator: str = "auto"  # auto | json | logprobs
 
     def client(self) -> openai.AsyncOpenAI:
+        import openai
+
         return openai.AsyncOpenAI(
             base_url=self.base_url,
             api_key=self.api_key,
@@ -265,7 +268,7 @@ class AutoSimulator:
         if self._use_logprobs is None:
             try:
                 values = await self._logprobs.simulate(explanation, tokens)
-            except (SimulationError, openai.APIStatusError):
+            except (SimulationError, _api_status_error()):
                 self._use_logprobs = False
             else:
                 self._use_logprobs = True
@@ -274,3 +277,9 @@ class AutoSimulator:
         if self._use_logprobs:
             return await self._logprobs.simulate(explanation, tokens)
         return await self._json.simulate(explanation, tokens)
+
+
+def _api_status_error() -> type[Exception]:
+    import openai
+
+    return openai.APIStatusError
