@@ -448,15 +448,26 @@ async def test_an_unsupported_location_is_an_unsupported_error_over_graphql(tmp_
     registry.add(load_model(str(tmp_path), name="gqa", backend="transformerlens"))
     transport = httpx.ASGITransport(app=create_app(registry))
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-        # A head's token-pair attribution reads its values, which grouped-query attention
-        # shares between heads.
+        # An attention score's trace needs the rotated queries and keys, which a rotary
+        # model's hooks do not give.
         body = await graphql(
             client,
-            """{ model(name: "gqa") { infer(input: {prompt: "Hello there"}) {
-                 activations(nodeIds: ["gqa/attention_head/0/1"]) { tokenPairAttribution } } } }""",
+            """{ model(name: "gqa") { infer(input: {prompt: "Hello there", trace: {
+                 upstreamNodeId: "gqa/attention_head/0/1", tokenIndex: 1, keyTokenIndex: 0,
+                 attentionTraceType: Q}}) { topNodes(group: ACT_TIMES_GRAD) { top { value } } } } }""",
         )
         assert error_codes(body) == ["UNSUPPORTED"]
-        assert "attn_v" in body["errors"][0]["message"]
+        # Heads share their values (grouped-query attention): their activations and patterns
+        # answer, token-pair attribution is null.
+        heads = await graphql(
+            client,
+            """{ model(name: "gqa") { infer(input: {prompt: "Hello there"}) {
+                 activations(nodeIds: ["gqa/attention_head/0/1"]) {
+                   values attentionPattern tokenPairAttribution } } } }""",
+        )
+        assert "errors" not in heads, heads
+        [head] = heads["data"]["model"]["infer"]["activations"]
+        assert head["attentionPattern"] and head["tokenPairAttribution"] is None
         fine = await graphql(
             client,
             """{ model(name: "gqa") { infer(input: {prompt: "Hello there"}) { loss

@@ -230,9 +230,14 @@ def _run_batch(entry: ModelEntry, keys: list[_Key]) -> dict[Variant, PromptRun]:
         for ablation in variant.ablations
     )
     first = variants[0]
+    save = union.hook_points()
+    if Location.ATTN_V not in backend.locations:
+        # Values only serve token-pair attribution, which such models (grouped-query
+        # attention) go without; their heads' activations and patterns still answer.
+        save = frozenset(p for p in save if p.location is not Location.ATTN_V)
     request = ForwardRequest(
         tokens=tuple(v.tokens for v in variants),
-        save=union.hook_points(),
+        save=save,
         interventions=interventions,
         backward=first.loss if union.backward else None,
         autoencoder_error_term=first.autoencoder_error_term,
@@ -277,9 +282,10 @@ def _prompt_run(
     patterns, pairs = {}, {}
     for layer in needs.pattern_layers:
         probs = result.activations[HookPoint(layer, Location.ATTN_PROBS)][row, :n_tok, :, :n_tok]
-        values = result.activations[HookPoint(layer, Location.ATTN_V)][row, :n_tok]
         patterns[layer] = probs.float().cpu().numpy()
-        pairs[layer] = token_pair_attribution(entry, layer, probs, values)
+        values = result.activations.get(HookPoint(layer, Location.ATTN_V))
+        if values is not None:
+            pairs[layer] = token_pair_attribution(entry, layer, probs, values[row, :n_tok])
     loss = float(result.next_token_loss[row])
     return PromptRun(
         variant=variant,

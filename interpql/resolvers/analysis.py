@@ -10,7 +10,7 @@ from enum import Enum
 import numpy as np
 
 from interpql.backends.base import LossKind, LossSpec
-from interpql.errors import InvalidInputError, check_range, invalid_argument
+from interpql.errors import InvalidInputError, UnavailableError, check_range, invalid_argument
 from interpql.loaders.inference import ActivationNeeds, LayerKind, PromptRun
 from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.registry import ModelEntry
@@ -171,7 +171,10 @@ async def token_pair_attribution(ctx: RequestContext, prompt: Prompt, node: Node
     if node.kind is not NodeKind.ATTENTION_HEAD:
         raise invalid_argument("Token-pair attribution is defined for attention heads.")
     result = await run(ctx, prompt, ActivationNeeds(pattern_layers=frozenset({node.layer})))
-    return result.pair_attributions[node.layer][:, node.index, :]
+    found = result.pair_attributions.get(node.layer)
+    if found is None:
+        raise UnavailableError("This model's attention heads share values: no pair attribution.")
+    return found[:, node.index, :]
 
 
 async def objective(ctx: RequestContext, prompt: Prompt) -> float:

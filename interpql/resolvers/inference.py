@@ -157,7 +157,8 @@ async def node_values(
         pattern = pairs = None
         if node.kind is NodeKind.ATTENTION_HEAD:
             pattern = result.patterns[node.layer][:, node.index, :]
-            pairs = result.pair_attributions[node.layer][:, node.index, :]
+            found = result.pair_attributions.get(node.layer)
+            pairs = None if found is None else found[:, node.index, :]
         out.append(NodeValues(node, prompt, values, pattern, pairs))
     return out
 

@@ -303,7 +303,8 @@ class NodeActivations:
     token_pair_attribution: FloatArray | None = strawberry.field(
         description=(
             "Attention heads only: how much of the head's write at each query token came from "
-            "each key token, probability x norm of the value's write, [queryToken][keyToken]."
+            "each key token, probability x norm of the value's write, [queryToken][keyToken]; "
+            "null where heads share their values (grouped-query attention)."
         )
     )
 
