@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import torch
 
 RESULTS = Path(__file__).parent / "results"
@@ -66,6 +67,23 @@ def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def post_repeatedly(
+    client: httpx.Client, url: str, body: dict[str, Any], repeats: int, warmup: int = 3
+) -> tuple[list[float], dict[str, Any]]:
+    """Times `repeats` POSTs of a GraphQL body (after `warmup` untimed ones); each answer is
+    decoded and must carry no errors. Returns the times and the last answer."""
+    answers: list[dict[str, Any]] = []
+
+    def request() -> None:
+        answer = orjson.loads(client.post(url + "/graphql", json=body).content)
+        assert "errors" not in answer, answer["errors"]
+        answers.append(answer)
+
+    for _ in range(warmup):
+        request()
+    return [timed(request) for _ in range(repeats)], answers[-1]
 
 
 def summary(seconds: list[float]) -> dict[str, float]:

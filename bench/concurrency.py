@@ -39,7 +39,8 @@ def throughput(url: str, model: str, clients: int, rounds: int) -> float:
 
 
 def main(clients: int = 16, rounds: int = 10, model: str | None = None) -> dict[str, Any]:
-    args = ("--model", model) if model else ()
+    # Clients repeat their prompts: without the run cache every request computes.
+    args = (("--model", model) if model else ()) + ("--cached-runs", "0")
     with server(*args) as coalescing, server(*args, "--coalesce-ms", "0") as plain:
         name = httpx.post(coalescing + "/graphql", json={"query": "{ models { name } }"}).json()[
             "data"

@@ -7,9 +7,8 @@ import argparse
 from typing import Any
 
 import httpx
-import orjson
 
-from bench.common import save, server, summary, timed
+from bench.common import post_repeatedly, save, server, summary
 
 QUERY = """query($ids: [ID!]!) { nodes(ids: $ids) { id
   topActivations(first: 5) { tokens activations }
@@ -28,14 +27,8 @@ def main(repeats: int = 30, count: int = 1000) -> dict[str, Any]:
             for index in range(min(per_layer, model["dMlp"]))
         ][:count]
         body = {"query": QUERY, "variables": {"ids": ids}}
-
-        def request() -> None:
-            answer = orjson.loads(client.post(url + "/graphql", json=body).content)
-            assert "errors" not in answer and len(answer["data"]["nodes"]) == len(ids)
-
-        for _ in range(3):
-            request()
-        times = [timed(request) for _ in range(repeats)]
+        times, answer = post_repeatedly(client, url, body, repeats)
+        assert len(answer["data"]["nodes"]) == len(ids)
     result = {
         "model": model["name"],
         "nodes": len(ids),

@@ -29,7 +29,10 @@ def main(repeats: int = 30) -> dict[str, object]:
     assert backend.tokenizer.encode(prompt) == list(tokens)
     request = ForwardRequest(tokens=(tokens,), save=frozenset({HookPoint(5, Location.MLP_POST)}))
 
-    with server("--model", "random:gpt2-small") as url, httpx.Client(timeout=60) as client:
+    with (
+        server("--model", "random:gpt2-small", "--cached-runs", "0") as url,
+        httpx.Client(timeout=60) as client,
+    ):
 
         def over_http() -> None:
             response = client.post(

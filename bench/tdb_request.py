@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import orjson
 
-from bench.common import save, server, summary, timed
+from bench.common import post_repeatedly, save, server, summary
 
 PROMPT = (
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + "
@@ -47,7 +47,8 @@ def query(model: str, heads: list[str]) -> str:
 
 
 def main(repeats: int = 30, model: str | None = None) -> dict[str, Any]:
-    args = ("--model", model) if model else ()
+    # Every request computes: no run cache.
+    args = (("--model", model) if model else ()) + ("--cached-runs", "0")
     with server(*args) as url, httpx.Client(timeout=120) as client:
         info = client.post(
             url + "/graphql", json={"query": "{ models { name nLayers nHeads } }"}
@@ -58,14 +59,7 @@ def main(repeats: int = 30, model: str | None = None) -> dict[str, Any]:
             for head in range(info["nHeads"])
         ]
         body = {"query": query(info["name"], heads), "variables": {"p": PROMPT}}
-
-        def request() -> None:
-            answer = orjson.loads(client.post(url + "/graphql", json=body).content)
-            assert "errors" not in answer, answer["errors"]
-
-        for _ in range(3):
-            request()
-        times = [timed(request) for _ in range(repeats)]
+        times, _ = post_repeatedly(client, url, body, repeats)
     result = {
         "model": info["name"],
         "heads": len(heads),

@@ -39,7 +39,9 @@ def _serve(args: argparse.Namespace) -> int:
         max_jobs_per_key=args.max_jobs_per_key,
         max_tokens_per_key=args.max_tokens_per_key,
         settings=Settings(
-            cors_origin_regex=args.cors_origin_regex, coalesce_window_ms=args.coalesce_ms
+            cors_origin_regex=args.cors_origin_regex,
+            coalesce_window_ms=args.coalesce_ms,
+            cached_runs=args.cached_runs,
         ),
     )
     try:
@@ -148,6 +150,12 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=Settings().coalesce_window_ms,
         help="how long concurrent requests wait to share a forward pass (0: never)",
+    )
+    serve.add_argument(
+        "--cached-runs",
+        type=int,
+        default=Settings().cached_runs,
+        help="runs kept to answer identical inputs again without a forward pass (0: none)",
     )
     serve.add_argument(
         "--cors-origin-regex",
