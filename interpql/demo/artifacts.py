@@ -73,6 +73,7 @@ def save_demo_model(root: Path, cfg: GPT2Config, state: StateDict, used_ids: tor
     tensors["vocab.unused_unembed_row"] = unused_row.reshape(-1).to(torch.float16)
     root.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(root / WEIGHTS_FILE), metadata={"format": "interpql-demo-model-1"})
+    (root / WEIGHTS_FILE).chmod(0o644)  # safetensors writes 0600; installed copies must be readable
     (root / CONFIG_FILE).write_text(json.dumps(tdb_config_to_json(cfg), indent=2) + "\n")
 
 

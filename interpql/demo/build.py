@@ -63,7 +63,6 @@ QUICK = BuildConfig(
         attn_latents=64,
         train_tokens=16_384,
         eval_tokens=8_192,
-        batch_size=256,
         resample_every=20,
     ),
     heldout_eval_tokens=16_384,

@@ -1,0 +1,147 @@
+"""The shipped demo (interpql/demo/tiny-stdlib), checked against recomputations: its held-out
+loss beats the bigram baseline, some neurons are recognisable, its autoencoders reconstruct,
+its records agree with a fresh pass over the held-out tokens, and it is served by default."""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from interpql.backends.base import AutoencoderInput, ForwardRequest, HookPoint, Location
+from interpql.backends.gpt2 import NativeGPT2Backend
+from interpql.backends.gpt2.loading import build_model
+from interpql.bootstrap import ServeOptions, build_services
+from interpql.demo.artifacts import (
+    DEMO_DIR,
+    artifact_bytes,
+    load_demo_autoencoders,
+    load_demo_metrics,
+    load_demo_model,
+)
+from interpql.demo.records import RecordStore
+from interpql.server import create_app
+from tests.conftest import graphql
+
+# Floors stated here, checked below.
+PURITY = 0.8  # share of a neuron's top examples that peak on one and the same token
+FVE_FLOOR = 0.5  # fraction of variance the autoencoders explain on held-out activations
+
+
+@pytest.fixture(scope="module")
+def backend() -> NativeGPT2Backend:
+    cfg, state = load_demo_model()
+    return NativeGPT2Backend(build_model(cfg, state))
+
+
+@pytest.fixture(scope="module")
+def store() -> RecordStore:
+    return RecordStore.load(DEMO_DIR / "records")
+
+
+def windows(store: RecordStore, n_ctx: int, count: int) -> list[tuple[int, ...]]:
+    tokens = store.tokens.astype(np.int64)
+    return [tuple(tokens[i * n_ctx : (i + 1) * n_ctx].tolist()) for i in range(count)]
+
+
+def test_size_and_load_time() -> None:
+    assert artifact_bytes()["total"] <= 30 * 2**20
+    started = time.perf_counter()
+    build_services(ServeOptions(explanation_store=":memory:"))
+    assert time.perf_counter() - started <= 2.0
+
+
+STATS_LAYER, STATS_NODES = 2, [0, 17, 101]
+
+
+@pytest.fixture(scope="module")
+def full_pass(backend: NativeGPT2Backend, store: RecordStore) -> dict[str, Any]:
+    """One pass over every held-out window: the next-token loss of each, and the layer's MLP
+    activations of a few nodes at every token."""
+    n_ctx = backend.architecture.n_ctx
+    all_windows = windows(store, n_ctx, len(store.tokens) // n_ctx)
+    point = HookPoint(STATS_LAYER, Location.MLP_POST)
+    losses, acts = [], []
+    for start in range(0, len(all_windows), 8):
+        batch = tuple(all_windows[start : start + 8])
+        result = backend.run(ForwardRequest(tokens=batch, save=frozenset({point})))
+        losses.append(result.next_token_loss.double())
+        acts.append(
+            result.activations[point][:, :, STATS_NODES].reshape(-1, len(STATS_NODES)).double()
+        )
+    return {"loss": float(torch.cat(losses).mean()), "acts": torch.cat(acts).numpy()}
+
+
+def test_heldout_loss_beats_the_bigram_baseline(full_pass: dict[str, Any]) -> None:
+    metrics = load_demo_metrics()["heldout"]
+    # Recomputed here over the whole held-out split, with the full vocabulary.
+    assert full_pass["loss"] == pytest.approx(metrics["model_loss"], abs=0.01)
+    assert full_pass["loss"] < metrics["bigram_loss"] < metrics["unigram_loss"]
+
+
+def test_a_neuron_fires_on_one_token(store: RecordStore) -> None:
+    pure = []
+    for layer in range(4):
+        arrays = store.arrays("mlp_neuron", layer)
+        for index in range(len(arrays["mean"])):
+            record = store.node_record("mlp_neuron", layer, index)
+            peaks = [
+                e.token_ids[int(np.argmax(e.activations))] for e in record.top if e.offset >= 0
+            ]
+            token, count = collections.Counter(peaks).most_common(1)[0]
+            if len(peaks) >= 8 and count / len(peaks) >= PURITY:
+                pure.append((layer, index, token))
+    assert pure, "no neuron whose top examples peak on one token"
+
+
+def test_autoencoders_reconstruct(backend: NativeGPT2Backend, store: RecordStore) -> None:
+    autoencoders = load_demo_autoencoders()
+    inputs = {"mlp_post_act": Location.MLP_POST, "resid_delta_attn": Location.ATTN_OUT}
+    points = {key: HookPoint(layer, inputs[kind]) for key in autoencoders for kind, layer in [key]}
+    result = backend.run(
+        ForwardRequest(
+            tokens=tuple(windows(store, backend.architecture.n_ctx, 8)),
+            save=frozenset(points.values()),
+        )
+    )
+    for key, ae in autoencoders.items():
+        x = result.activations[points[key]].reshape(-1, ae.n_inputs).float()
+        reconstruction = ae.decode(ae.encode(x))
+        fve = 1 - float(((x - reconstruction) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+        assert fve >= FVE_FLOOR, (key, fve)
+        AutoencoderInput(key[0])  # named as openai/sparse_autoencoder names its inputs
+
+
+def test_record_statistics_agree_with_a_fresh_pass(
+    full_pass: dict[str, Any], store: RecordStore
+) -> None:
+    for column, index in enumerate(STATS_NODES):
+        record = store.node_record("mlp_neuron", STATS_LAYER, index)
+        a = full_pass["acts"][:, column]
+        assert record.stats.mean == pytest.approx(a.mean(), rel=1e-3, abs=1e-5)
+        assert record.stats.variance == pytest.approx(a.var(), rel=1e-3, abs=1e-6)
+        assert record.stats.max == pytest.approx(a.max(), rel=2e-3)
+        top = max(max(e.activations) for e in record.top if e.offset >= 0)
+        assert top == pytest.approx(a.max(), rel=2e-3)  # float16 in the store
+
+
+async def test_served_by_default_with_records_and_explanations() -> None:
+    services = build_services(ServeOptions(explanation_store=":memory:"))
+    transport = httpx.ASGITransport(app=create_app(services))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        body: dict[str, Any] = await graphql(
+            client,
+            """{ models { name autoencoders { kind layer nLatents } }
+                 node(id: "tiny-stdlib/mlp_neuron/1/0") { topActivations(first: 2) { tokens }
+                   bestExplanation { text score } statistics { max } } }""",
+        )
+    assert body["data"]["models"][0]["name"] == "tiny-stdlib"
+    assert len(body["data"]["models"][0]["autoencoders"]) == 8
+    node = body["data"]["node"]
+    assert node["topActivations"] and node["statistics"]["max"] > 0
+    services.registry.close()
