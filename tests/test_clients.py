@@ -80,5 +80,9 @@ def test_typescript_client_generates_type_checks_and_runs(
     node_id = f"{model['name']}/mlp_neuron/1/7"
     output = run([node, str(tmp_path / "example.js"), graphql_url, node_id, "def f(x):"])
     assert output.startswith(f"{node_id}: MLP_NEURON in layer 1 of {model['name']}\n")
-    assert "explanation: none stored" in output
+    best = httpx.post(
+        graphql_url,
+        json={"query": f'{{ node(id: "{node_id}") {{ bestExplanation {{ text }} }} }}'},
+    ).json()["data"]["node"]["bestExplanation"]
+    assert f"explanation: {best['text'] if best else 'none stored'}\n" in output
     assert '"(" ' in output and "max " in output

@@ -145,3 +145,24 @@ async def test_served_by_default_with_records_and_explanations() -> None:
     node = body["data"]["node"]
     assert node["topActivations"] and node["statistics"]["max"] > 0
     services.registry.close()
+
+
+async def test_a_thousand_nodes_cost_one_read_per_field_kind() -> None:
+    services = build_services(ServeOptions(explanation_store=":memory:"))
+    source = services.registry.get("tiny-stdlib").sources[0]
+    reads: list[str] = []
+    records, explanations = source.read_records, source.read_explanations
+    source.read_records = lambda nodes: reads.append("records") or records(nodes)  # type: ignore[method-assign]
+    source.read_explanations = lambda nodes: reads.append("explanations") or explanations(nodes)  # type: ignore[method-assign]
+    ids = [f"tiny-stdlib/mlp_neuron/{layer}/{i}" for layer in range(4) for i in range(250)]
+    transport = httpx.ASGITransport(app=create_app(services))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        body = await graphql(
+            client,
+            "query($ids: [ID!]!) { nodes(ids: $ids) { topActivations(first: 5) { tokens activations } "
+            "bestExplanation { text score } } }",
+            {"ids": ids},
+        )
+    assert len(body["data"]["nodes"]) == 1000
+    assert sorted(reads) == ["explanations", "records"]
+    services.registry.close()

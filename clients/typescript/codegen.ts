@@ -12,7 +12,11 @@ const config: CodegenConfig = {
         documentMode: "string",
         useTypeImports: true,
         enumsAsTypes: true,
-        scalars: { ID: "string", FloatArray: "number[] | number[][] | number[][][]" },
+        scalars: {
+          ID: "string",
+          FloatArray: "number[] | number[][] | number[][][]",
+          StringArray: "string[]",
+        },
       },
       presetConfig: { fragmentMasking: false },
     },

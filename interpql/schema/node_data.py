@@ -7,6 +7,7 @@ import strawberry
 from interpql.loaders.sources import ExplanationData
 from interpql.loaders.sources import NodeStatistics as NodeStatisticsData
 from interpql.resolvers.node_data import ExampleView
+from interpql.schema.scalars import FloatArray, StringArray
 
 
 @strawberry.type(description="A dataset example: a window of tokens with the node's activations.")
@@ -14,8 +15,8 @@ class ActivationRecord:
     view: strawberry.Private[ExampleView]
 
     @strawberry.field(description="The window's tokens, as text.")
-    def tokens(self) -> list[str]:
-        return list(self.view.tokens)
+    def tokens(self) -> StringArray:
+        return StringArray(self.view.tokens)
 
     @strawberry.field(
         description="The window's token ids; null where the source keeps only the text."
@@ -23,15 +24,17 @@ class ActivationRecord:
     def token_ids(self) -> list[int] | None:
         return None if self.view.token_ids is None else list(self.view.token_ids)
 
-    @strawberry.field(description="The node's activation at each token.")
-    def activations(self) -> list[float]:
-        return list(self.view.activations)
+    @strawberry.field(description="The node's activation at each token (a list of floats).")
+    def activations(self) -> FloatArray:
+        return FloatArray(list(self.view.activations))
 
     @strawberry.field(
-        description="Activations on OpenAI's 0-10 scale, relative to the node's top activation."
+        description=(
+            "Activations on OpenAI's 0-10 scale (integers), relative to the node's top activation."
+        )
     )
-    def normalized_activations(self) -> list[int]:
-        return self.view.normalized
+    def normalized_activations(self) -> FloatArray:
+        return FloatArray(self.view.normalized)
 
     @strawberry.field(description="The largest activation in this window.")
     def max_activation(self) -> float:

@@ -10,6 +10,7 @@ import strawberry
 from strawberry.types.scalar import ScalarDefinition
 
 FloatArray = NewType("FloatArray", object)
+StringArray = NewType("StringArray", object)
 
 
 def _serialize_array(value: Any) -> Any:
@@ -29,5 +30,14 @@ SCALARS: dict[object, ScalarDefinition] = {
         ),
         serialize=_serialize_array,
         parse_value=lambda value: value,
-    )
+    ),
+    StringArray: strawberry.scalar(
+        name="StringArray",
+        description=(
+            "A JSON array of strings, e.g. the tokens of a dataset example. One scalar rather "
+            "than [String] keeps answers about thousands of nodes fast."
+        ),
+        serialize=lambda value: list(value),
+        parse_value=lambda value: value,
+    ),
 }
