@@ -71,12 +71,7 @@ class Query:
         ]
         last = start + len(hits) - 1 if hits else None
         return SearchConnection(
-            edges=edges,
-            page_info=PageInfo(
-                has_next_page=last is not None and last + 1 < total,
-                end_cursor=None if last is None else str(last),
-            ),
-            total_count=total,
+            edges=edges, page_info=PageInfo.after(last, total), total_count=total
         )
 
     @strawberry.field(description="A job (explaining or scoring a node) by id.")

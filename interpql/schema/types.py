@@ -204,6 +204,14 @@ class PageInfo:
     has_next_page: bool = strawberry.field(description="Whether more items follow.")
     end_cursor: str | None = strawberry.field(description="Cursor of the last item.")
 
+    @classmethod
+    def after(cls, last: int | None, total: int) -> PageInfo:
+        """A page whose last item is at position `last` (None: an empty page) of `total`."""
+        return cls(
+            has_next_page=last is not None and last + 1 < total,
+            end_cursor=None if last is None else str(last),
+        )
+
 
 @strawberry.type(description="A page of nodes (Relay cursor connection).")
 class NodeConnection:
@@ -244,14 +252,7 @@ class Layer:
         )
         edges = [NodeEdge(cursor=str(position), node=Node(ref=r)) for position, r in page]
         last = page[-1][0] if page else None
-        return NodeConnection(
-            edges=edges,
-            page_info=PageInfo(
-                has_next_page=last is not None and last + 1 < total,
-                end_cursor=None if last is None else str(last),
-            ),
-            total_count=total,
-        )
+        return NodeConnection(edges=edges, page_info=PageInfo.after(last, total), total_count=total)
 
 
 @strawberry.type(description="A node with a similarity.")

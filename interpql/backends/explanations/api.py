@@ -83,7 +83,21 @@ def _count(usage: Any, on_usage: UsageCallback | None) -> None:
         on_usage(int(getattr(usage, "total_tokens", 0) or 0))
 
 
-class OpenAIExplainer:
+class _ApiCaller:
+    """What every caller of the API holds: its settings, a client and where usage goes."""
+
+    def __init__(
+        self,
+        settings: ApiSettings,
+        on_usage: UsageCallback | None,
+        client: openai.AsyncOpenAI | None,
+    ) -> None:
+        self._settings = settings
+        self._on_usage = on_usage
+        self._client = client or settings.client()
+
+
+class OpenAIExplainer(_ApiCaller):
     def __init__(
         self,
         settings: ApiSettings,
@@ -91,11 +105,9 @@ class OpenAIExplainer:
         on_usage: UsageCallback | None = None,
         client: openai.AsyncOpenAI | None = None,
     ) -> None:
+        super().__init__(settings, on_usage, client)
         self.name = settings.explainer_model
-        self._settings = settings
         self._n = n_explanations
-        self._on_usage = on_usage
-        self._client = client or settings.client()
 
     def prompt(self, examples: Sequence[ActivationExample]) -> list[dict[str, str]]:
         return [
@@ -136,7 +148,7 @@ _SIMULATE_SYSTEM = (
 )
 
 
-class JsonSimulator:
+class JsonSimulator(_ApiCaller):
     def __init__(
         self,
         settings: ApiSettings,
@@ -144,11 +156,9 @@ class JsonSimulator:
         on_usage: UsageCallback | None = None,
         client: openai.AsyncOpenAI | None = None,
     ) -> None:
+        super().__init__(settings, on_usage, client)
         self.name = f"{settings.simulator_model} (json)"
-        self._settings = settings
         self._attempts = attempts
-        self._on_usage = on_usage
-        self._client = client or settings.client()
 
     def prompt(self, explanation: str, tokens: Sequence[str]) -> list[dict[str, str]]:
         listed = "\n".join(f"{i}\t{t}" for i, t in enumerate(tokens))
@@ -204,17 +214,15 @@ def parse_activations(answer: str, n_tokens: int) -> list[float]:
 _DIGITS = [str(d) for d in range(11)]
 
 
-class LogprobSimulator:
+class LogprobSimulator(_ApiCaller):
     def __init__(
         self,
         settings: ApiSettings,
         on_usage: UsageCallback | None = None,
         client: openai.AsyncOpenAI | None = None,
     ) -> None:
+        super().__init__(settings, on_usage, client)
         self.name = f"{settings.simulator_model} (logprobs)"
-        self._settings = settings
-        self._on_usage = on_usage
-        self._client = client or settings.client()
 
     def prompt(self, explanation: str, tokens: Sequence[str]) -> str:
         lines = "\n".join(f"{t}\tunknown" for t in tokens)
