@@ -135,6 +135,10 @@ async def test_explain_node_through_the_api(
     assert result["text"] == EXPLANATION and result["source"] == "generated"
     assert result["explainerModel"] == "gpt-4o-mini"
     assert result["score"] == pytest.approx(expected_score(held_out_truth(records_dir)), abs=1e-9)
+    # Calibration is kept with the explanation's provenance.
+    assert services.explaining is not None
+    [stored] = services.explaining.store.all()
+    assert -10 < stored.provenance["calibrated_rsquared"] <= 1
     # The explainer saw the node's top records, on the 0-10 scale.
     record = RecordStore.load(records_dir / "records").node_record("mlp_neuron", 1, 7)
     prompt = fake.calls("chat")[0]["messages"][1]["content"]
@@ -435,3 +439,16 @@ def test_serve_command_wires_sources_keys_and_the_api(tmp_path: Path, fake: Fake
             time.sleep(0.05)
         assert job["status"] == "SUCCEEDED", job
         assert job["result"] == [{"text": EXPLANATION}]
+
+
+def test_calibration_is_an_out_of_sample_rsquared() -> None:
+    from interpql.backends.explanations.scoring import calibrated_rsquared
+
+    true = [[0.0, 1.0, 2.0], [0.0, 2.0, 4.0], [1.0, 1.0, 3.0], [0.5, 2.5, 4.5]]
+    simulated = [[0.0, 5.0, 10.0], [1.0, 2.0, 8.0], [0.0, 3.0, 9.0], [2.0, 6.0, 9.0]]
+    slope, intercept = np.polyfit(np.concatenate(simulated[0::2]), np.concatenate(true[0::2]), 1)
+    test_t, test_s = np.concatenate(true[1::2]), np.concatenate(simulated[1::2])
+    residual = test_t - (slope * test_s + intercept)
+    expected = 1 - (residual @ residual) / ((test_t - test_t.mean()) @ (test_t - test_t.mean()))
+    assert calibrated_rsquared(true, simulated) == pytest.approx(expected)
+    assert calibrated_rsquared(true[:1], simulated[:1]) == 0.0

@@ -142,7 +142,7 @@ class ExplanationService:
                     s.simulator,
                     explainer.name,
                     request_key,
-                    provenance,
+                    provenance | {"calibrated_rsquared": s.rsquared},
                 )
                 for s in scored
             ]
@@ -164,7 +164,11 @@ class ExplanationService:
             _, simulator = self._models(method, key_id, 1)
             progress(0.1, f"simulating {len(held_out)} examples with {simulator.name}")
             scored = await score_explanation(simulator, text, held_out)
-            provenance = {"held_out": len(held_out), "method": method}
+            provenance = {
+                "held_out": len(held_out),
+                "method": method,
+                "calibrated_rsquared": scored.rsquared,
+            }
             return [
                 self._store(
                     node, text, scored.score, scored.simulator, "user", request_key, provenance

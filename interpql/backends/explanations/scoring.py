@@ -35,6 +35,31 @@ def correlation_score(
     return score if math.isfinite(score) else 0.0
 
 
+def calibrated_rsquared(
+    true: Sequence[Sequence[float]], simulated: Sequence[Sequence[float]]
+) -> float:
+    """Calibration: a simulator's scale is arbitrary, so its predictions are mapped onto the
+    true activations by least squares (true ~ a * simulated + b), fitted on the even-numbered
+    sequences; the score is the share of the odd-numbered sequences' variance that the
+    calibrated predictions explain (R^2, out of sample; can be negative). With fewer than two
+    sequences, or constant data on either half, it is 0.
+    """
+    if len(true) < 2:
+        return 0.0
+    fit_t, fit_s = _pooled(true[0::2]), _pooled(simulated[0::2])
+    test_t, test_s = _pooled(true[1::2]), _pooled(simulated[1::2])
+    if len(fit_t) < 2 or np.ptp(fit_s) == 0 or len(test_t) < 2 or np.ptp(test_t) == 0:
+        return 0.0
+    slope, intercept = np.polyfit(fit_s, fit_t, 1)
+    residual = test_t - (slope * test_s + intercept)
+    total = test_t - test_t.mean()
+    return float(1.0 - (residual @ residual) / (total @ total))
+
+
+def _pooled(sequences: Sequence[Sequence[float]]) -> np.ndarray:
+    return np.concatenate([np.asarray(s, dtype=np.float64) for s in sequences] or [np.zeros(0)])
+
+
 @dataclass(frozen=True)
 class ScoredSequence:
     tokens: list[str]
@@ -48,10 +73,11 @@ class ScoredExplanation:
     score: float
     simulator: str
     sequences: tuple[ScoredSequence, ...]
+    rsquared: float = 0.0  # `calibrated_rsquared`
 
     def to_tdb_json(self) -> dict[str, Any]:
         """Transformer Debugger's ScoredExplanation, with each sequence's simulation."""
-        return tdb_scored_explanation(
+        scored = tdb_scored_explanation(
             self.explanation,
             self.score,
             [
@@ -76,6 +102,8 @@ class ScoredExplanation:
                 for seq in self.sequences
             ],
         )
+        scored["scored_simulation"]["rsquared_score"] = self.rsquared
+        return scored
 
 
 def tdb_scored_explanation(
@@ -116,4 +144,5 @@ async def score_explanation(
         ScoredSequence(e.tokens, e.activations, list(p))
         for e, p in zip(held_out, simulated, strict=True)
     )
-    return ScoredExplanation(explanation, score, simulator.name, sequences)
+    rsquared = calibrated_rsquared([e.activations for e in held_out], simulated)
+    return ScoredExplanation(explanation, score, simulator.name, sequences, rsquared)
