@@ -10,7 +10,7 @@ from enum import Enum
 import numpy as np
 
 from interpql.backends.base import LossKind, LossSpec
-from interpql.errors import InvalidInputError, UnavailableError, check_range, invalid_argument
+from interpql.errors import InvalidInputError, check_range, invalid_argument
 from interpql.loaders.inference import ActivationNeeds, LayerKind, PromptRun
 from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.registry import ModelEntry
@@ -156,25 +156,6 @@ async def top_nodes(
         bottom=scored(order[::-1][:k]),
         token_sums=per_token.sum(axis=1).tolist(),
     )
-
-
-async def node_scores_at(
-    ctx: RequestContext, prompt: Prompt, node: NodeRef, group: Group
-) -> np.ndarray:
-    """One node's value of `group` at every token."""
-    result = await run(ctx, prompt, group_needs(group, [(node.layer, node.kind)]))
-    return _group_values(result, (node.layer, node.kind), group)[:, node.index]
-
-
-async def token_pair_attribution(ctx: RequestContext, prompt: Prompt, node: NodeRef) -> np.ndarray:
-    """[query, key] for an attention head."""
-    if node.kind is not NodeKind.ATTENTION_HEAD:
-        raise invalid_argument("Token-pair attribution is defined for attention heads.")
-    result = await run(ctx, prompt, ActivationNeeds(pattern_layers=frozenset({node.layer})))
-    found = result.pair_attributions.get(node.layer)
-    if found is None:
-        raise UnavailableError("This model's attention heads share values: no pair attribution.")
-    return found[:, node.index, :]
 
 
 async def objective(ctx: RequestContext, prompt: Prompt) -> float:
