@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.registry import ModelEntry, ModelRegistry
 from interpql.loaders.sources import ExplanationStore, TdbFolderSource
 from interpql.server import create_app
+from tests import processes
 from tests.conftest import SMALL, CountingBackend, error_codes, graphql
 
 
@@ -221,38 +219,8 @@ async def test_many_nodes_one_read_per_field_kind(
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    executable = shutil.which("redis-server")
-    assert executable, "redis-server is installed by the Makefile"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [
-            executable,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0", process
-    process.terminate()
-    process.wait(timeout=10)
+    with processes.redis_server(tmp_path) as running:
+        yield running
 
 
 async def test_redis_cache_same_answers_and_survives_redis_dying(
