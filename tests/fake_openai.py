@@ -3,7 +3,7 @@ speaks the chat-completions (and legacy completions) protocol, answering from a 
 
 Each request is recorded; its answer comes from the next scripted step for that endpoint, or
 from the default responder when the script is empty. A step is a function of the request body
-returning (status, body, delay in seconds).
+returning (status, body, delay): seconds, or a threading.Event the answer waits for.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-Step = Callable[[dict[str, Any]], tuple[int, dict[str, Any], float]]
+Step = Callable[[dict[str, Any]], tuple[int, dict[str, Any], float | threading.Event]]
 
 
 def chat_answer(*contents: str, tokens: int = 20) -> dict[str, Any]:
@@ -99,7 +99,9 @@ class FakeOpenAI:
         step = self.script[endpoint].popleft() if self.script[endpoint] else self.default[endpoint]
         assert step is not None, f"nothing scripted for {endpoint}"
         code, payload, delay = step(body)
-        if delay:
+        if isinstance(delay, threading.Event):
+            await asyncio.to_thread(delay.wait, 60)
+        elif delay:
             await asyncio.sleep(delay)
         return JSONResponse(payload, status_code=code, headers={"retry-after-ms": "10"})
 

@@ -155,7 +155,7 @@ async def test_explain_node_through_the_api(
         client, '{ searchNodes(text: "closing brackets") { edges { node { id } } } }'
     )
     assert NODE in [e["node"]["id"] for e in found["data"]["searchNodes"]["edges"]]
-    assert services.jobs.usage("key-" + hash_key(KEY)[:12]).tokens > 0
+    assert (await services.jobs.usage("key-" + hash_key(KEY)[:12])).tokens > 0
 
 
 async def test_identical_requests_are_served_from_the_store(

@@ -113,7 +113,7 @@ class ExplanationService:
         described["text"] = text
         return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
-    def submit_explain(
+    async def submit_explain(
         self, entry: ModelEntry, node: NodeRef, options: ExplainOptions, key_id: str
     ) -> Job:
         method = self._method(options.method)
@@ -147,9 +147,9 @@ class ExplanationService:
                 for s in scored
             ]
 
-        return self.jobs.submit("explain", node.id, key_id, work)
+        return await self.jobs.submit("explain", node.id, key_id, work)
 
-    def submit_score(
+    async def submit_score(
         self, entry: ModelEntry, node: NodeRef, text: str, options: ScoreOptions, key_id: str
     ) -> Job:
         method = self._method(options.method)
@@ -175,7 +175,7 @@ class ExplanationService:
                 )
             ]
 
-        return self.jobs.submit("score", node.id, key_id, work)
+        return await self.jobs.submit("score", node.id, key_id, work)
 
     def _store(
         self,

@@ -14,9 +14,7 @@ METHODS = ("auto", "api", "baseline")
 
 
 def _authorized(ctx: RequestContext) -> str:
-    request = ctx.request
-    header = None if request is None else request.headers.get("authorization")
-    return ctx.services.api_keys.require(header)
+    return ctx.services.api_keys.require(ctx.authorization)
 
 
 def _service(ctx: RequestContext) -> ExplanationService:
@@ -31,7 +29,7 @@ def _check_method(method: str) -> None:
         raise invalid_argument(f"method must be one of {', '.join(METHODS)}.")
 
 
-def explain_node(ctx: RequestContext, node_id: str, options: ExplainOptions) -> Job:
+async def explain_node(ctx: RequestContext, node_id: str, options: ExplainOptions) -> Job:
     key_id = _authorized(ctx)
     _check_method(options.method)
     check_range("examples", options.examples, 1, 101)
@@ -39,10 +37,12 @@ def explain_node(ctx: RequestContext, node_id: str, options: ExplainOptions) -> 
     check_range("heldOutRandom", options.held_out_random, 0, 101)
     node = node_from_id(ctx, node_id)
     entry = ctx.registry.get(node.model)
-    return _service(ctx).submit_explain(entry, node, options, key_id)
+    return await _service(ctx).submit_explain(entry, node, options, key_id)
 
 
-def score_explanation(ctx: RequestContext, node_id: str, text: str, options: ScoreOptions) -> Job:
+async def score_explanation(
+    ctx: RequestContext, node_id: str, text: str, options: ScoreOptions
+) -> Job:
     key_id = _authorized(ctx)
     _check_method(options.method)
     check_range("heldOutRandom", options.held_out_random, 0, 101)
@@ -50,11 +50,11 @@ def score_explanation(ctx: RequestContext, node_id: str, text: str, options: Sco
         raise invalid_argument("The explanation must be 1-2000 characters.")
     node = node_from_id(ctx, node_id)
     entry = ctx.registry.get(node.model)
-    return _service(ctx).submit_score(entry, node, text.strip(), options, key_id)
+    return await _service(ctx).submit_score(entry, node, text.strip(), options, key_id)
 
 
-def job(ctx: RequestContext, job_id: str) -> Job:
-    return ctx.services.jobs.get(job_id)
+async def job(ctx: RequestContext, job_id: str) -> Job:
+    return await ctx.services.jobs.get(job_id)
 
 
 def follow(ctx: RequestContext, job_id: str) -> AsyncIterator[JobEvent]:

@@ -105,14 +105,14 @@ class Mutation:
             "'Authorization: Bearer <key>'."
         )
     )
-    def explain_node(
+    async def explain_node(
         self, info: Info, node_id: strawberry.ID, options: ExplainOptionsInput | None = None
     ) -> Job:
         given = options or ExplainOptionsInput()
         parsed = ExplainOptions(
             given.method, given.examples, given.explanations, given.held_out_random
         )
-        return Job(data=job_resolvers.explain_node(info.context, str(node_id), parsed))
+        return Job(data=await job_resolvers.explain_node(info.context, str(node_id), parsed))
 
     @strawberry.mutation(
         description=(
@@ -120,7 +120,7 @@ class Mutation:
             "is stored. Needs 'Authorization: Bearer <key>'."
         )
     )
-    def score_explanation(
+    async def score_explanation(
         self,
         info: Info,
         node_id: strawberry.ID,
@@ -129,11 +129,12 @@ class Mutation:
     ) -> Job:
         given = options or ScoreOptionsInput()
         parsed = ScoreOptions(given.method, given.held_out_random)
-        return Job(data=job_resolvers.score_explanation(info.context, str(node_id), text, parsed))
+        data = await job_resolvers.score_explanation(info.context, str(node_id), text, parsed)
+        return Job(data=data)
 
 
-def job(info: Info, id: strawberry.ID) -> Job:
-    return Job(data=job_resolvers.job(info.context, str(id)))
+async def job(info: Info, id: strawberry.ID) -> Job:
+    return Job(data=await job_resolvers.job(info.context, str(id)))
 
 
 async def job_updates(info: Info, id: strawberry.ID) -> AsyncGenerator[JobEvent, None]:

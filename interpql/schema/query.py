@@ -75,8 +75,8 @@ class Query:
         )
 
     @strawberry.field(description="A job (explaining or scoring a node) by id.")
-    def job(self, info: Info, id: strawberry.ID) -> Job:
-        return job(info, id)
+    async def job(self, info: Info, id: strawberry.ID) -> Job:
+        return await job(info, id)
 
     @strawberry.field(description="Several nodes by id, in the order given.")
     def nodes(self, info: Info, ids: list[strawberry.ID]) -> list[Node]:
