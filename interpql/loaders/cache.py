@@ -50,6 +50,9 @@ class NodeDataCache:
         self.timeout_s = timeout_s
         self._backend: BaseCache = _backend(url, max_entries)
         self._failing = False
+        # Keys looked up and found or not since start-up, for the metrics.
+        self.hits = 0
+        self.misses = 0
 
     async def get_many(self, keys: list[str]) -> list[Any | None]:
         if not keys:
@@ -58,8 +61,12 @@ class NodeDataCache:
             raw = await asyncio.wait_for(self._backend.multi_get(keys), self.timeout_s)
         except Exception as exc:
             self._report(exc)
+            self.misses += len(keys)
             return [None] * len(keys)
         self._recovered()
+        found = sum(value is not None for value in raw)
+        self.hits += found
+        self.misses += len(keys) - found
         return [None if value is None else orjson.loads(value) for value in raw]
 
     async def set_many(self, pairs: list[tuple[str, Any]]) -> None:

@@ -1,0 +1,137 @@
+"""Prometheus metrics, served at GET /metrics in the text exposition format.
+
+Every app owns its own `CollectorRegistry` (never prometheus_client's global one), so several
+apps in one process (tests) count separately. Requests and passes are counted as they end;
+what services already hold (jobs, the node-data cache, the process) is read at each scrape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from interpql.loaders.inference_stats import InferenceStats
+from interpql.resolvers.context import Services
+
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    def __init__(self, services: Services) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.requests = Counter(
+            "interpql_graphql_requests",
+            "GraphQL operations by type and outcome: ok, or the code of the first error.",
+            ["operation_type", "outcome"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "interpql_graphql_errors",
+            "Errors in GraphQL responses, by code.",
+            ["code"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "interpql_graphql_request_duration_seconds",
+            "How long GraphQL operations took, from request to response.",
+            ["operation_type"],
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "interpql_graphql_requests_in_flight",
+            "GraphQL operations running now (subscriptions while they stream).",
+            registry=registry,
+        )
+        self.pass_seconds = Histogram(
+            "interpql_inference_pass_duration_seconds",
+            "Time on the model's worker per batched pass (forward, and backward when asked).",
+            ["model"],
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.pass_rows = Histogram(
+            "interpql_inference_batch_size",
+            "Prompts (rows) per pass.",
+            ["model"],
+            buckets=ROWS_BUCKETS,
+            registry=registry,
+        )
+        self.coalesced_rows = Counter(
+            "interpql_inference_coalesced_rows",
+            "Prompts that ran in one pass with other requests' prompts.",
+            registry=registry,
+        )
+        self.run_cache = Counter(
+            "interpql_run_cache_lookups",
+            "Lookups of earlier requests' runs (--cached-runs): hit or miss.",
+            ["result"],
+            registry=registry,
+        )
+        ProcessCollector(registry=registry)  # process_resident_memory_bytes, CPU, open files
+        registry.register(_ServicesCollector(services))
+        if services.runner is not None:
+            services.runner.pass_observers.append(self.observe_pass)
+
+    def observe_pass(self, model: str, rows: int, seconds: float) -> None:
+        self.pass_seconds.labels(model).observe(seconds)
+        self.pass_rows.labels(model).observe(rows)
+
+    def observe_request(
+        self, operation_type: str, error_codes: list[str], seconds: float, stats: InferenceStats
+    ) -> None:
+        outcome = error_codes[0] if error_codes else "ok"
+        self.requests.labels(operation_type, outcome).inc()
+        for code in error_codes:
+            self.errors.labels(code).inc()
+        self.request_seconds.labels(operation_type).observe(seconds)
+        self.coalesced_rows.inc(stats.coalesced_rows)
+        self.run_cache.labels("hit").inc(stats.run_cache_hits)
+        self.run_cache.labels("miss").inc(stats.run_cache_misses)
+
+    def route(self) -> Route:
+        async def metrics(_: Request) -> Response:
+            return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+        return Route("/metrics", metrics, methods=["GET"])
+
+
+class _ServicesCollector(Collector):
+    """What the services hold, read at each scrape."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily(
+            "interpql_jobs", "Explaining and scoring jobs by status.", labels=["status"]
+        )
+        for status, count in self._services.jobs.counts().items():
+            jobs.add_metric([status.value], count)
+        yield jobs
+        cache = self._services.cache
+        if cache is not None:
+            lookups = CounterMetricFamily(
+                "interpql_node_data_cache_lookups",
+                "Node data (records, explanations) of slow sources looked up in the cache.",
+                labels=["result"],
+            )
+            lookups.add_metric(["hit"], cache.hits)
+            lookups.add_metric(["miss"], cache.misses)
+            yield lookups
