@@ -208,6 +208,9 @@ class ForwardResult:
     elapsed_s: float = 0.0
     memory_before_bytes: int = 0
     memory_after_bytes: int = 0
+    # Rows of the whole pass when the backend ran this request together with other callers'
+    # (a Ray Serve deployment does); None: the pass was this request's alone.
+    pass_rows: int | None = None
 
 
 class Tokenizer(Protocol):

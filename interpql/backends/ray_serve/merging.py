@@ -1,0 +1,185 @@
+"""Several callers' forward requests as one pass, and the pass's result split back per caller.
+
+Requests merge when their request-wide switches are equal: the loss of the backward pass, the
+trace, the autoencoder error term and, without the error term, which autoencoders are spliced
+in (splicing one in then changes every row's computation; with the error term it changes
+nothing). Saved points are unioned; each caller's interventions and additions move to its own
+rows, those for "every prompt" becoming one per row of that caller. Rows of a causal model with
+right padding are independent, so each caller gets what it would have got alone: its rows,
+padded to its own longest prompt, and only the points it asked for. A request whose indices
+point past its own rows or tokens runs alone, where it fails as it would have anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import replace
+
+import torch
+
+from interpql.backends.base import (
+    Addition,
+    ForwardRequest,
+    ForwardResult,
+    HookPoint,
+    Intervention,
+    Location,
+)
+
+_LATENTS = frozenset({Location.MLP_AE_LATENTS, Location.ATTN_AE_LATENTS})
+_KEY_AXIS = frozenset({Location.ATTN_SCORES, Location.ATTN_PROBS})  # [batch, query, head, key]
+
+
+def merge_key(request: ForwardRequest) -> Hashable:
+    spliced: frozenset[HookPoint] = frozenset()
+    if not request.autoencoder_error_term:
+        touched = (
+            request.save
+            | request.save_grads
+            | {iv.point for iv in request.interventions}
+            | {add.point for add in request.additions}
+        )
+        spliced = frozenset(p for p in touched if p.location in _LATENTS)
+    return (request.backward, request.trace, request.autoencoder_error_term, spliced)
+
+
+def plan(requests: Sequence[ForwardRequest], max_length_ratio: float = 2.0) -> list[list[int]]:
+    """Indices of `requests`, grouped into passes: equal switches, and prompts of similar
+    length (the padding a pass wastes is bounded by `max_length_ratio`)."""
+    groups: dict[Hashable, list[int]] = {}
+    passes: list[list[int]] = []
+    for i, request in enumerate(requests):
+        if _fits(request):
+            groups.setdefault(merge_key(request), []).append(i)
+        else:
+            passes.append([i])
+    for members in groups.values():
+        shortest = 0
+        current: list[int] = []
+        for i in sorted(members, key=lambda i: _longest(requests[i])):
+            lengths = [len(t) for t in requests[i].tokens]
+            if current and max(lengths) <= max_length_ratio * shortest:
+                current.append(i)
+                shortest = min(shortest, *lengths)
+            else:
+                current = [i]
+                passes.append(current)
+                shortest = min(lengths)
+    return passes
+
+
+def merge(requests: Sequence[ForwardRequest]) -> ForwardRequest:
+    """One request for the rows of all `requests`, in order (their switches must be equal)."""
+    interventions: list[Intervention] = []
+    additions: list[Addition] = []
+    offset = 0
+    for request in requests:
+        rows = len(request.tokens)
+        interventions += [
+            replace(iv, prompt=offset + row)
+            for iv in request.interventions
+            for row in _rows(iv.prompt, rows)
+        ]
+        additions += [
+            replace(add, prompt=offset + row)
+            for add in request.additions
+            for row in _rows(add.prompt, rows)
+        ]
+        offset += rows
+    first = requests[0]
+    return ForwardRequest(
+        tokens=tuple(prompt for request in requests for prompt in request.tokens),
+        save=frozenset().union(*(r.save for r in requests)),
+        interventions=tuple(interventions),
+        additions=tuple(additions),
+        backward=first.backward,
+        trace=first.trace,
+        save_grads=frozenset().union(*(r.save_grads for r in requests)),
+        autoencoder_error_term=first.autoencoder_error_term,
+    )
+
+
+def split(result: ForwardResult, requests: Sequence[ForwardRequest]) -> list[ForwardResult]:
+    """Each request's part of the merged pass's `result`, on the CPU."""
+    total = sum(len(r.tokens) for r in requests)
+    parts = []
+    offset = 0
+    for request in requests:
+        rows = slice(offset, offset + len(request.tokens))
+        offset += len(request.tokens)
+        longest = _longest(request)
+        wanted = request.save | request.save_grads
+        parts.append(
+            ForwardResult(
+                lengths=result.lengths[rows],
+                logits=owned(result.logits[rows, :longest]),
+                next_token_loss=owned(result.next_token_loss[rows]),
+                activations={
+                    p: owned(_trim(p, t[rows], longest))
+                    for p, t in result.activations.items()
+                    if p in wanted
+                },
+                gradients={
+                    p: owned(_trim(p, g[rows], longest))
+                    for p, g in result.gradients.items()
+                    if p in request.save_grads
+                },
+                backward_loss=None
+                if result.backward_loss is None
+                else owned(result.backward_loss[rows]),
+                elapsed_s=result.elapsed_s,
+                memory_before_bytes=result.memory_before_bytes,
+                memory_after_bytes=result.memory_after_bytes,
+                pass_rows=total,
+            )
+        )
+    return parts
+
+
+def on_cpu(result: ForwardResult) -> ForwardResult:
+    """`result` with every tensor on the CPU and owning its memory, ready to pickle."""
+    return replace(
+        result,
+        logits=owned(result.logits),
+        next_token_loss=owned(result.next_token_loss),
+        activations={p: owned(t) for p, t in result.activations.items()},
+        gradients={p: owned(g) for p, g in result.gradients.items()},
+        backward_loss=None if result.backward_loss is None else owned(result.backward_loss),
+    )
+
+
+def owned(tensor: torch.Tensor) -> torch.Tensor:
+    """On the CPU, holding only its own elements: a pickled view would carry its whole base."""
+    tensor = tensor.detach().cpu()
+    whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    if whole and tensor.is_contiguous() and tensor.storage_offset() == 0:
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def _trim(point: HookPoint, tensor: torch.Tensor, longest: int) -> torch.Tensor:
+    tensor = tensor[:, :longest]
+    return tensor[..., :longest] if point.location in _KEY_AXIS else tensor
+
+
+def _rows(prompt: int | None, rows: int) -> Iterable[int]:
+    return range(rows) if prompt is None else (prompt,)
+
+
+def _longest(request: ForwardRequest) -> int:
+    return max((len(t) for t in request.tokens), default=0)
+
+
+def _fits(request: ForwardRequest) -> bool:
+    """Whether every prompt and token index of `request` points inside its own rows."""
+    rows, longest = len(request.tokens), _longest(request)
+    if rows == 0 or longest == 0:
+        return False
+    changes: list[Intervention | Addition] = [*request.interventions, *request.additions]
+    prompts = [c.prompt for c in changes if c.prompt is not None]
+    tokens = [c.token for c in changes if c.token is not None]
+    if request.trace is not None:
+        tokens.append(request.trace.token)
+        if request.trace.key_token is not None:
+            tokens.append(request.trace.key_token)
+    return all(0 <= p < rows for p in prompts) and all(0 <= t < longest for t in tokens)
