@@ -5,9 +5,11 @@ from __future__ import annotations
 from bench import (
     backends,
     concurrency,
+    load,
     node_lookup,
     overhead,
     payload,
+    ray_replicas,
     startup,
     tdb_request,
 )
@@ -21,6 +23,8 @@ def main() -> None:
     concurrency.main()
     payload.main()
     startup.main()
+    load.main()
+    ray_replicas.main()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from interpql.loaders.generation import (
 )
 from interpql.loaders.registry import ModelEntry
 from interpql.resolvers.context import RequestContext
-from interpql.resolvers.inference import AblationRequest, prepare
+from interpql.resolvers.inference import MAX_INTERVENTION_MAGNITUDE, AblationRequest, prepare
 
 MAX_NEW_TOKENS = 256
 
@@ -55,8 +55,11 @@ def prepare_generation(
     for steer in request.steering:
         # prepare() already checks ablation nodes; steering nodes get the same treatment.
         node = prepare(ctx, entry, request.prompt, [AblationRequest(steer.node_id, 0.0, None)])
-        if not math.isfinite(steer.strength):
-            raise invalid_argument("Steering strength must be finite.")
+        if not abs(steer.strength) <= MAX_INTERVENTION_MAGNITUDE:  # nan too
+            raise invalid_argument(
+                f"Steering strength must be a number within ±{MAX_INTERVENTION_MAGNITUDE:g}, "
+                f"got {steer.strength}."
+            )
         final_length = len(prompt.tokens) + request.max_tokens
         for token in steer.tokens or []:
             check_range("steering tokenIndices", token, 0, final_length)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -16,6 +15,10 @@ from interpql.loaders.registry import ModelEntry
 from interpql.loaders.tracing import TraceRequest
 from interpql.resolvers.context import RequestContext
 from interpql.resolvers.models import encode_prompt, node_from_id
+
+# Far beyond any activation a model produces; larger ablation or steering values only overflow
+# the forward pass (inf, then nan in every later layer), or even the weights' dtype.
+MAX_INTERVENTION_MAGNITUDE = 1e6
 
 
 class MlpComponent(Enum):
@@ -99,8 +102,11 @@ def prepare(
         node = _own_node(ctx, entry, request.node_id)
         if request.token is not None:
             check_range("ablation tokenIndex", request.token, 0, len(tokens))
-        if not math.isfinite(request.value):
-            raise invalid_argument(f"Ablation value of {node.id} must be finite.")
+        if not abs(request.value) <= MAX_INTERVENTION_MAGNITUDE:  # nan too
+            raise invalid_argument(
+                f"Ablation value of {node.id} must be a number within "
+                f"±{MAX_INTERVENTION_MAGNITUDE:g}, got {request.value}."
+            )
         checked.append(Ablation(node, request.value, request.token))
     traced = None if trace is None else _trace(ctx, entry, tokens, trace)
     variant = Variant(tokens, tuple(checked), autoencoder_error_term, loss or LossSpec(), traced)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import strawberry
 
-from interpql.errors import check_range
+from interpql.errors import check_range, invalid_argument
 from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.registry import ModelEntry
 from interpql.resolvers import analysis as analysis_resolvers
@@ -24,6 +24,16 @@ if TYPE_CHECKING:
     from interpql.schema.inference import InferenceResult
 
 Info = strawberry.Info[RequestContext, None]
+
+
+def _key_field(type_name: str, key: str, representation: dict[str, object]) -> str:
+    # Entity representations are JSON from any client: the key may be missing or not a string,
+    # and other fields may come along.
+    value = representation.get(key)
+    if not isinstance(value, str):
+        raise invalid_argument(f"A {type_name} representation needs its key {key!r}, a string.")
+    return value
+
 
 # Registers the loaders' enum as a GraphQL enum (in place: annotations keep using the class).
 strawberry.enum(NodeKind, description="What a node is: a unit of analysis inside a layer.")
@@ -62,8 +72,8 @@ class Model:
     entry: strawberry.Private[ModelEntry]
 
     @classmethod
-    def resolve_reference(cls, info: Info, name: str) -> Model:
-        return cls(entry=info.context.registry.get(name))
+    def resolve_reference(cls, info: Info, **representation: object) -> Model:
+        return cls(entry=info.context.registry.get(_key_field("Model", "name", representation)))
 
     @strawberry.field(description="The model's name, unique on this server.")
     def name(self) -> str:
@@ -321,8 +331,9 @@ class Node:
     ref: strawberry.Private[NodeRef]
 
     @classmethod
-    def resolve_reference(cls, info: Info, id: strawberry.ID) -> Node:
-        return cls(ref=model_resolvers.node_from_id(info.context, str(id)))
+    def resolve_reference(cls, info: Info, **representation: object) -> Node:
+        node_id = _key_field("Node", "id", representation)
+        return cls(ref=model_resolvers.node_from_id(info.context, node_id))
 
     @strawberry.field(description="Readable id: <model>/<kind>/<layer>/<index>.")
     def id(self) -> strawberry.ID:
