@@ -1,17 +1,22 @@
-"""`interpql serve | build-demo | export-schema`."""
+"""`interpql serve | deploy | build-demo | export-schema`."""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import math
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
+from typing import NoReturn
 
+from interpql.observability.log_format import LOG_FORMATS, configure_logging
 from interpql.settings import Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     from interpql.bootstrap import ServeOptions, build_services
     from interpql.server import create_app
@@ -23,10 +28,13 @@ def _serve(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         no_model=args.no_model,
+        ray=args.ray,
+        ray_app=args.app,
         mlp_autoencoder=args.mlp_autoencoder,
         attn_autoencoder=args.attn_autoencoder,
         sources=args.source,
         cache=args.cache,
+        redis=args.redis,
         explanation_store=args.explanation_store,
         openai_base_url=args.openai_base_url,
         openai_api_key=args.openai_api_key,
@@ -38,20 +46,126 @@ def _serve(args: argparse.Namespace) -> int:
         api_key_hashes=args.api_key_hash,
         max_jobs_per_key=args.max_jobs_per_key,
         max_tokens_per_key=args.max_tokens_per_key,
+        otel=args.otel,
+        otel_endpoint=args.otel_endpoint,
         settings=Settings(
             cors_origin_regex=args.cors_origin_regex,
-            coalesce_window_ms=args.coalesce_ms,
+            coalesce_window_ms=_coalesce_ms(args),
             cached_runs=args.cached_runs,
+            max_query_depth=args.max_query_depth,
+            max_aliases=args.max_aliases,
+            max_query_tokens=args.max_query_tokens,
+            max_query_cost=args.max_query_cost,
+            max_batch=args.max_batch,
+            rate_limit_requests_per_minute=args.rate_limit_requests,
+            rate_limit_cost_per_minute=args.rate_limit_cost,
+            max_body_bytes=args.max_body_bytes,
+            inference_timeout_s=args.inference_timeout,
+            require_api_key=args.require_api_key,
+            introspection=not args.no_introspection,
+            shutdown_grace_s=args.shutdown_grace,
+            metrics=args.metrics,
+            cuda_memory_debugging=args.cuda_memory_debugging,
+            cuda_memory_max_entries=args.cuda_memory_max_entries,
+            cuda_memory_snapshot_dir=args.cuda_memory_snapshot_dir,
         ),
     )
+    configure_logging(args.log_format)
     try:
         services = build_services(options)
     except (ValueError, OSError, ImportError) as exc:
         print(f"interpql: cannot start: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvicorn.run(create_app(services), host=args.host, port=args.port, log_level="info")
+    settings = services.settings
+    # uvicorn raises SIGTERM again once it has shut down gracefully (jobs failed and written by
+    # then): end as a clean stop, exit status 0, rather than as killed by the signal.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    uvicorn.run(
+        create_app(services),
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        # JSON logs: uvicorn configures no loggers of its own, so the root's JSON handler
+        # writes its lines too.
+        log_config=None if args.log_format == "json" else LOGGING_CONFIG,
+        ws_max_size=settings.max_body_bytes,
+        # SIGTERM: stop accepting, let in-flight requests finish (this long at most), then the
+        # app's shutdown fails what jobs still run and closes the model.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
+    )
     return 0
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> NoReturn:
+    raise SystemExit(0)
+
+
+def _coalesce_ms(args: argparse.Namespace) -> float:
+    if args.coalesce_ms is not None:
+        return float(args.coalesce_ms)
+    # With --ray the deployment gathers every server's calls into batches; waiting here too
+    # would only hold calls back.
+    return 0.0 if args.ray else Settings().coalesce_window_ms
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from interpql.bootstrap import ServeOptions, load_served_model
+
+    device = args.device or ("cuda" if args.num_gpus > 0 else "cpu")
+    options = ServeOptions(
+        model=args.model,
+        backend=args.backend,
+        device=device,
+        dtype=args.dtype,
+        mlp_autoencoder=args.mlp_autoencoder,
+        attn_autoencoder=args.attn_autoencoder,
+    )
+    try:
+        from interpql.backends.ray_serve.deployment import DeploySettings, delete, deploy
+    except ImportError as exc:
+        print(f"interpql: deploy needs the Ray extra, interpql[ray] ({exc})", file=sys.stderr)
+        return 2
+    try:
+        if args.delete:
+            delete(args.ray, args.app)
+            print(f"deleted the Ray Serve application {args.app!r}")
+            return 0
+        _check_deploy_numbers(args)
+        settings = DeploySettings(
+            app=args.app,
+            replicas=args.replicas,
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus,
+            max_batch_size=args.max_batch_size,
+            batch_wait_s=args.batch_wait_ms / 1000,
+            ready_timeout_s=args.ready_timeout,
+        )
+        described = deploy(args.ray, partial(load_served_model, options), settings)
+    except (ValueError, OSError, ImportError) as exc:
+        print(f"interpql: cannot deploy: {exc}", file=sys.stderr)
+        return 2
+    arch = described.architecture
+    print(
+        f"deployed {args.app!r}: {described.model or 'the default model'} ({described.backend}, "
+        f"{arch.n_layers} layers, {len(described.autoencoders)} autoencoders) on "
+        f"{args.replicas} replica(s), {described.device}, {described.torch_threads} torch "
+        f"thread(s) each\nserve it with: interpql serve --ray {args.ray} --app {args.app}"
+    )
+    return 0
+
+
+def _check_deploy_numbers(args: argparse.Namespace) -> None:
+    if args.replicas < 1 or args.max_batch_size < 1:
+        raise ValueError("--replicas and --max-batch-size must be at least 1")
+    if min(args.num_cpus, args.num_gpus, args.batch_wait_ms) < 0 or args.ready_timeout <= 0:
+        raise ValueError(
+            "--num-cpus, --num-gpus and --batch-wait-ms must not be negative, --ready-timeout "
+            "must be positive"
+        )
+    if args.device is not None and args.device.startswith("cuda") and args.num_gpus <= 0:
+        raise ValueError("--device cuda needs --num-gpus (Ray gives a replica no GPU without)")
 
 
 def _export_schema(args: argparse.Namespace) -> int:
@@ -109,6 +223,15 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-model", action="store_true", help="serve metadata only, without loading weights"
     )
+    serve.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run the model in a Ray Serve application (`interpql deploy`) on the cluster at "
+        "ADDRESS (its head's host:port, or auto); --model, if given, must name what it runs",
+    )
+    serve.add_argument(
+        "--app", default="interpql", help="with --ray: the application's name (default interpql)"
+    )
     data = serve.add_argument_group("node data")
     data.add_argument(
         "--source",
@@ -119,7 +242,16 @@ def parser() -> argparse.ArgumentParser:
         "node kind; repeat for more",
     )
     data.add_argument(
-        "--cache", help="cache for slow sources: redis://host:port[/db] (default: in memory)"
+        "--cache",
+        help="cache for slow sources: redis://host:port[/db] (default: --redis if given, else "
+        "in memory)",
+    )
+    data.add_argument(
+        "--redis",
+        metavar="redis://host:port[/db]",
+        help="state shared by replicas: jobs, their events and per-key job limits (any replica "
+        "answers job(id) and jobUpdates), and the node-data cache unless --cache is given "
+        "(default: jobs in a SQLite file beside --explanation-store)",
     )
     data.add_argument(
         "--explanation-store",
@@ -144,12 +276,24 @@ def parser() -> argparse.ArgumentParser:
         "--api-key-hash", action="append", default=[], help="a key's SHA-256 hex digest"
     )
     auth.add_argument("--max-jobs-per-key", type=int, default=2)
+    auth.add_argument(
+        "--require-api-key",
+        action="store_true",
+        help="every operation needs a key, not only mutations (WebSockets: in connection_init's "
+        "payload as {'Authorization': 'Bearer <key>'} or the upgrade's header)",
+    )
+    auth.add_argument(
+        "--no-introspection",
+        action="store_true",
+        help="refuse introspection queries (GraphiQL's docs need them)",
+    )
     auth.add_argument("--max-tokens-per-key", type=int, default=2_000_000)
     serve.add_argument(
         "--coalesce-ms",
         type=float,
-        default=Settings().coalesce_window_ms,
-        help="how long concurrent requests wait to share a forward pass (0: never)",
+        default=None,
+        help="how long concurrent requests wait to share a forward pass (0: never; default "
+        f"{Settings().coalesce_window_ms:g}, with --ray 0: the deployment batches)",
     )
     serve.add_argument(
         "--cached-runs",
@@ -157,10 +301,102 @@ def parser() -> argparse.ArgumentParser:
         default=Settings().cached_runs,
         help="runs kept to answer identical inputs again without a forward pass (0: none)",
     )
+    limits = serve.add_argument_group("limits (typed errors when exceeded; 0: unlimited)")
+    defaults = Settings()
+    limits.add_argument("--max-query-depth", type=int, default=defaults.max_query_depth)
+    limits.add_argument("--max-aliases", type=int, default=defaults.max_aliases)
+    limits.add_argument(
+        "--max-query-tokens",
+        type=int,
+        default=defaults.max_query_tokens,
+        help="lexical tokens of one GraphQL document",
+    )
+    limits.add_argument(
+        "--max-query-cost",
+        type=int,
+        default=defaults.max_query_cost,
+        help="estimated cost of one operation: fields, plus prompt tokens x passes",
+    )
+    limits.add_argument(
+        "--max-batch", type=int, default=defaults.max_batch, help="inputs of one inferBatch"
+    )
+    limits.add_argument(
+        "--rate-limit-requests",
+        type=int,
+        default=defaults.rate_limit_requests_per_minute,
+        help="operations per minute per API key (or client address without one)",
+    )
+    limits.add_argument(
+        "--rate-limit-cost",
+        type=int,
+        default=defaults.rate_limit_cost_per_minute,
+        help="estimated cost per minute per API key (or client address)",
+    )
+    limits.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=defaults.max_body_bytes,
+        help="bytes of one HTTP body or WebSocket message",
+    )
+    limits.add_argument(
+        "--inference-timeout",
+        type=float,
+        default=defaults.inference_timeout_s,
+        help="seconds a request may wait for its forward passes",
+    )
+    limits.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=defaults.shutdown_grace_s,
+        help="seconds in-flight requests get to finish after SIGTERM",
+    )
     serve.add_argument(
         "--cors-origin-regex",
         default=Settings().cors_origin_regex,
         help="origins allowed by CORS (default: localhost on any port)",
+    )
+    observe = serve.add_argument_group("observability")
+    observe.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text for people, json for log collectors (one object per line; a line per "
+        "GraphQL operation on the logger interpql.requests)",
+    )
+    observe.add_argument(
+        "--metrics",
+        action=argparse.BooleanOptionalAction,
+        default=Settings().metrics,
+        help="Prometheus metrics at GET /metrics",
+    )
+    observe.add_argument(
+        "--otel",
+        action="store_true",
+        help="OpenTelemetry traces of operations and resolvers over OTLP/HTTP (also on when "
+        "$OTEL_EXPORTER_OTLP_ENDPOINT is set; needs interpql[otel])",
+    )
+    observe.add_argument(
+        "--otel-endpoint",
+        metavar="URL",
+        help="the OTLP/HTTP collector's base URL (implies --otel; default: "
+        "$OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4318)",
+    )
+    observe.add_argument(
+        "--cuda-memory-debugging",
+        action="store_true",
+        help="record CUDA allocations from start-up; POST /debug/cuda-memory-snapshot (with an "
+        "API key) writes a snapshot for https://pytorch.org/memory_viz (needs --device cuda)",
+    )
+    observe.add_argument(
+        "--cuda-memory-max-entries",
+        type=int,
+        default=Settings().cuda_memory_max_entries,
+        help="allocation events the history keeps",
+    )
+    observe.add_argument(
+        "--cuda-memory-snapshot-dir",
+        default=Settings().cuda_memory_snapshot_dir,
+        help="where snapshots are written",
     )
     serve.set_defaults(run=_serve)
 
@@ -171,6 +407,50 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", help="where to write it (default: the package's demo folder)")
     demo.add_argument("--quick", action="store_true", help="a one-minute toy build (for tests)")
     demo.set_defaults(run=_build_demo)
+
+    deploy = commands.add_parser(
+        "deploy",
+        help="run a model as a Ray Serve application that `interpql serve --ray` servers share",
+    )
+    deploy.add_argument(
+        "--ray", required=True, metavar="ADDRESS", help="the cluster: its head's host:port, or auto"
+    )
+    deploy.add_argument("--app", default="interpql", help="the application's name")
+    deploy.add_argument("--model", help="as for serve (default: the embedded demo model)")
+    deploy.add_argument("--backend", default="native", choices=["native", "transformerlens"])
+    deploy.add_argument("--mlp-autoencoder", help="as for serve")
+    deploy.add_argument("--attn-autoencoder", help="as for serve")
+    deploy.add_argument("--device", help="cpu or cuda (default: cuda with --num-gpus, else cpu)")
+    deploy.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    deploy.add_argument("--replicas", type=int, default=1, help="replicas, each with the model")
+    deploy.add_argument(
+        "--num-cpus",
+        type=float,
+        default=1.0,
+        help="CPUs per replica (also its torch threads)",
+    )
+    deploy.add_argument(
+        "--num-gpus", type=float, default=0.0, help="GPUs per replica (0.5: two share one)"
+    )
+    deploy.add_argument(
+        "--max-batch-size", type=int, default=16, help="calls a replica runs as one batch"
+    )
+    deploy.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a batch's first call waits for others",
+    )
+    deploy.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for every replica to load the model (it keeps trying after)",
+    )
+    deploy.add_argument(
+        "--delete", action="store_true", help="remove the application instead of deploying it"
+    )
+    deploy.set_defaults(run=_deploy)
 
     export = commands.add_parser("export-schema", help="print the GraphQL schema (SDL)")
     export.add_argument("--output", "-o", help="write to this file instead of stdout")

@@ -16,20 +16,27 @@ masked before it reaches a client.
     ├── UnavailableError
     │   ├── MODEL_NOT_LOADED         the server runs with --no-model: metadata only
     │   ├── NODE_DATA_UNREADABLE     a source's file for this node is broken (this node only)
-    │   └── UNSUPPORTED              the backend cannot compute what was asked
+    │   ├── UNSUPPORTED              the backend cannot compute what was asked
+    │   ├── BACKEND_UNAVAILABLE      a remote (Ray Serve) model did not answer; retry later
+    │   ├── RESOURCE_EXHAUSTED       the pass ran out of memory (this request only)
+    │   ├── INFERENCE_TIMEOUT        the request's passes did not finish within the time limit
+    │   └── SHARED_STATE_UNAVAILABLE the job store (Redis, or its SQLite file) cannot be reached
     ├── QueryTooComplexError
-    │   └── QUERY_TOO_COMPLEX        depth, alias or token limits of the query were exceeded
+    │   ├── QUERY_TOO_COMPLEX        depth, alias, token or estimated cost limits were exceeded
+    │   ├── REQUEST_TOO_LARGE        the HTTP body or WebSocket message is over the size limit
+    │   └── INTROSPECTION_DISABLED   the server runs with introspection switched off
     ├── UnauthenticatedError
     │   └── UNAUTHENTICATED          no valid API key (Authorization: Bearer ...) was given
     └── (others)
-        ├── RATE_LIMITED             too many jobs at once for this API key
+        ├── RATE_LIMITED             too many requests (or jobs at once) for this API key
         ├── QUOTA_EXCEEDED           this API key has spent its tokens
         ├── NO_RECORDS               a node with no records cannot be explained or scored
         └── JOB_NOT_FOUND            no job with that id
 
 Codes graphql itself produces are mapped too: GRAPHQL_PARSE_FAILED, GRAPHQL_VALIDATION_FAILED,
-BAD_USER_INPUT (a variable of the wrong type); masked internal errors carry
-INTERNAL_SERVER_ERROR.
+BAD_USER_INPUT (a variable of the wrong type); a request that is not a GraphQL request at all
+(not JSON, not UTF-8, no query, a subscription over plain HTTP) gets BAD_REQUEST (HTTP 400);
+masked internal errors carry INTERNAL_SERVER_ERROR.
 """
 
 from __future__ import annotations
@@ -68,12 +75,32 @@ class UnauthenticatedError(InterpqlError):
     default_code = "UNAUTHENTICATED"
 
 
+def resource_exhausted(why: str) -> UnavailableError:
+    return UnavailableError(
+        f"Out of memory while running this request ({why}); try fewer or shorter prompts.",
+        code="RESOURCE_EXHAUSTED",
+    )
+
+
+def inference_timeout(limit_s: float) -> UnavailableError:
+    return UnavailableError(
+        f"The request's forward passes did not finish within {limit_s:g} s.",
+        code="INFERENCE_TIMEOUT",
+    )
+
+
+def shown(text: str, most: int = 100) -> str:
+    """A client's text as quoted in a message: at most `most` characters of it, since an
+    error must not echo a megabyte back."""
+    return repr(text) if len(text) <= most else repr(text[:most]) + f"... ({len(text)} chars)"
+
+
 def model_not_found(name: str) -> NotFoundError:
-    return NotFoundError(f"No model named {name!r} is served.", code="MODEL_NOT_FOUND")
+    return NotFoundError(f"No model named {shown(name)} is served.", code="MODEL_NOT_FOUND")
 
 
 def invalid_node(node_id: str, why: str) -> NotFoundError:
-    return NotFoundError(f"Invalid node id {node_id!r}: {why}", code="INVALID_NODE")
+    return NotFoundError(f"Invalid node id {shown(node_id)}: {why}", code="INVALID_NODE")
 
 
 def invalid_argument(message: str) -> InvalidInputError:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
+from cross_web import HTTPException
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.subscriptions import (
@@ -22,17 +25,21 @@ from strawberry.subscriptions import (
 )
 
 from interpql import web
+from interpql.body_limit import BodySizeLimit
 from interpql.loaders.cache import NodeDataCache
 from interpql.loaders.registry import ModelRegistry
+from interpql.observability.app import Observability
 from interpql.resolvers.context import RequestContext, Services
 from interpql.schema.build import build_schema
 from interpql.settings import Settings
 
 
 class GraphQLApp(GraphQL[RequestContext, None]):
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, observability: Observability | None = None) -> None:
         super().__init__(
-            build_schema(services.settings),
+            build_schema(
+                services.settings, observability.schema_extensions() if observability else ()
+            ),
             graphql_ide="graphiql",
             # graphql-transport-ws and graphql-ws on /graphql's WebSocket, and subscriptions
             # over plain HTTP as multipart responses.
@@ -52,10 +59,51 @@ class GraphQLApp(GraphQL[RequestContext, None]):
     def encode_json(self, data: object) -> bytes:
         return orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
 
+    def decode_json(self, data: str | bytes) -> object:
+        # orjson refuses invalid UTF-8, nesting past 1024 levels and integers past 64 bits
+        # with its JSONDecodeError (a json.JSONDecodeError), which strawberry answers as 400.
+        return orjson.loads(data)
+
+    def parse_json(self, data: str | bytes) -> Any:
+        parsed = super().parse_json(data)
+        if not isinstance(parsed, dict):
+            raise HTTPException(400, "The request body must be a JSON object.")
+        return parsed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        try:
+            response = await self.run(Request(scope=scope, receive=receive))
+        except HTTPException as refused:
+            # strawberry answers these in plain text; clients expect GraphQL's JSON errors.
+            response = graphql_error_response(refused.status_code, refused.reason)
+        except UnicodeDecodeError:
+            response = graphql_error_response(400, "The request is not valid UTF-8.")
+        await response(scope, receive, send)
+
     @property
     def graphql_ide_html(self) -> str:
         # Looked up on every GET, so assets installed while the server runs are picked up.
         return web.graphiql_page() if web.graphiql_assets_installed() else super().graphql_ide_html
+
+
+def graphql_error_response(status: int, message: str) -> JSONResponse:
+    code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(status, "BAD_REQUEST")
+    errors = [{"message": message, "extensions": {"code": code}}]
+    return JSONResponse({"data": None, "errors": errors}, status_code=status)
+
+
+class InterpqlApp(Starlette):
+    def __init__(self, *args: Any, max_body_bytes: int, **kwargs: Any) -> None:
+        self.max_body_bytes = max_body_bytes
+        super().__init__(*args, **kwargs)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        # Outermost, outside Starlette's error middleware: an oversized body is refused with
+        # its own 413 before anything (including the 500 handler) sees it.
+        return BodySizeLimit(super().build_middleware_stack(), self.max_body_bytes)
 
 
 def create_app(
@@ -68,25 +116,33 @@ def create_app(
         services = Services(services, settings or Settings(), cache or NodeDataCache())
     settings = services.settings
     registry = services.registry
-    graphql = GraphQLApp(services)
+    observability = Observability(services)
+    graphql = GraphQLApp(services, observability)
 
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "models": [e.name for e in registry.all()]})
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        # Fails the jobs a killed server left unfinished in a shared store, and takes a lease.
+        await services.jobs.start()
         yield
         await services.jobs.shutdown()
         if services.explaining is not None:
             await services.explaining.close()
+        if services.cache is not None:
+            await services.cache.close()
         registry.close()
+        observability.close()
 
-    return Starlette(
+    return InterpqlApp(
+        max_body_bytes=settings.max_body_bytes,
         routes=[
-            Route("/graphql", graphql, methods=["GET", "POST"]),
+            Route("/graphql", observability.observe_http(graphql), methods=["GET", "POST"]),
             WebSocketRoute("/graphql", graphql),
             Route("/healthz", healthz),
             *web.routes(),
+            *observability.routes(),
         ],
         middleware=[
             Middleware(

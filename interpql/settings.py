@@ -20,3 +20,25 @@ class Settings:
     # Before tokenizing: no GPT-2 token is longer than this many characters of text.
     max_chars_per_token: int = 128
     cors_origin_regex: str = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+    # The estimated work of one operation (interpql.schema.cost): fields, and inference tokens
+    # weighted by the passes they need. 0: unlimited.
+    max_query_cost: int = 250_000
+    # Per API key (or per client address without one), over a sliding minute. 0: unlimited.
+    rate_limit_requests_per_minute: int = 0
+    rate_limit_cost_per_minute: int = 0
+    # Bytes of one HTTP body or WebSocket message.
+    max_body_bytes: int = 2_000_000
+    # How long one request may wait for its forward passes (queueing included).
+    inference_timeout_s: float = 60.0
+    # Every operation needs an API key, not only mutations.
+    require_api_key: bool = False
+    introspection: bool = True
+    # On SIGTERM: how long in-flight requests may take to finish before the server exits.
+    shutdown_grace_s: float = 30.0
+    # Prometheus metrics at GET /metrics.
+    metrics: bool = True
+    # POST /debug/cuda-memory-snapshot writes snapshots here (allocations are recorded from
+    # start-up: `interpql serve --cuda-memory-debugging`).
+    cuda_memory_debugging: bool = False
+    cuda_memory_max_entries: int = 100_000  # allocation events the history keeps
+    cuda_memory_snapshot_dir: str = ".interpql/memory-snapshots"

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from interpql.schema.build import build_schema
-from tests.test_server import free_port, serve
+from tests.processes import free_port, serve
 
 FEDERATION = Path(__file__).parent / "federation"
 # Notes on nodes of the default model, whatever its name: "{model}" is filled in.

@@ -6,20 +6,28 @@ and all that gathered run together as soon as it is free (so batches grow with t
 with the same request-wide switches (error term, loss, trace) merge while their prompts are of
 similar length (padding wasted is bounded by `max_length_ratio`) and up to `max_rows` prompts;
 one request's own batch is never split. With `window_s` 0 every batch runs as it comes.
+
+A request waits at most `timeout_s` (INFERENCE_TIMEOUT); one that gave up is dropped from the
+queue before its pass runs. When a merged pass runs out of memory, each request in it runs again
+alone, so only the one too large for memory fails (RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from interpql.errors import InterpqlError, inference_timeout
 from interpql.loaders.registry import ModelEntry
 
 # A per-request batch: opaque keys that each carry `.variant` (with `.tokens`).
 RunBatch = Callable[[ModelEntry, list[Any]], dict[Any, Any]]
+# Told of every pass that ran: (model, rows, seconds on the model's worker).
+PassObserver = Callable[[str, int, float], None]
 
 
 @dataclass
@@ -36,9 +44,11 @@ class InferenceRunner:
         window_s: float = 0.002,
         max_rows: int = 32,
         max_length_ratio: float = 2.0,
+        timeout_s: float | None = None,
     ) -> None:
         self._run_batch = run_batch
         self.window_s = window_s
+        self.timeout_s = timeout_s
         self.max_rows = max_rows
         self.max_length_ratio = max_length_ratio
         # model -> request-wide switches -> requests waiting
@@ -47,9 +57,16 @@ class InferenceRunner:
         )
         self._draining: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.pass_observers: list[PassObserver] = []
 
     async def run(self, entry: ModelEntry, switches: Hashable, keys: list[Any]) -> dict[Any, Any]:
         """Results by variant for `keys`; `switches` must be equal for batches to merge."""
+        try:
+            return await asyncio.wait_for(self._run(entry, switches, keys), self.timeout_s)
+        except TimeoutError:
+            raise inference_timeout(self.timeout_s or 0) from None
+
+    async def _run(self, entry: ModelEntry, switches: Hashable, keys: list[Any]) -> dict[Any, Any]:
         if self.window_s <= 0:
             return await self._execute(entry, keys)
         future: asyncio.Future[dict[Any, Any]] = asyncio.get_running_loop().create_future()
@@ -75,20 +92,35 @@ class InferenceRunner:
     async def _run_group(self, waiting: list[_Waiting]) -> None:
         entry = waiting[0].entry
         for chunk in self._chunks(waiting):
-            try:
-                results = await self._execute(entry, [key for w in chunk for key in w.keys])
-            except Exception as exc:
+            await self._run_chunk(entry, chunk)
+
+    async def _run_chunk(self, entry: ModelEntry, chunk: list[_Waiting]) -> None:
+        chunk = [w for w in chunk if not w.future.done()]  # timed out while queued
+        if not chunk:
+            return
+        try:
+            results = await self._execute(entry, [key for w in chunk for key in w.keys])
+        except InterpqlError as exc:
+            if exc.code == "RESOURCE_EXHAUSTED" and len(chunk) > 1:
                 for w in chunk:
-                    if not w.future.done():
-                        w.future.set_exception(exc)
-                continue
-            for w in chunk:
-                if not w.future.done():
-                    w.future.set_result({key.variant: results[key.variant] for key in w.keys})
+                    await self._run_chunk(entry, [w])
+                return
+            _fail(chunk, exc)
+            return
+        except Exception as exc:
+            _fail(chunk, exc)
+            return
+        for w in chunk:
+            if not w.future.done():
+                w.future.set_result({key.variant: results[key.variant] for key in w.keys})
 
     async def _execute(self, entry: ModelEntry, keys: list[Any]) -> dict[Any, Any]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(entry.executor, self._run_batch, entry, keys)
+        started = time.perf_counter()
+        results = await loop.run_in_executor(entry.executor, self._run_batch, entry, keys)
+        for observe in self.pass_observers:
+            observe(entry.name, len(results), time.perf_counter() - started)
+        return results
 
     def _chunks(self, waiting: Sequence[_Waiting]) -> list[list[_Waiting]]:
         """Requests grouped so that each group's prompts are of similar length."""
@@ -109,3 +141,9 @@ class InferenceRunner:
                 chunks.append([w])
                 rows, shortest = len(w.keys), min(lengths(w))
         return chunks
+
+
+def _fail(chunk: list[_Waiting], exc: Exception) -> None:
+    for w in chunk:
+        if not w.future.done():
+            w.future.set_exception(exc)

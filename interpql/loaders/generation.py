@@ -18,6 +18,7 @@ from interpql.backends.tokenizer import END_OF_TEXT_ID
 from interpql.loaders.analysis import write_directions
 from interpql.loaders.inference import Ablation, intervention_for
 from interpql.loaders.nodes import NodeKind, NodeRef
+from interpql.loaders.out_of_memory import out_of_memory_as_error
 from interpql.loaders.registry import ModelEntry
 
 # Where a node's write enters the residual stream.
@@ -82,6 +83,15 @@ def generate(
     spec: GenerationSpec,
     on_step: Callable[[GenerationStep], None] | None = None,
 ) -> Generated:
+    with out_of_memory_as_error("generation"):
+        return _generate(entry, spec, on_step)
+
+
+def _generate(
+    entry: ModelEntry,
+    spec: GenerationSpec,
+    on_step: Callable[[GenerationStep], None] | None,
+) -> Generated:
     backend = entry.require_backend()
     rows = 2 if spec.steering else 1
     sequences = [list(spec.tokens) for _ in range(rows)]
@@ -128,12 +138,16 @@ def _additions(entry: ModelEntry, steering: tuple[Steering, ...], row: int) -> l
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, rng: torch.Generator) -> int:
     logits = logits.float().cpu()
-    if temperature <= 0:
+    scaled = logits / temperature if temperature > 0 else logits
+    # A temperature so small that the logits overflow when scaled is greedy sampling.
+    if temperature <= 0 or bool((scaled.isnan() | scaled.isposinf()).any()):
         return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        # Keep the smallest prefix whose mass reaches top_p, and always the likeliest token
+        # (a top_p below float32's resolution compares as 0).
         keep = (sorted_probs.cumsum(0) - sorted_probs) < top_p
+        keep[0] = True
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=rng))

@@ -33,7 +33,9 @@ from interpql.loaders import tracing
 from interpql.loaders.analysis import KIND_LOCATION, NodeScores, node_scores, token_pair_attribution
 from interpql.loaders.cache import BoundedMemoryCache
 from interpql.loaders.coalescing import InferenceRunner
+from interpql.loaders.inference_stats import InferenceStats
 from interpql.loaders.nodes import NodeKind, NodeRef
+from interpql.loaders.out_of_memory import out_of_memory_as_error
 from interpql.loaders.registry import ModelEntry, ModelRegistry
 from interpql.loaders.tracing import TraceRequest
 
@@ -139,8 +141,8 @@ class PromptRun:
     batch_size: int = 1
 
 
-def default_runner(window_s: float = 0.002) -> InferenceRunner:
-    return InferenceRunner(_run_batch, window_s=window_s)
+def default_runner(window_s: float = 0.002, timeout_s: float | None = None) -> InferenceRunner:
+    return InferenceRunner(_run_batch, window_s=window_s, timeout_s=timeout_s)
 
 
 class RunCache:
@@ -175,11 +177,15 @@ class InferenceLoader:
         self._cache = cache
         self._loader = DataLoader[_Key, PromptRun](load_fn=self._load_batch, cache=False)
         self._memo: dict[tuple[str, Variant], PromptRun] = {}
+        # This request's passes and run-cache lookups, for its log line and the metrics.
+        self.stats = InferenceStats()
 
     async def load(self, model: str, variant: Variant, needs: ActivationNeeds) -> PromptRun:
         done = self._memo.get((model, variant))
         if done is None and self._cache is not None:
             done = await self._cache.get(model, variant)
+            hit = done is not None and needs.covered_by(done.needs)
+            self.stats.add_cache_lookup((model, variant), hit)
         if done is not None and needs.covered_by(done.needs):
             return done
         run = await self._loader.load(_Key(model, variant, needs))
@@ -198,6 +204,8 @@ class InferenceLoader:
         for (name, *switches), group in groups.items():
             entry = self._registry.get(name)
             runs = await self._runner.run(entry, tuple(switches), group)
+            first = runs[group[0].variant]  # every run of a group comes from one pass
+            self.stats.add_pass(first.elapsed_s, first.batch_size, len({k.variant for k in group}))
             for key in group:
                 results[key] = runs[key.variant]
                 self._memo[(name, key.variant)] = runs[key.variant]
@@ -214,6 +222,11 @@ def intervention_for(ablation: Ablation, row: int) -> Intervention:
 
 def _run_batch(entry: ModelEntry, keys: list[_Key]) -> dict[Variant, PromptRun]:
     """Runs on the model's worker thread: one backend call for every variant in `keys`."""
+    with out_of_memory_as_error(f"a batch of {len({key.variant for key in keys})} prompts"):
+        return _run_variants(entry, keys)
+
+
+def _run_variants(entry: ModelEntry, keys: list[_Key]) -> dict[Variant, PromptRun]:
     backend = entry.require_backend()
     needs_by_variant: dict[Variant, ActivationNeeds] = {}
     for key in keys:
@@ -248,7 +261,9 @@ def _run_batch(entry: ModelEntry, keys: list[_Key]) -> dict[Variant, PromptRun]:
         request = replace(request, trace=tracing.backend_trace(entry, request, first.trace))
     result = backend.run(replace(request, save_grads=union.gradient_points(direct_point)))
     return {
-        variant: _prompt_run(entry, result, row, variant, union, direct_point, len(variants))
+        variant: _prompt_run(
+            entry, result, row, variant, union, direct_point, result.pass_rows or len(variants)
+        )
         for row, variant in enumerate(variants)
     }
 

@@ -12,6 +12,7 @@ from interpql.loaders.explaining import ExplanationService
 from interpql.loaders.inference import InferenceLoader, RunCache, default_runner
 from interpql.loaders.jobs import JobManager
 from interpql.loaders.node_data import NodeDataLoaders
+from interpql.loaders.rate_limits import RateLimiter
 from interpql.loaders.registry import ModelRegistry
 from interpql.loaders.search import index_model
 from interpql.loaders.sources import ExplanationStore
@@ -32,10 +33,21 @@ class Services:
     runner: InferenceRunner | None = None
     # Earlier requests' runs, for identical inputs.
     runs: RunCache | None = None
+    # Requests and estimated cost per client per minute (limits from settings).
+    rate_limiter: RateLimiter | None = None
+    # An OpenTelemetry TracerProvider (--otel): operations and resolvers are traced to it.
+    tracer_provider: Any = None
 
     def __post_init__(self) -> None:
         if self.runner is None:
-            self.runner = default_runner(self.settings.coalesce_window_ms / 1000)
+            self.runner = default_runner(
+                self.settings.coalesce_window_ms / 1000, self.settings.inference_timeout_s
+            )
+        if self.rate_limiter is None:
+            self.rate_limiter = RateLimiter(
+                self.settings.rate_limit_requests_per_minute,
+                self.settings.rate_limit_cost_per_minute,
+            )
         if self.runs is None and self.settings.cached_runs > 0:
             self.runs = RunCache(self.settings.cached_runs)
         if self.explaining is None:
@@ -58,6 +70,9 @@ class RequestContext:
     node_data: NodeDataLoaders
     request: Any = None
     response: Any = None
+    # A WebSocket's connection_init payload (browsers cannot set headers on WebSockets, so the
+    # key may come here as {"Authorization": "Bearer ..."}); strawberry fills it in.
+    connection_params: Any = None
 
     @property
     def registry(self) -> ModelRegistry:
@@ -66,6 +81,30 @@ class RequestContext:
     @property
     def settings(self) -> Settings:
         return self.services.settings
+
+    @property
+    def authorization(self) -> str | None:
+        """The client's `Authorization` value: the HTTP header, or the WebSocket's."""
+        params = self.connection_params
+        if isinstance(params, dict):
+            for name in ("Authorization", "authorization"):
+                if isinstance(params.get(name), str):
+                    return str(params[name])
+        headers = getattr(self.request, "headers", None)
+        return None if headers is None else headers.get("authorization")
+
+    @property
+    def key_id(self) -> str | None:
+        return self.services.api_keys.identify(self.authorization)
+
+    @property
+    def client_id(self) -> str:
+        """Who limits are counted for: the API key, else the client's address."""
+        key = self.key_id
+        if key is not None:
+            return key
+        client = getattr(self.request, "client", None)
+        return f"address-{client.host}" if client is not None else "address-unknown"
 
     @classmethod
     def create(

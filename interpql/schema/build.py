@@ -3,36 +3,68 @@ caches, errors."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import strawberry
 from graphql import GraphQLError, GraphQLSchema
 from strawberry.extensions import (
+    DisableIntrospection,
     MaxAliasesLimiter,
     MaxTokensLimiter,
     ParserCache,
     QueryDepthLimiter,
+    SchemaExtension,
     ValidationCache,
 )
+from strawberry.federation.schema import FederationAny
 from strawberry.schema.config import StrawberryConfig
-from strawberry.types import ExecutionContext
+from strawberry.types import ExecutionContext, Info
 
+from interpql.errors import check_range, invalid_argument
 from interpql.schema.errors import MaskInternalErrors, add_codes
 from interpql.schema.generation import Subscription
 from interpql.schema.inference import InferenceResult
 from interpql.schema.jobs import Mutation
+from interpql.schema.limits import OperationLimits
 from interpql.schema.query import Query
 from interpql.schema.scalars import SCALARS
 from interpql.settings import Settings
 
 
 class InterpqlSchema(strawberry.federation.Schema):
+    # Set by build_schema: how many representations one _entities call may carry.
+    max_representations: int = Settings().max_nodes_per_request
+
+    # The annotations are strawberry's own: it builds the _entities field from them.
+    def entities_resolver(
+        self, info: Info, representations: list[FederationAny]
+    ) -> list[FederationAny]:
+        # strawberry's resolver assumes well-formed representations (a dict with a known
+        # entity's __typename) and crashes otherwise; a gateway never sends such, a client may.
+        check_range(
+            "number of representations", len(representations), 0, self.max_representations + 1
+        )
+        for index, representation in enumerate(representations):
+            type_name = (
+                representation.get("__typename") if isinstance(representation, dict) else None
+            )
+            if type_name not in ENTITY_TYPES:
+                raise invalid_argument(
+                    f"representations[{index}] must be an object whose __typename is one of "
+                    f"{', '.join(sorted(ENTITY_TYPES))}."
+                )
+        return super().entities_resolver(info, representations)
+
     def process_errors(
         self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
     ) -> None:
         # Replaces strawberry's default, which logs every client mistake with a traceback.
         add_codes(errors)
 
+
+# The types other subgraphs reference by key (those with resolve_reference).
+ENTITY_TYPES = frozenset({"Model", "Node"})
 
 # What strawberry's federation fields and types are, for GraphiQL's docs (it leaves them bare).
 FEDERATION_DESCRIPTIONS = {
@@ -50,26 +82,36 @@ FEDERATION_DESCRIPTIONS = {
 }
 
 
-def build_schema(settings: Settings | None = None) -> strawberry.Schema:
+def build_schema(
+    settings: Settings | None = None, observers: Sequence[Callable[[], SchemaExtension]] = ()
+) -> strawberry.Schema:
+    """`observers`: extensions that log, measure or trace operations (interpql.observability);
+    outermost, so that they see each operation's final result."""
     settings = settings or Settings()
+    # Factories: strawberry builds fresh extension instances for each request.
+    extensions: list[Any] = [
+        *observers,
+        MaskInternalErrors,
+        lambda: MaxTokensLimiter(max_token_count=settings.max_query_tokens),
+        lambda: QueryDepthLimiter(max_depth=settings.max_query_depth),
+        lambda: MaxAliasesLimiter(max_alias_count=settings.max_aliases),
+        lambda: ParserCache(maxsize=256),
+        lambda: ValidationCache(maxsize=256),
+        OperationLimits,
+    ]
+    if not settings.introspection:
+        extensions.append(DisableIntrospection)
     schema = InterpqlSchema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
         types=[InferenceResult],
         config=StrawberryConfig(auto_camel_case=True, scalar_map=SCALARS),
-        # Factories: strawberry builds fresh extension instances for each request.
-        extensions=[
-            MaskInternalErrors,
-            lambda: MaxTokensLimiter(max_token_count=settings.max_query_tokens),
-            lambda: QueryDepthLimiter(max_depth=settings.max_query_depth),
-            lambda: MaxAliasesLimiter(max_alias_count=settings.max_aliases),
-            lambda: ParserCache(maxsize=256),
-            lambda: ValidationCache(maxsize=256),
-        ],
+        extensions=extensions,
         # Pinned, so that the @link in schema.graphql moves only when we choose.
         federation_version="2.11",
     )
+    schema.max_representations = settings.max_nodes_per_request
     _describe(schema._schema, FEDERATION_DESCRIPTIONS)
     return schema
 

@@ -54,6 +54,8 @@ def _code_for(error: GraphQLError) -> str:
         return "BAD_USER_INPUT"
     if "exceeds maximum operation depth" in message or "aliases found" in message:
         return "QUERY_TOO_COMPLEX"
+    if "introspection" in message and "disabled" in message:
+        return "INTROSPECTION_DISABLED"
     return "GRAPHQL_VALIDATION_FAILED"
 
 
