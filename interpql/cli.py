@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
+import os
 import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from interpql.observability.log_format import LOG_FORMATS, configure_logging
 from interpql.settings import Settings
@@ -71,17 +74,31 @@ def _serve(args: argparse.Namespace) -> int:
         ),
     )
     configure_logging(args.log_format)
+    if args.workers < 1:
+        print("interpql: cannot start: --workers must be at least 1", file=sys.stderr)
+        return 2
     try:
         services = build_services(options)
     except (ValueError, OSError, ImportError) as exc:
         print(f"interpql: cannot start: {exc}", file=sys.stderr)
         return 2
     settings = services.settings
+    app: Any = create_app(services)
+    if args.workers > 1:
+        # Each worker process builds its own services from the same options (checked above,
+        # where this process's copy is then let go).
+        services.registry.close()
+        os.environ[WORKER_OPTIONS_ENV] = json.dumps(
+            {"options": dataclasses.asdict(options), "log_format": args.log_format}
+        )
+        app = f"{__name__}:worker_app"
     # uvicorn raises SIGTERM again once it has shut down gracefully (jobs failed and written by
     # then): end as a clean stop, exit status 0, rather than as killed by the signal.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
-        create_app(services),
+        app,
+        factory=args.workers > 1,
+        workers=args.workers,
         host=args.host,
         port=args.port,
         log_level="info",
@@ -94,6 +111,21 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
     )
     return 0
+
+
+WORKER_OPTIONS_ENV = "INTERPQL_WORKER_OPTIONS"
+
+
+def worker_app() -> Any:
+    """The app of one `--workers` process, from the options its parent checked."""
+    from interpql.bootstrap import ServeOptions, build_services
+    from interpql.server import create_app
+
+    raw = json.loads(os.environ[WORKER_OPTIONS_ENV])
+    configure_logging(raw["log_format"])
+    fields = raw["options"]
+    options = ServeOptions(**{**fields, "settings": Settings(**fields["settings"])})
+    return create_app(build_services(options))
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> NoReturn:
@@ -220,6 +252,13 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="GraphQL worker processes on this port, each with its own copy of the model (or "
+        "its own handle on the --ray deployment); share jobs and caches with --redis",
+    )
     serve.add_argument(
         "--no-model", action="store_true", help="serve metadata only, without loading weights"
     )

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import websockets.sync.client
 
-from tests.processes import serve
+from tests.processes import serve, serve_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,3 +142,21 @@ def test_generation_streams_over_websocket(server: str) -> None:
     assert [e["step"] for e in events[:-1]] == [0, 1, 2]
     streamed = [e["unsteeredToken"]["id"] for e in events[:-1]]
     assert streamed == [t["id"] for t in events[-1]["result"]["unsteered"]["tokens"]]
+
+
+def test_several_worker_processes_serve_one_port() -> None:
+    with serve_process("--model", "random:tiny", "--name", "m", "--workers", "2") as (url, process):
+        # uvicorn's supervisor and two workers, each with its own copy of the model.
+        deadline = time.monotonic() + 60
+        while len(psutil.Process(process.pid).children()) < 2:
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.2)
+        query = 'query($p: String!) { model(name: "m") { infer(input: {prompt: $p}) { loss } } }'
+        for i in range(6):
+            with httpx.Client() as client:  # a new connection each time
+                body = client.post(
+                    url + "/graphql", json={"query": query, "variables": {"p": f"prompt {i} here"}}
+                ).json()
+            assert body["data"]["model"]["infer"]["loss"] > 0
+        process.terminate()
+        assert process.wait(timeout=30) == 0
