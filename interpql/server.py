@@ -1,5 +1,6 @@
 """The Starlette app: GraphQL over HTTP and WebSocket on /graphql (GraphiQL on GET), /healthz,
-and the node viewer on /viewer."""
+the node viewer on /viewer, /metrics and the memory-snapshot endpoint (observability/), with
+the body-size limit in front of everything."""
 
 from __future__ import annotations
 
