@@ -40,14 +40,20 @@ def small_backend() -> CountingBackend:
     return CountingBackend(random_model(SMALL, seed=1))
 
 
+def small_entry(backend: NativeGPT2Backend) -> ModelEntry:
+    """A SMALL backend served as "small" on the CPU, as the in-process tests serve it."""
+    return ModelEntry(MODEL_NAME, SMALL.architecture, backend, backend.name, "cpu", "float32")
+
+
+def small_registry(backend: NativeGPT2Backend) -> ModelRegistry:
+    registry = ModelRegistry()
+    registry.add(small_entry(backend))
+    return registry
+
+
 @pytest.fixture(scope="session")
 def registry(small_backend: CountingBackend) -> Iterator[ModelRegistry]:
-    registry = ModelRegistry()
-    registry.add(
-        ModelEntry(
-            MODEL_NAME, SMALL.architecture, small_backend, small_backend.name, "cpu", "float32"
-        )
-    )
+    registry = small_registry(small_backend)
     yield registry
     registry.close()
 

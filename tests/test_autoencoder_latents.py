@@ -59,14 +59,20 @@ def state() -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in random_model(SMALL, seed=11).state_dict().items()}
 
 
-@pytest.fixture(scope="module")
-def backend(state: dict[str, torch.Tensor]) -> NativeGPT2Backend:
+def with_two_autoencoders(state: dict[str, torch.Tensor]) -> NativeGPT2Backend:
+    """SMALL with `state`'s weights, a random MLP autoencoder at layer 1 and an attention one
+    at layer 2."""
     model = random_model(SMALL, seed=0)
     model.load_state_dict(state)
     backend = NativeGPT2Backend(model)
     backend.attach_autoencoder(1, AutoencoderInput.MLP_POST_ACT, random_autoencoder(80, 200, 1))
     backend.attach_autoencoder(2, AutoencoderInput.RESID_DELTA_ATTN, random_autoencoder(48, 96, 2))
     return backend
+
+
+@pytest.fixture(scope="module")
+def backend(state: dict[str, torch.Tensor]) -> NativeGPT2Backend:
+    return with_two_autoencoders(state)
 
 
 def mlp_ae(backend: NativeGPT2Backend) -> SparseAutoencoder:

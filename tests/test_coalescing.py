@@ -7,11 +7,11 @@ from typing import Any
 
 import httpx
 
-from interpql.loaders.registry import ModelEntry, ModelRegistry
+from interpql.loaders.registry import ModelRegistry
 from interpql.resolvers.context import Services
 from interpql.server import create_app
 from interpql.settings import Settings
-from tests.conftest import SMALL, CountingBackend, graphql
+from tests.conftest import CountingBackend, graphql, small_registry
 
 QUERY = """query($p: String!) { model(name: "small") { infer(input: {prompt: $p}) {
   loss topPredictions(k: 3) { token { id } probability }
@@ -20,8 +20,7 @@ PROMPTS = [f"request number {i} says {'hello ' * (i % 3)}" for i in range(8)]
 
 
 def app_for(backend: CountingBackend, window_ms: float) -> tuple[Any, ModelRegistry]:
-    registry = ModelRegistry()
-    registry.add(ModelEntry("small", SMALL.architecture, backend, "native-gpt2", "cpu", "float32"))
+    registry = small_registry(backend)
     settings = Settings(coalesce_window_ms=window_ms, cached_runs=0)
     return create_app(Services(registry, settings)), registry
 
@@ -79,10 +78,7 @@ async def test_prompts_of_very_different_lengths_are_not_padded_together(
 async def test_identical_inputs_are_served_from_the_run_cache(
     small_backend: CountingBackend,
 ) -> None:
-    registry = ModelRegistry()
-    registry.add(
-        ModelEntry("small", SMALL.architecture, small_backend, "native-gpt2", "cpu", "float32")
-    )
+    registry = small_registry(small_backend)
     app = create_app(Services(registry, Settings(coalesce_window_ms=0)))
     small_backend.calls.clear()
     async with httpx.AsyncClient(

@@ -23,12 +23,12 @@ from interpql.demo.records import RecordStore
 from interpql.loaders.auth import ApiKeys, hash_key
 from interpql.loaders.explaining import ExplanationService
 from interpql.loaders.jobs import JobManager
-from interpql.loaders.registry import ModelEntry, ModelRegistry
+from interpql.loaders.registry import ModelRegistry
 from interpql.loaders.sources import CompactSource, ExplanationStore
 from interpql.resolvers.context import RequestContext, Services
 from interpql.schema.build import build_schema
 from interpql.server import create_app
-from tests.conftest import SMALL, CountingBackend, error_codes, graphql
+from tests.conftest import CountingBackend, error_codes, graphql, small_entry
 from tests.fake_openai import FakeOpenAI, chat_answer, reply, slow, status
 
 NODE = "small/mlp_neuron/1/7"
@@ -61,7 +61,7 @@ async def setup(
     fake: FakeOpenAI, small_backend: CountingBackend, records_dir: Path, tmp_path: Path
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Services]]:
     registry = ModelRegistry()
-    entry = ModelEntry("small", SMALL.architecture, small_backend, "native-gpt2", "cpu", "float32")
+    entry = small_entry(small_backend)
     entry.sources.append(CompactSource.open("test-dataset", records_dir, token_text))
     registry.add(entry)
     jobs = JobManager(max_jobs_per_key=2, max_tokens_per_key=10_000)

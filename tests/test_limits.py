@@ -19,11 +19,16 @@ from interpql.backends.gpt2.backend import NativeGPT2Backend
 from interpql.backends.gpt2.loading import random_model
 from interpql.loaders.auth import ApiKeys
 from interpql.loaders.rate_limits import RateLimiter
-from interpql.loaders.registry import ModelEntry, ModelRegistry
+from interpql.loaders.registry import ModelRegistry
 from interpql.resolvers.context import Services
 from interpql.server import create_app
 from interpql.settings import Settings
-from tests.conftest import MODEL_NAME, SMALL, CountingBackend, error_codes
+from tests.conftest import (
+    SMALL,
+    CountingBackend,
+    error_codes,
+    small_registry,
+)
 
 KEY = "s3cret-key"
 INFER = 'query($p: String!) { model(name: "small") { infer(input: {prompt: $p}) { loss } } }'
@@ -229,15 +234,9 @@ class OutOfMemoryBackend(NativeGPT2Backend):
         return super().run(request)
 
 
-def one_model(backend: NativeGPT2Backend) -> ModelRegistry:
-    registry = ModelRegistry()
-    registry.add(ModelEntry(MODEL_NAME, SMALL.architecture, backend, "small", "cpu", "float32"))
-    return registry
-
-
 async def test_inference_timeout_and_dropping_what_gave_up() -> None:
     backend = BlockingBackend(random_model(SMALL, seed=1))
-    registry = one_model(backend)
+    registry = small_registry(backend)
     async with app_client(registry, inference_timeout_s=0.3, coalesce_window_ms=1.0) as client:
         first, second = await asyncio.gather(
             post(client, INFER, {"p": "the first prompt"}),
@@ -256,7 +255,7 @@ async def test_inference_timeout_and_dropping_what_gave_up() -> None:
 
 async def test_out_of_memory_fails_only_the_request_too_large() -> None:
     backend = OutOfMemoryBackend(random_model(SMALL, seed=1))
-    registry = one_model(backend)
+    registry = small_registry(backend)
     batch = (
         'query($inputs: [InferenceInput!]!) { model(name: "small") '
         "{ inferBatch(inputs: $inputs) { loss } } }"

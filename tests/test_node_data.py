@@ -14,10 +14,10 @@ import torch
 
 from interpql.backends.tokenizer import gpt2_encoding
 from interpql.demo.records import RecordStore
-from interpql.loaders.registry import ModelEntry, ModelRegistry
+from interpql.loaders.registry import ModelRegistry
 from interpql.loaders.sources import CompactSource
 from interpql.server import create_app
-from tests.conftest import SMALL, CountingBackend, error_codes, graphql
+from tests.conftest import CountingBackend, error_codes, graphql, small_entry
 
 SEQ_LEN = 24
 
@@ -51,7 +51,7 @@ async def client(
     small_backend: CountingBackend, source: CountingSource
 ) -> AsyncIterator[httpx.AsyncClient]:
     registry = ModelRegistry()
-    entry = ModelEntry("small", SMALL.architecture, small_backend, "native-gpt2", "cpu", "float32")
+    entry = small_entry(small_backend)
     entry.sources.append(source)
     registry.add(entry)
     transport = httpx.ASGITransport(app=create_app(registry))

@@ -15,11 +15,11 @@ import pytest
 
 from interpql.loaders.cache import NodeDataCache
 from interpql.loaders.nodes import NodeKind, NodeRef
-from interpql.loaders.registry import ModelEntry, ModelRegistry
+from interpql.loaders.registry import ModelRegistry
 from interpql.loaders.sources import ExplanationStore, TdbFolderSource
 from interpql.server import create_app
 from tests import processes
-from tests.conftest import SMALL, CountingBackend, error_codes, graphql
+from tests.conftest import SMALL, CountingBackend, error_codes, graphql, small_entry
 
 
 def neuron_record(layer: int, index: int) -> dict[str, Any]:
@@ -109,7 +109,7 @@ def make_client(
     backend: CountingBackend, sources: list[Any], cache: NodeDataCache | None
 ) -> tuple[httpx.AsyncClient, ModelRegistry]:
     registry = ModelRegistry()
-    entry = ModelEntry("small", SMALL.architecture, backend, "native-gpt2", "cpu", "float32")
+    entry = small_entry(backend)
     entry.sources.extend(sources)
     registry.add(entry)
     transport = httpx.ASGITransport(app=create_app(registry, cache=cache))

@@ -40,7 +40,7 @@ from interpql.loaders.models import load_model
 from interpql.loaders.registry import ModelEntry, ModelRegistry
 from interpql.server import create_app
 from tests.conftest import SMALL, error_codes, graphql
-from tests.test_autoencoder_latents import random_autoencoder
+from tests.test_autoencoder_latents import with_two_autoencoders
 
 PROMPTS = [
     [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13],
@@ -66,12 +66,7 @@ def state() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def native(state: dict[str, torch.Tensor]) -> NativeGPT2Backend:
-    model = random_model(SMALL, seed=0)
-    model.load_state_dict(state)
-    backend = NativeGPT2Backend(model)
-    backend.attach_autoencoder(1, AutoencoderInput.MLP_POST_ACT, random_autoencoder(80, 200, 1))
-    backend.attach_autoencoder(2, AutoencoderInput.RESID_DELTA_ATTN, random_autoencoder(48, 96, 2))
-    return backend
+    return with_two_autoencoders(state)
 
 
 @pytest.fixture(scope="module")
