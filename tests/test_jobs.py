@@ -430,9 +430,14 @@ def serve_args(tmp_path: Path, fake: FakeOpenAI, name: str, *more: str) -> list[
     ]
 
 
-def post(url: str, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+def post(
+    url: str,
+    query: str,
+    variables: dict[str, Any] | None = None,
+    headers: dict[str, str] = AUTH,
+) -> dict[str, Any]:
     response = httpx.post(
-        url + "/graphql", json={"query": query, "variables": variables or {}}, headers=AUTH
+        url + "/graphql", json={"query": query, "variables": variables or {}}, headers=headers
     )
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
@@ -461,9 +466,12 @@ def job_state(url: str, job_id: str) -> dict[str, Any]:
 class JobUpdates:
     """`jobUpdates` over a WebSocket (graphql-transport-ws), one event at a time."""
 
-    def __init__(self, ws: ClientConnection, job_id: str) -> None:
+    def __init__(self, ws: ClientConnection, job_id: str, key: str | None = KEY) -> None:
         self.ws = ws
-        self.ws.send(json.dumps({"type": "connection_init"}))
+        init: dict[str, Any] = {"type": "connection_init"}
+        if key is not None:  # browsers cannot set headers: the key comes in the payload
+            init["payload"] = {"Authorization": f"Bearer {key}"}
+        self.ws.send(json.dumps(init))
         assert json.loads(self.ws.recv(timeout=10))["type"] == "connection_ack"
         query = (
             "subscription($id: ID!) { jobUpdates(id: $id) { sequence status progress message } }"
@@ -490,11 +498,11 @@ class JobUpdates:
 
 
 @contextmanager
-def job_updates(url: str, job_id: str) -> Iterator[JobUpdates]:
+def job_updates(url: str, job_id: str, key: str | None = KEY) -> Iterator[JobUpdates]:
     with websockets.sync.client.connect(
         url.replace("http://", "ws://") + "/graphql", subprotocols=["graphql-transport-ws"]
     ) as ws:
-        yield JobUpdates(ws, job_id)
+        yield JobUpdates(ws, job_id, key)
 
 
 def explaining(event: dict[str, Any]) -> bool:
@@ -608,3 +616,29 @@ def test_without_redis_starting_a_job_is_a_typed_error(tmp_path: Path, fake: Fak
             assert models.json()["data"]["models"] == [{"name": "tiny"}]
             assert httpx.get(url + "/healthz").status_code == 200
             assert process.poll() is None
+
+
+OTHER_KEY = "the-other-key"
+
+
+def test_a_job_is_seen_by_the_key_that_made_it_alone(tmp_path: Path, fake: FakeOpenAI) -> None:
+    """Over HTTP and over a WebSocket, another key's job and a key-less caller get exactly what
+    an unknown job gets."""
+    with serve(*serve_args(tmp_path, fake, "store", "--api-key", OTHER_KEY)) as url:
+        job_id = start_explaining(url)  # with KEY
+        with job_updates(url, job_id) as updates:
+            assert updates.until(lambda event: event["status"] == "SUCCEEDED")
+        assert job_state(url, job_id)["status"] == "SUCCEEDED"
+        unknown = post(url, JOB, {"id": "job-" + "0" * 32})
+        assert error_codes(unknown) == ["JOB_NOT_FOUND"]
+        for headers in ({"Authorization": f"Bearer {OTHER_KEY}"}, {}):
+            refused = post(url, JOB, {"id": job_id}, headers=headers)
+            assert refused["data"] is None and error_codes(refused) == ["JOB_NOT_FOUND"]
+            assert refused["errors"][0]["message"] == f"No job {job_id!r}."
+        for key in (OTHER_KEY, None):
+            with job_updates(url, job_id, key) as updates:
+                message = json.loads(updates.ws.recv(timeout=10))
+            assert message["type"] == "next", message
+            [error] = message["payload"]["errors"]
+            assert error["extensions"]["code"] == "JOB_NOT_FOUND"
+            assert message["payload"]["data"] is None

@@ -53,9 +53,18 @@ async def score_explanation(
     return await _service(ctx).submit_score(entry, node, text.strip(), options, key_id)
 
 
+# A job belongs to the API key that created it; callers with another key, or with none, are
+# told there is no such job (and not that it exists and is someone else's).
+
+
 async def job(ctx: RequestContext, job_id: str) -> Job:
-    return await ctx.services.jobs.get(job_id)
+    return await ctx.services.jobs.get(job_id, _caller(ctx))
 
 
 def follow(ctx: RequestContext, job_id: str) -> AsyncIterator[JobEvent]:
-    return ctx.services.jobs.follow(job_id)
+    return ctx.services.jobs.follow(job_id, _caller(ctx))
+
+
+def _caller(ctx: RequestContext) -> str:
+    # Every job has its creator's key id; no caller without a key matches one.
+    return ctx.key_id or ""

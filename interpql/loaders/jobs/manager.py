@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from collections import Counter, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from interpql.backends.explanations.base import ExplanationError, SimulationError
 from interpql.errors import InterpqlError, NotFoundError
 from interpql.loaders.jobs import owners
 from interpql.loaders.jobs.base import (
@@ -273,23 +275,27 @@ class JobManager:
                 return False
         return True
 
-    async def get(self, job_id: str) -> Job:
+    async def get(self, job_id: str, key_id: str | None = None) -> Job:
+        """The job; with `key_id`, only if that key created it. Another key's job is answered
+        exactly as a job that does not exist: a caller learns nothing of others' jobs."""
         job = self._local.get(job_id)
-        if job is not None:
-            return job
-        found = await self.store.get(job_id) if len(job_id) <= _MAX_ID_LENGTH else None
-        if found is None:
-            raise NotFoundError(f"No job {job_id[:_MAX_ID_LENGTH]!r}.", code="JOB_NOT_FOUND")
-        return found
+        if job is None and len(job_id) <= _MAX_ID_LENGTH:
+            job = await self.store.get(job_id)
+        if job is None or (key_id is not None and job.key_id != key_id):
+            raise job_not_found(job_id)
+        return job
 
-    async def follow(self, job_id: str) -> AsyncGenerator[JobEvent, None]:
-        """Every event of the job, past ones first, until it is done."""
+    async def follow(
+        self, job_id: str, key_id: str | None = None
+    ) -> AsyncGenerator[JobEvent, None]:
+        """Every event of the job, past ones first, until it is done (`key_id` as for
+        `get`)."""
         job = self._local.get(job_id)
-        if job is not None:
+        if job is not None and (key_id is None or job.key_id == key_id):
             async for event in _follow_in_memory(job):
                 yield event
             return
-        await self.get(job_id)
+        await self.get(job_id, key_id)
         events = self.store.events(job_id)
         try:
             async for event in events:
@@ -340,6 +346,10 @@ async def _follow_in_memory(job: Job) -> AsyncGenerator[JobEvent, None]:
         await changed.wait()
 
 
+def job_not_found(job_id: str) -> NotFoundError:
+    return NotFoundError(f"No job {job_id[:_MAX_ID_LENGTH]!r}.", code="JOB_NOT_FOUND")
+
+
 def describe_failure(exc: BaseException) -> str:
     """Why a job failed, in words a client can act on (no stack traces, no secrets)."""
     import openai
@@ -354,4 +364,14 @@ def describe_failure(exc: BaseException) -> str:
         return f"The explainer API answered HTTP {exc.status_code} (after retries)."
     if isinstance(exc, openai.APIConnectionError):
         return "The explainer API could not be reached (after retries)."
-    return f"{type(exc).__name__}: {exc}"[:300]
+    if isinstance(exc, SimulationError | ExplanationError):
+        return f"The explainer API's answers could not be used: {exc}"[:300]
+    if isinstance(exc, sqlite3.Error):
+        return (
+            "The explanation store could not be written (the disk may be full, or the file "
+            "read-only or damaged); nothing was stored. The server's log has the details."
+        )
+    return (
+        "The job failed on an internal error; nothing was stored. The server's log has the "
+        "details: submit it again, or tell the server's operator."
+    )
