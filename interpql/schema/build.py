@@ -3,12 +3,14 @@ caches, errors."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import strawberry
-from graphql import GraphQLError, GraphQLSchema
+from graphql import FieldNode, GraphQLError, GraphQLSchema, ValidationRule
 from strawberry.extensions import (
+    AddValidationRules,
     DisableIntrospection,
     MaxAliasesLimiter,
     MaxTokensLimiter,
@@ -32,9 +34,32 @@ from interpql.schema.scalars import SCALARS
 from interpql.settings import Settings
 
 
+class NoFederationSdl(ValidationRule):
+    """With introspection off, federation's `_service { sdl }` is refused too: it is the whole
+    schema by another name. (A gateway then composes from the exported schema.graphql.)"""
+
+    def enter_field(self, node: FieldNode, *_args: Any) -> None:
+        parent = self.context.get_parent_type()
+        if node.name.value == "_service" and parent is self.context.schema.query_type:
+            self.report_error(
+                GraphQLError(
+                    "The schema is not served here: introspection is disabled, and so is _service.",
+                    node,
+                    extensions={"code": "INTROSPECTION_DISABLED"},
+                )
+            )
+
+
+# graphql-core's validation and coercion messages end with "Did you mean ...?", naming fields,
+# types and enum values: the schema, piece by piece, to a client that guesses.
+_SUGGESTION = re.compile(r" Did you mean .*\?$", re.DOTALL)
+
+
 class InterpqlSchema(strawberry.federation.Schema):
     # Set by build_schema: how many representations one _entities call may carry.
     max_representations: int = Settings().max_nodes_per_request
+    # Set by build_schema: with introspection off, errors name nothing the client did not.
+    hide_suggestions: bool = False
 
     # The annotations are strawberry's own: it builds the _entities field from them.
     def entities_resolver(
@@ -61,6 +86,9 @@ class InterpqlSchema(strawberry.federation.Schema):
     ) -> None:
         # Replaces strawberry's default, which logs every client mistake with a traceback.
         add_codes(errors)
+        if self.hide_suggestions:
+            for error in errors:
+                error.message = _SUGGESTION.sub("", error.message)
 
 
 # The types other subgraphs reference by key (those with resolve_reference).
@@ -100,7 +128,7 @@ def build_schema(
         OperationLimits,
     ]
     if not settings.introspection:
-        extensions.append(DisableIntrospection)
+        extensions += [DisableIntrospection, lambda: AddValidationRules([NoFederationSdl])]
     schema = InterpqlSchema(
         query=Query,
         mutation=Mutation,
@@ -112,6 +140,7 @@ def build_schema(
         federation_version="2.11",
     )
     schema.max_representations = settings.max_nodes_per_request
+    schema.hide_suggestions = not settings.introspection
     _describe(schema._schema, FEDERATION_DESCRIPTIONS)
     return schema
 
