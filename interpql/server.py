@@ -5,6 +5,7 @@ the body-size limit in front of everything."""
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,15 +28,20 @@ from strawberry.subscriptions import (
 
 from interpql import web
 from interpql.body_limit import BodySizeLimit
+from interpql.host_check import AllowedHosts
 from interpql.loaders.cache import NodeDataCache
 from interpql.loaders.registry import ModelRegistry
 from interpql.observability.app import Observability
 from interpql.resolvers.context import RequestContext, Services
 from interpql.schema.build import build_schema
 from interpql.settings import Settings
+from interpql.websocket_protocols import LegacyProtocolHandler, TextFrameAdapter
 
 
 class GraphQLApp(GraphQL[RequestContext, None]):
+    websocket_adapter_class = TextFrameAdapter  # type: ignore[assignment]
+    graphql_ws_handler_class = LegacyProtocolHandler
+
     def __init__(self, services: Services, observability: Observability | None = None) -> None:
         super().__init__(
             build_schema(
@@ -51,6 +57,11 @@ class GraphQLApp(GraphQL[RequestContext, None]):
             ),
         )
         self.services = services
+        self._allowed_origin = re.compile(services.settings.cors_origin_regex)
+
+    def is_websocket_origin_allowed(self, request: WebSocket, origin: str) -> bool:
+        # Browsers apply no CORS to WebSockets: the origins CORS allows on HTTP are checked here.
+        return self._allowed_origin.fullmatch(origin) is not None
 
     async def get_context(
         self, request: Request | WebSocket, response: Response | WebSocket
@@ -97,14 +108,16 @@ def graphql_error_response(status: int, message: str) -> JSONResponse:
 
 
 class InterpqlApp(Starlette):
-    def __init__(self, *args: Any, max_body_bytes: int, **kwargs: Any) -> None:
-        self.max_body_bytes = max_body_bytes
+    def __init__(self, *args: Any, settings: Settings, **kwargs: Any) -> None:
+        self.settings = settings
         super().__init__(*args, **kwargs)
 
     def build_middleware_stack(self) -> ASGIApp:
-        # Outermost, outside Starlette's error middleware: an oversized body is refused with
-        # its own 413 before anything (including the 500 handler) sees it.
-        return BodySizeLimit(super().build_middleware_stack(), self.max_body_bytes)
+        # Outermost, outside Starlette's error middleware: an unknown host, then an oversized
+        # body, are refused with their own answers before anything (the 500 handler too) sees
+        # them.
+        limited = BodySizeLimit(super().build_middleware_stack(), self.settings.max_body_bytes)
+        return AllowedHosts(limited, self.settings.allowed_hosts)
 
 
 def create_app(
@@ -137,7 +150,7 @@ def create_app(
         observability.close()
 
     return InterpqlApp(
-        max_body_bytes=settings.max_body_bytes,
+        settings=settings,
         routes=[
             Route("/graphql", observability.observe_http(graphql), methods=["GET", "POST"]),
             WebSocketRoute("/graphql", graphql),
