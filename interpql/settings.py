@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from interpql.host_check import LOOPBACK_NAMES
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -20,12 +22,16 @@ class Settings:
     # Before tokenizing: no GPT-2 token is longer than this many characters of text.
     max_chars_per_token: int = 128
     cors_origin_regex: str = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+    # Host header names requests may be addressed to ("*": any); see host_check.py.
+    allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES
     # The estimated work of one operation (interpql.schema.cost): fields, and inference tokens
     # weighted by the passes they need. 0: unlimited.
     max_query_cost: int = 250_000
     # Per API key (or per client address without one), over a sliding minute. 0: unlimited.
     rate_limit_requests_per_minute: int = 0
     rate_limit_cost_per_minute: int = 0
+    # Seconds a request's headers may take to arrive (0: unbounded); see http_protocol.py.
+    header_timeout_s: float = 10.0
     # Bytes of one HTTP body or WebSocket message.
     max_body_bytes: int = 2_000_000
     # How long one request may wait for its forward passes (queueing included).

@@ -62,7 +62,7 @@ def registry(small_backend: CountingBackend) -> Iterator[ModelRegistry]:
 async def client(registry: ModelRegistry) -> AsyncIterator[httpx.AsyncClient]:
     # No run cache: tests count forward passes.
     transport = httpx.ASGITransport(app=create_app(registry, Settings(cached_runs=0)))
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         yield client
 
 

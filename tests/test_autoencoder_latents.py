@@ -259,7 +259,7 @@ async def test_latents_as_nodes_over_graphql(tmp_path: Path, backend: NativeGPT2
     registry = ModelRegistry()
     registry.add(entry)
     transport = httpx.ASGITransport(app=create_app(registry))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         body = await graphql(
             client,
             """{ model(name: "sae") {

@@ -28,7 +28,7 @@ def app_for(backend: CountingBackend, window_ms: float) -> tuple[Any, ModelRegis
 async def answers(backend: CountingBackend, window_ms: float, concurrent: bool) -> list[Any]:
     app, registry = app_for(backend, window_ms)
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         if concurrent:
             bodies = await asyncio.gather(*(graphql(client, QUERY, {"p": p}) for p in PROMPTS))
         else:
@@ -65,7 +65,7 @@ async def test_prompts_of_very_different_lengths_are_not_padded_together(
     app, registry = app_for(small_backend, 50.0)
     transport = httpx.ASGITransport(app=app)
     small_backend.calls.clear()
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         await asyncio.gather(
             graphql(client, QUERY, {"p": "short"}),
             graphql(client, QUERY, {"p": "tiny"}),
@@ -82,7 +82,7 @@ async def test_identical_inputs_are_served_from_the_run_cache(
     app = create_app(Services(registry, Settings(coalesce_window_ms=0)))
     small_backend.calls.clear()
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://t"
+        transport=httpx.ASGITransport(app=app), base_url="http://localhost"
     ) as client:
         first = await graphql(client, QUERY, {"p": "cached prompt"})
         again = await graphql(client, QUERY, {"p": "cached prompt"})

@@ -133,7 +133,7 @@ def test_record_statistics_agree_with_a_fresh_pass(
 async def test_served_by_default_with_records_and_explanations() -> None:
     services = build_services(ServeOptions(explanation_store=":memory:"))
     transport = httpx.ASGITransport(app=create_app(services))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         body: dict[str, Any] = await graphql(
             client,
             """{ models { name autoencoders { kind layer nLatents } }
@@ -156,7 +156,7 @@ async def test_a_thousand_nodes_cost_one_read_per_field_kind() -> None:
     source.read_explanations = lambda nodes: reads.append("explanations") or explanations(nodes)  # type: ignore[method-assign]
     ids = [f"tiny-stdlib/mlp_neuron/{layer}/{i}" for layer in range(4) for i in range(250)]
     transport = httpx.ASGITransport(app=create_app(services))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         body = await graphql(
             client,
             "query($ids: [ID!]!) { nodes(ids: $ids) { topActivations(first: 5) { tokens activations } "

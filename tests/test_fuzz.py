@@ -113,7 +113,9 @@ def without_lifespan(app: ASGIApp) -> ASGIApp:
 
 @pytest.fixture(scope="module")
 def fuzz_schema(registry: ModelRegistry) -> GraphQLSchema:
-    services = Services(registry, Settings(), api_keys=ApiKeys([API_KEY]))
+    # schemathesis calls the app as Starlette's test client does, addressed to "testserver".
+    settings = Settings(allowed_hosts=(*Settings().allowed_hosts, "testserver"))
+    services = Services(registry, settings, api_keys=ApiKeys([API_KEY]))
     app = without_lifespan(create_app(services))
     return schemathesis.graphql.from_asgi("/graphql", app, config=config())
 

@@ -55,7 +55,7 @@ async def client(
     entry.sources.append(source)
     registry.add(entry)
     transport = httpx.ASGITransport(app=create_app(registry))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         yield client
     registry.close()
 

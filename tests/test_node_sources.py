@@ -113,7 +113,7 @@ def make_client(
     entry.sources.extend(sources)
     registry.add(entry)
     transport = httpx.ASGITransport(app=create_app(registry, cache=cache))
-    return httpx.AsyncClient(transport=transport, base_url="http://t"), registry
+    return httpx.AsyncClient(transport=transport, base_url="http://localhost"), registry
 
 
 @pytest.fixture

@@ -55,7 +55,7 @@ async def app_client(registry: ModelRegistry) -> AsyncIterator[httpx.AsyncClient
     """A fresh app (its own metrics) with run caching off."""
     app = create_app(services_for(registry, cached_runs=0))
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         yield client
 
 
@@ -181,7 +181,7 @@ def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 async def test_metrics_count_what_was_sent(registry: ModelRegistry) -> None:
     services = services_for(registry, cached_runs=8)
     transport = httpx.ASGITransport(app=create_app(services))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         for _ in range(3):
             await post(client, "{ models { name } }")
         await post(client, '{ model(name: "nope") { name } }')
@@ -238,7 +238,7 @@ async def test_coalesced_requests_are_counted(
     services = services_for(registry, cached_runs=0, coalesce_window_ms=500)
     caplog.set_level(logging.INFO, logger="interpql.requests")
     transport = httpx.ASGITransport(app=create_app(services))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         await asyncio.gather(post(client, INFER, p="first prompt"), post(client, INFER, p="second"))
         samples = scrape((await client.get("/metrics")).text)
     lines = request_lines(caplog)
@@ -253,14 +253,14 @@ async def test_each_app_counts_alone_and_metrics_can_be_off(registry: ModelRegis
     off = create_app(services_for(registry, metrics=False))
     for app, queries in ((first, 2), (second, 1)):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             for _ in range(queries):
                 await post(client, "{ models { name } }")
             samples = scrape((await client.get("/metrics")).text)
         key = (("operation_type", "query"), ("outcome", "ok"))
         assert samples[("interpql_graphql_requests_total", key)] == queries
     transport = httpx.ASGITransport(app=off)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         await post(client, "{ models { name } }")
         assert (await client.get("/metrics")).status_code == 404
 
@@ -275,7 +275,7 @@ async def test_spans_are_named_after_the_operation_and_resolvers(registry: Model
     services = Services(registry, Settings(cached_runs=0), tracer_provider=provider)
     transport = httpx.ASGITransport(app=create_app(services))
     query = 'query Traced { models { name } model(name: "small") { infer(input: {prompt: "traced prompt"}) { loss } } }'
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         body = await post(client, query)
     assert body["data"]["model"]["infer"]["loss"] > 0
     spans = {span.name: span for span in exporter.get_finished_spans()}
@@ -319,7 +319,7 @@ async def test_spans_reach_an_otlp_collector(registry: ModelRegistry, otlp_colle
     provider = otlp_tracer_provider(otlp_collector)
     services = Services(registry, Settings(), tracer_provider=provider)
     transport = httpx.ASGITransport(app=create_app(services))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         await post(client, "query Exported { models { name } }")
     provider.shutdown()  # what the app's shutdown does: flush the batch
     [(path, body)] = _Collector.received
@@ -382,7 +382,7 @@ def test_recording_starts_on_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -> N
 async def snapshot(app: Any, authorization: str | None = None) -> httpx.Response:
     headers = {"Authorization": authorization} if authorization else {}
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         return await client.post("/debug/cuda-memory-snapshot", headers=headers)
 
 

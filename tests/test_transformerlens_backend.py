@@ -286,7 +286,7 @@ async def pair_client(
             ModelEntry(name, backend.architecture, backend, backend.name, "cpu", "float32")
         )
     transport = httpx.ASGITransport(app=create_app(registry))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         yield client
     registry.close()
 
@@ -370,7 +370,7 @@ async def test_another_architecture_answers_infer(tmp_path: Path, family: str) -
     registry.add(entry)
     prompt = "The quick brown fox jumps over the lazy dog"
     transport = httpx.ASGITransport(app=create_app(registry))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         body = await graphql(
             client,
             """query($p: String!) { model(name: "other") { backend nLayers dMlp nVocab
@@ -442,7 +442,7 @@ async def test_an_unsupported_location_is_an_unsupported_error_over_graphql(tmp_
     registry = ModelRegistry()
     registry.add(load_model(str(tmp_path), name="gqa", backend="transformerlens"))
     transport = httpx.ASGITransport(app=create_app(registry))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         # An attention score's trace needs the rotated queries and keys, which a rotary
         # model's hooks do not give.
         body = await graphql(
@@ -519,7 +519,7 @@ async def test_both_backends_serve_the_demo_alike() -> None:
         registry.add(entry)
     transport = httpx.ASGITransport(app=create_app(registry))
     answers = []
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         for model in ("native", "lens"):
             body = await graphql(
                 client,
