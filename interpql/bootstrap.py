@@ -10,12 +10,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import blobfile as bf
+
 from interpql.backends.base import AutoencoderInput
 from interpql.backends.cuda_memory import start_recording
 from interpql.backends.explanations.api import ApiSettings
 from interpql.backends.ray_serve.protocol import DEFAULT_APP, ServedModel
 from interpql.backends.tokenizer import gpt2_encoding
 from interpql.demo.artifacts import DEMO_DIR, DEMO_NAME, load_demo_autoencoders
+from interpql.file_errors import FileProblem
 from interpql.loaders.auth import ApiKeys
 from interpql.loaders.cache import NodeDataCache
 from interpql.loaders.explaining import ExplanationService
@@ -256,4 +259,15 @@ def parse_source(spec: str) -> TdbFolderSource:
         raise ValueError(f"--source {spec!r}: kind must be one of {known}") from None
     if "records" not in fields and "explanations" not in fields:
         raise ValueError(f"--source {spec!r}: give records=..., explanations=... or both")
+    for part in ("records", "explanations"):
+        folder = fields.get(part)
+        if folder is not None and not _is_folder(folder):
+            raise FileProblem(folder, f"no such folder (--source {part}=)")
     return TdbFolderSource(fields["name"], kind, fields.get("records"), fields.get("explanations"))
+
+
+def _is_folder(location: str) -> bool:
+    try:
+        return bool(bf.isdir(location))
+    except Exception as exc:  # a remote store that cannot be reached, a malformed URL, ...
+        raise FileProblem(location, f"cannot be reached ({type(exc).__name__}: {exc})") from exc

@@ -14,6 +14,7 @@ import torch
 
 from interpql.backends.autoencoder import SparseAutoencoder
 from interpql.backends.base import AutoencoderInput
+from interpql.file_errors import FileProblem, reading
 
 _PUBLIC = "az://openaipublic/sparse-autoencoder/gpt2-small"
 REGISTERED_AUTOENCODERS: dict[str, tuple[str, AutoencoderInput]] = {
@@ -31,13 +32,14 @@ class AutoencoderFilesError(ValueError):
 
 
 def read_autoencoder(path: str) -> SparseAutoencoder:
-    state = torch.load(io.BytesIO(bf.read_bytes(path)), map_location="cpu", weights_only=True)
+    with reading(path, "a sparse autoencoder's state dict (torch.save)"):
+        state = torch.load(io.BytesIO(bf.read_bytes(path)), map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
-        raise AutoencoderFilesError(f"{path} does not hold a state dict")
+        raise FileProblem(path, "does not hold a state dict")
     try:
         return SparseAutoencoder.from_state_dict(state)
     except ValueError as exc:
-        raise AutoencoderFilesError(f"{path}: {exc}") from exc
+        raise FileProblem(path, str(exc)) from exc
 
 
 def load_autoencoder_set(spec: str, n_layers: int) -> tuple[dict[int, SparseAutoencoder], str]:

@@ -28,12 +28,14 @@ from safetensors.torch import load_file, save_file
 from interpql.backends.autoencoder import SparseAutoencoder
 from interpql.backends.gpt2.loading import (
     StateDict,
+    read_json_config,
     save_hf_folder,
     save_tdb_folder,
     tdb_config_from_json,
     tdb_config_to_json,
 )
 from interpql.backends.gpt2.model import GPT2Config
+from interpql.file_errors import reading
 
 DEMO_NAME = "tiny-stdlib"
 DEMO_DIR = Path(__file__).with_name(DEMO_NAME)
@@ -82,8 +84,9 @@ def load_demo_model(root: Path = DEMO_DIR) -> tuple[GPT2Config, StateDict]:
     weights = root / WEIGHTS_FILE
     if not weights.exists():
         raise DemoArtifactsError(f"no demo model at {root}; run `interpql build-demo` first")
-    cfg = tdb_config_from_json(json.loads((root / CONFIG_FILE).read_text()))
-    tensors = load_file(str(weights))
+    cfg = read_json_config(str(root / CONFIG_FILE), tdb_config_from_json)
+    with reading(weights, "the demo's weights (safetensors)"):
+        tensors = load_file(str(weights))
     used = tensors.pop("vocab.used_ids").long()
     embedding = tensors.pop("vocab.embedding").float()
     tok_embed = torch.zeros(cfg.n_vocab, cfg.d_model)
@@ -112,8 +115,9 @@ def load_demo_autoencoders(root: Path = DEMO_DIR) -> dict[tuple[str, int], Spars
     `resid_delta_attn`)."""
     autoencoders = {}
     for path in sorted((root / AUTOENCODER_DIR).glob("*/*.pt")):
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        ae = SparseAutoencoder.from_state_dict(sd).eval().requires_grad_(False)
+        with reading(path, "a sparse autoencoder's state dict (torch.save)"):
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            ae = SparseAutoencoder.from_state_dict(sd).eval().requires_grad_(False)
         autoencoders[path.parent.name, int(path.stem)] = ae
     return dict(sorted(autoencoders.items()))
 

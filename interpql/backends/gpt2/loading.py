@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from interpql.backends.gpt2.model import GPT2, PRESETS, GPT2Config, init_random
+from interpql.file_errors import FileProblem, reading
 
 # Transformer Debugger's public GPT-2 folders, readable where the network allows.
 REGISTERED_MODELS: dict[str, str] = {
@@ -52,6 +53,17 @@ def random_model(cfg: GPT2Config, seed: int = 0) -> GPT2:
 
 
 # --- Transformer Debugger ----------------------------------------------------------------------
+
+
+def read_json_config(path: str, reader: Any) -> GPT2Config:
+    """A config.json read through `reader` (tdb_ or hf_config_from_json); any problem with it
+    names the file."""
+    with reading(path, "a model's config.json"):
+        raw = json.loads(bf.read_bytes(path))
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        cfg: GPT2Config = reader(raw)
+    return cfg
 
 
 def tdb_config_from_json(raw: dict[str, Any]) -> GPT2Config:
@@ -89,14 +101,17 @@ def load_tdb_folder(location: str) -> tuple[GPT2Config, StateDict]:
     config_path = bf.join(location, "config.json")
     if not bf.exists(config_path):
         raise WeightsFormatError(f"{location} has no config.json")
-    cfg = tdb_config_from_json(json.loads(bf.read_bytes(config_path)))
+    cfg = read_json_config(config_path, tdb_config_from_json)
     pieces_dir = bf.join(location, "model_pieces")
     names = [name for name in bf.listdir(pieces_dir) if name.endswith(".pt")]
 
     def read_piece(name: str) -> tuple[str, torch.Tensor]:
-        data = bf.read_bytes(bf.join(pieces_dir, name))
-        tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        return name.removesuffix(".pt"), tensor.float()
+        path = bf.join(pieces_dir, name)
+        with reading(path, "a tensor saved by torch.save"):
+            tensor = torch.load(
+                io.BytesIO(bf.read_bytes(path)), map_location="cpu", weights_only=True
+            )
+            return name.removesuffix(".pt"), tensor.float()
 
     # Remote stores answer one small file at a time slowly; read them concurrently.
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -159,10 +174,12 @@ def hf_config_to_json(cfg: GPT2Config, tied: bool) -> dict[str, Any]:
 
 def load_hf_folder(location: str | os.PathLike[str]) -> tuple[GPT2Config, StateDict]:
     root = Path(location)
-    cfg = hf_config_from_json(json.loads((root / "config.json").read_text()))
+    cfg = read_json_config(str(root / "config.json"), hf_config_from_json)
     if cfg.n_heads * cfg.d_head != cfg.d_model:
-        raise WeightsFormatError("n_embd must be a multiple of n_head")
-    raw = load_file(str(root / "model.safetensors"))
+        raise FileProblem(root / "config.json", "n_embd must be a multiple of n_head")
+    weights = root / "model.safetensors"
+    with reading(weights, "a safetensors file"):
+        raw = load_file(str(weights))
     hf = {key.removeprefix("transformer."): value.float() for key, value in raw.items()}
     state: StateDict = {
         "tok_embed.weight": hf["wte.weight"],
@@ -236,14 +253,14 @@ def read_config(spec: str) -> GPT2Config:
     if spec.startswith("random:"):
         return _preset(spec)[0]
     location = REGISTERED_MODELS.get(spec, spec)
-    if "://" not in location and (Path(location) / "weights.safetensors").exists():
-        return tdb_config_from_json(json.loads((Path(location) / "config.json").read_text()))
-    if "://" not in location and (Path(location) / "model.safetensors").exists():
-        return hf_config_from_json(json.loads((Path(location) / "config.json").read_text()))
     config_path = bf.join(location, "config.json")
+    if "://" not in location and (Path(location) / "weights.safetensors").exists():
+        return read_json_config(config_path, tdb_config_from_json)
+    if "://" not in location and (Path(location) / "model.safetensors").exists():
+        return read_json_config(config_path, hf_config_from_json)
     if not bf.exists(config_path):
         raise WeightsFormatError(f"{spec!r} has no config.json")
-    return tdb_config_from_json(json.loads(bf.read_bytes(config_path)))
+    return read_json_config(config_path, tdb_config_from_json)
 
 
 def _preset(spec: str) -> tuple[GPT2Config, int]:

@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from interpql.file_errors import open_sqlite, reading
 from interpql.loaders.jobs.base import (
     RETENTION_S,
     Job,
@@ -76,20 +77,18 @@ class SqliteJobStore:
         self.path = str(path)
         self.shared = self.path != ":memory:"
         self.poll_s = poll_s
-        if self.shared:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._changed = asyncio.Event()
-        try:
-            self._db = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=5.0
-            )
+        if self.shared:
+            self._db = open_sqlite(self.path, "the job store")
+        else:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        with reading(self.path, "the job store"):
+            self._db.execute("PRAGMA busy_timeout = 5000")
             if self.shared:
                 self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
             self._prune()
-        except sqlite3.Error as exc:
-            raise OSError(f"job store {self.path}: {exc}") from exc
 
     def _prune(self) -> None:
         horizon = time.time() - RETENTION_S

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from interpql.file_errors import open_sqlite, reading
 from interpql.loaders.nodes import NodeRef, parse_node_id
 from interpql.loaders.sources.base import ExplanationData, NodeSource, RecordAnswer
 
@@ -50,11 +51,12 @@ class ExplanationStore(NodeSource):
     def __init__(self, path: str | Path = ":memory:", name: str = "generated") -> None:
         self.name = name
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        with self._lock:
+        if self.path == ":memory:":
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        else:
+            self._db = open_sqlite(self.path, "the explanation store")
+        with self._lock, reading(self.path, "the explanation store"):
             if self.path != ":memory:":
                 self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)

@@ -1,0 +1,69 @@
+"""Files the server is pointed at (weights, autoencoders, records, stores) that cannot be used.
+
+Whatever a reader raises on a broken file (an UnpicklingError from torch.load, safetensors'
+SafetensorError, sqlite3.DatabaseError, a KeyError from a config missing a key) becomes one
+`FileProblem` that names the file and says what was expected of it. Start-up turns it into a
+one-line message and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class FileProblem(ValueError):
+    def __init__(self, path: str | Path, why: str) -> None:
+        super().__init__(f"{path}: {why}")
+        self.path = str(path)
+
+
+@contextlib.contextmanager
+def reading(path: str | Path, expected: str) -> Iterator[None]:
+    """Any failure inside the block is a FileProblem: `path` is not `expected` (e.g. "a
+    safetensors file")."""
+    try:
+        yield
+    except FileProblem:
+        raise
+    except FileNotFoundError:
+        raise FileProblem(path, f"no such file (expected {expected})") from None
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        cause = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+        raise FileProblem(path, f"cannot be read as {expected} ({cause})") from exc
+
+
+def open_sqlite(path: str | Path, what: str) -> sqlite3.Connection:
+    """A connection to a SQLite file that is whole and writable, checked now: a corrupt page or
+    a read-only file found later would fail a job after its work (and its API tokens) were
+    spent. FileProblem says which of the two it is."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FileProblem(path.parent, f"cannot create the folder of {what} ({exc})") from exc
+    try:
+        db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise FileProblem(path, f"cannot open {what} ({exc})") from exc
+    try:
+        (verdict,) = db.execute("PRAGMA quick_check").fetchone()
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise FileProblem(path, f"is not a SQLite database ({exc}); expected {what}") from exc
+    if verdict != "ok":
+        db.close()
+        raise FileProblem(
+            path, f"{what} is corrupt (SQLite's integrity check: {verdict}); restore it or move it"
+        )
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("CREATE TABLE interpql_write_probe (x)")
+        db.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        db.close()
+        raise FileProblem(path, f"{what} is not writable ({exc})") from exc
+    return db

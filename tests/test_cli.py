@@ -1,0 +1,150 @@
+"""`interpql serve` refusing to start: with bad files or settings it exits with status 2 and a
+one-line message naming the file, never a traceback, and before loading anything it does not
+need to find the problem."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from interpql.backends.gpt2.loading import load_weights, save_hf_folder, save_tdb_folder
+from interpql.loaders.nodes import parse_node_id
+from interpql.loaders.sources import ExplanationStore
+from tests.processes import free_port
+
+
+def start_up(*args: str, prefix: tuple[str, ...] = ()) -> tuple[int, str, float]:
+    """Runs `interpql serve ARGS` to its end; returns its exit status, what it printed and how
+    long it ran. A server that does start is a failure of the test (it is stopped)."""
+    command = [*prefix, sys.executable, "-m", "interpql.cli", "serve", *args]
+    if "--port" not in args:
+        command += ["--port", str(free_port())]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as expired:
+        raise AssertionError(f"the server started: {expired.stdout!r} {expired.stderr!r}") from None
+    return done.returncode, done.stdout + done.stderr, time.monotonic() - started
+
+
+def assert_refused(output: tuple[int, str, float], *named: str | Path) -> str:
+    status, text, _ = output
+    assert status == 2, text
+    assert "Traceback" not in text, text
+    lines = [line for line in text.splitlines() if line.startswith("interpql: cannot start:")]
+    assert len(lines) == 1, text
+    for name in named:
+        assert str(name) in lines[0], lines[0]
+    return lines[0]
+
+
+TINY = ("--model", "random:tiny")
+
+
+def filled_store(path: Path) -> None:
+    store = ExplanationStore(path)
+    for index in range(400):
+        node = parse_node_id(f"random-tiny/mlp_neuron/0/{index}")
+        store.add(node, f"explanation number {index} " * 5, 0.5, "scorer", "explainer")
+    store.close()
+
+
+def test_a_garbage_explanation_store(tmp_path: Path) -> None:
+    store = tmp_path / "store.sqlite"
+    store.write_bytes(b"this is not a database\n" * 100)
+    line = assert_refused(start_up(*TINY, "--explanation-store", str(store)), store)
+    assert "not a SQLite database" in line
+
+
+def test_an_explanation_store_with_a_corrupt_index_page(tmp_path: Path) -> None:
+    store = tmp_path / "store.sqlite"
+    filled_store(store)
+    with sqlite3.connect(store) as db:
+        (page_size,) = db.execute("PRAGMA page_size").fetchone()
+        (root,) = db.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'explanations_by_node'"
+        ).fetchone()
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(store.read_bytes())
+    start = (root - 1) * page_size
+    data[start : start + page_size] = bytes([0x5A]) * page_size  # the index's root page
+    store.write_bytes(bytes(data))
+    line = assert_refused(start_up(*TINY, "--explanation-store", str(store)), store)
+    assert "corrupt" in line
+
+
+def test_a_read_only_explanation_store(tmp_path: Path) -> None:
+    store = tmp_path / "store.sqlite"
+    filled_store(store)
+    store.chmod(0o444)
+    # Root writes read-only files: run the server as root without that power (setpriv is in
+    # util-linux, part of every Debian system).
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None, "setpriv (util-linux) is needed"
+    prefix = (setpriv, "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--")
+    line = assert_refused(start_up(*TINY, "--explanation-store", str(store), prefix=prefix), store)
+    assert "not writable" in line
+
+
+def test_a_garbage_autoencoder_file(tmp_path: Path) -> None:
+    folder = tmp_path / "autoencoders"
+    folder.mkdir()
+    (folder / "0.pt").write_bytes(b"\x80\x02garbage" * 50)
+    line = assert_refused(start_up(*TINY, "--mlp-autoencoder", str(folder)), folder / "0.pt")
+    assert "state dict" in line
+
+
+def test_a_truncated_safetensors_file(tmp_path: Path) -> None:
+    folder = tmp_path / "hf"
+    save_hf_folder(folder, *load_weights("random:tiny"))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    line = assert_refused(start_up("--model", str(folder)), weights)
+    assert "safetensors" in line
+
+
+def test_bad_config_files(tmp_path: Path) -> None:
+    hf = tmp_path / "hf"
+    save_hf_folder(hf, *load_weights("random:tiny"))
+    (hf / "config.json").write_text("{not json")
+    assert_refused(start_up("--model", str(hf)), hf / "config.json")
+    tdb = tmp_path / "tdb"
+    save_tdb_folder(tdb, *load_weights("random:tiny"))
+    config = json.loads((tdb / "config.json").read_text())
+    del config["d_model"]
+    (tdb / "config.json").write_text(json.dumps(config))
+    line = assert_refused(start_up("--model", str(tdb)), tdb / "config.json")
+    assert "d_model" in line
+
+
+def test_a_source_folder_that_does_not_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-records"
+    spec = f"name=folder,kind=mlp_neuron,records={missing}"
+    assert_refused(start_up(*TINY, "--source", spec), missing)
+
+
+def test_a_port_in_use_is_found_before_the_model_loads() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # A model that takes long to build: the refusal must not wait for it.
+        started = time.monotonic()
+        line = assert_refused(
+            start_up("--model", "random:gpt2-medium", "--port", str(port)), f"127.0.0.1:{port}"
+        )
+        assert "in use" in line
+        refused_in = time.monotonic() - started
+    building = time.monotonic()
+    load_weights("random:gpt2-medium")
+    assert refused_in < time.monotonic() - building
+
+
+def test_a_negative_header_timeout() -> None:
+    assert_refused(start_up(*TINY, "--header-timeout", "-1"), "--header-timeout")
