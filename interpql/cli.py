@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import logging
 import math
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from types import FrameType
@@ -22,6 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
     from uvicorn.config import LOGGING_CONFIG
 
     from interpql.bootstrap import ServeOptions, build_services
+    from interpql.http_protocol import HeaderTimeoutProtocol
     from interpql.server import create_app
 
     options = ServeOptions(
@@ -53,6 +57,8 @@ def _serve(args: argparse.Namespace) -> int:
         otel_endpoint=args.otel_endpoint,
         settings=Settings(
             cors_origin_regex=args.cors_origin_regex,
+            allowed_hosts=_allowed_hosts(args),
+            header_timeout_s=args.header_timeout,
             coalesce_window_ms=_coalesce_ms(args),
             cached_runs=args.cached_runs,
             max_query_depth=args.max_query_depth,
@@ -77,10 +83,24 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("interpql: cannot start: --workers must be at least 1", file=sys.stderr)
         return 2
+    if args.header_timeout < 0:
+        print("interpql: cannot start: --header-timeout must not be negative", file=sys.stderr)
+        return 2
+    # Before the model loads (which can take minutes): a port in use is known at once.
+    busy = _port_in_use(args.host, args.port)
+    if busy is not None:
+        print(f"interpql: cannot start: {busy}", file=sys.stderr)
+        return 2
     try:
         services = build_services(options)
     except (ValueError, OSError, ImportError) as exc:
         print(f"interpql: cannot start: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        # Whatever else a broken file or setting raises: one line, no traceback (logged at
+        # debug level for whoever needs it).
+        logging.getLogger(__name__).debug("start-up failed", exc_info=exc)
+        print(f"interpql: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     settings = services.settings
     app: Any = create_app(services)
@@ -106,6 +126,11 @@ def _serve(args: argparse.Namespace) -> int:
         # writes its lines too.
         log_config=None if args.log_format == "json" else LOGGING_CONFIG,
         ws_max_size=settings.max_body_bytes,
+        # uvicorn builds one per connection; a partial (of an importable class) survives the
+        # pickling that --workers needs.
+        http=functools.partial(  # type: ignore[arg-type]
+            HeaderTimeoutProtocol, header_timeout_s=settings.header_timeout_s
+        ),
         # SIGTERM: stop accepting, let in-flight requests finish (this long at most), then the
         # app's shutdown fails what jobs still run and closes the model.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
@@ -114,6 +139,24 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 WORKER_OPTIONS_ENV = "INTERPQL_WORKER_OPTIONS"
+
+
+def _port_in_use(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be bound (as uvicorn will bind it), or None."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        return f"cannot listen on {host}:{port} ({exc.strerror or exc}); is another server there?"
+    return None
+
+
+def _allowed_hosts(args: argparse.Namespace) -> tuple[str, ...]:
+    from interpql.host_check import default_allowed_hosts
+
+    return (*default_allowed_hosts(args.host), *args.allowed_host)
 
 
 def worker_app() -> Any:
@@ -324,7 +367,10 @@ def parser() -> argparse.ArgumentParser:
     auth.add_argument(
         "--no-introspection",
         action="store_true",
-        help="refuse introspection queries (GraphiQL's docs need them)",
+        help="refuse introspection queries and federation's _service { sdl }, and leave "
+        "schema suggestions ('Did you mean ...?') out of errors; GraphiQL's docs need "
+        "introspection, and a federation gateway then composes from schema.graphql (the SDL "
+        "`interpql export-schema` prints) instead of asking this server",
     )
     auth.add_argument("--max-tokens-per-key", type=int, default=2_000_000)
     serve.add_argument(
@@ -392,7 +438,22 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--cors-origin-regex",
         default=Settings().cors_origin_regex,
-        help="origins allowed by CORS (default: localhost on any port)",
+        help="origins allowed by CORS and WebSocket handshakes (default: localhost on any port)",
+    )
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host header name to answer to, besides the bind address and the loopback names "
+        "(with --host 0.0.0.0: this machine's names and addresses too); repeatable; '*' "
+        "answers any (requests to other names get 400: a guard against DNS rebinding)",
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=float,
+        default=Settings().header_timeout_s,
+        help="seconds a request's headers may take to arrive (0: unbounded)",
     )
     observe = serve.add_argument_group("observability")
     observe.add_argument(
