@@ -8,6 +8,7 @@ import json
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,9 @@ async def setup(
         api_keys=ApiKeys(hashes=[hash_key(KEY)]),
     )
     transport = httpx.ASGITransport(app=create_app(services))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=AUTH) as client:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://localhost", headers=AUTH
+    ) as client:
         yield client, services
     await jobs.shutdown()
     assert services.explaining is not None
@@ -296,10 +299,12 @@ async def test_job_updates_stream_in_order(setup: tuple[httpx.AsyncClient, Servi
     client, services = setup
     body = await graphql(client, EXPLAIN, {"n": NODE})
     job_id = body["data"]["explainNode"]["id"]
+    context = RequestContext.create(services)
+    context.connection_params = AUTH  # the job belongs to this key
     stream = await build_schema().subscribe(
         "subscription($id: ID!) { jobUpdates(id: $id) { sequence status progress message } }",
         variable_values={"id": job_id},
-        context_value=RequestContext.create(services),
+        context_value=context,
     )
     events = [e.data["jobUpdates"] async for e in stream]  # type: ignore[union-attr]
     assert [e["sequence"] for e in events] == list(range(len(events)))
@@ -328,9 +333,19 @@ async def test_job_updates_over_multipart_http(setup: tuple[httpx.AsyncClient, S
 
 
 def completion_with_prompt_logprobs(body: dict[str, Any]) -> tuple[int, dict[str, Any], float]:
-    """Echoes the prompt as tokens; at every "unknown" the digits 3 and 7 are equally likely."""
-    words = re.findall(r"\S+|\s+", body["prompt"])
-    top = [{"3": math.log(0.5), "7": math.log(0.5)} if w == "unknown" else {w: 0.0} for w in words]
+    """Echoes the prompt as tokens (runs of spaces, of letters, and single other characters,
+    with their real text offsets); where "unknown" follows a tab, the digits 3 and 7 are
+    equally likely, elsewhere the token itself is certain."""
+    words = re.findall(r" ?[A-Za-z]+|\s+|.", body["prompt"], re.DOTALL)
+    offsets = [0]
+    for word in words[:-1]:
+        offsets.append(offsets[-1] + len(word))
+    top = [
+        {"3": math.log(0.5), "7": math.log(0.5)}
+        if w == "unknown" and i > 0 and words[i - 1].endswith("\t")
+        else {w: 0.0}
+        for i, w in enumerate(words)
+    ]
     answer = {
         "id": "cmpl-test",
         "object": "text_completion",
@@ -345,7 +360,7 @@ def completion_with_prompt_logprobs(body: dict[str, Any]) -> tuple[int, dict[str
                     "tokens": words,
                     "token_logprobs": [0.0] * len(words),
                     "top_logprobs": top,
-                    "text_offset": list(range(len(words))),
+                    "text_offset": offsets,
                 },
             }
         ],
@@ -362,6 +377,10 @@ async def test_logprob_simulator_reads_expected_values(fake: FakeOpenAI) -> None
     fake.then("completions", completion_with_prompt_logprobs)
     simulator = LogprobSimulator(settings, client=client)
     assert await simulator.simulate("brackets", ["a", "(", "b"]) == [5.0, 5.0, 5.0]
+    # A record's own token may read "unknown": placeholders are found by position, not text.
+    fake.then("completions", completion_with_prompt_logprobs)
+    tokens = ["x", " unknown", "unknown", "\tunknown", "y"]
+    assert await simulator.simulate("unknown things", tokens) == [5.0] * 5
     assert fake.calls("completions")[0]["echo"] is True
     # A server without prompt logprobs: the automatic simulator falls back to JSON, for good.
     fake.then("completions", status(404))
@@ -369,7 +388,7 @@ async def test_logprob_simulator_reads_expected_values(fake: FakeOpenAI) -> None
     fake.then("chat", reply('{"activations": [0, 10]}'), reply('{"activations": [1, 2]}'))
     assert await auto.simulate("x", ["a", "b"]) == [0.0, 10.0]
     assert await auto.simulate("x", ["a", "b"]) == [1.0, 2.0]
-    assert len(fake.calls("completions")) == 2 and auto.name.endswith("(json)")
+    assert len(fake.calls("completions")) == 3 and auto.name.endswith("(json)")
     await client.close()
 
 
@@ -433,6 +452,7 @@ def test_serve_command_wires_sources_keys_and_the_api(tmp_path: Path, fake: Fake
                     "query": "query($id: ID!) { job(id: $id) { status error result { text } } }",
                     "variables": {"id": job_id},
                 },
+                headers=AUTH,
             ).json()["data"]["job"]
             if job["status"] in ("SUCCEEDED", "FAILED"):
                 break
@@ -452,3 +472,90 @@ def test_calibration_is_an_out_of_sample_rsquared() -> None:
     expected = 1 - (residual @ residual) / ((test_t - test_t.mean()) @ (test_t - test_t.mean()))
     assert calibrated_rsquared(true, simulated) == pytest.approx(expected)
     assert calibrated_rsquared(true[:1], simulated[:1]) == 0.0
+
+
+async def test_auto_simulation_scores_every_record_with_one_simulator(fake: FakeOpenAI) -> None:
+    """Concurrent simulations wait for the first to decide; records containing the token
+    " unknown" no longer push some of them onto the other simulator."""
+    from interpql.backends.explanations.api import AutoSimulator
+    from interpql.backends.explanations.base import ActivationExample
+    from interpql.backends.explanations.scoring import score_explanation
+
+    settings = ApiSettings(base_url=fake.base_url, api_key="sk-fake", max_retries=0)
+    client = settings.client()
+    fake.default["completions"] = completion_with_prompt_logprobs
+    held_out = [
+        ActivationExample(["a", " unknown", "b"], [0.0, 1.0, 2.0]),
+        ActivationExample(["unknown", "c"], [3.0, 0.0]),
+        ActivationExample(["d", "e", " unknown", "f"], [1.0, 0.0, 0.0, 2.0]),
+    ]
+    scored = await score_explanation(AutoSimulator(settings, client=client), "x", held_out)
+    assert scored.simulator.endswith("(logprobs)")
+    assert len(fake.calls("completions")) == 3 and not fake.calls("chat")
+    assert [s.simulated_activations for s in scored.sequences] == [[5.0] * 3, [5.0] * 2, [5.0] * 4]
+    await client.close()
+
+
+async def test_one_failed_simulation_cancels_the_others(fake: FakeOpenAI) -> None:
+    """No request goes out for a score that has already failed (the held answers would each be
+    retried twice as malformed, were their simulations still running)."""
+    import threading
+
+    from interpql.backends.explanations.api import JsonSimulator
+    from interpql.backends.explanations.base import ActivationExample
+    from interpql.backends.explanations.scoring import score_explanation
+
+    release = threading.Event()
+    fake.then(
+        "chat",
+        lambda body: (200, chat_answer("not json"), release),
+        lambda body: (200, chat_answer("not json"), release),
+        status(400),
+    )
+    settings = ApiSettings(base_url=fake.base_url, api_key="sk-fake", max_retries=0)
+    client = settings.client()
+    held_out = [ActivationExample([t], [1.0]) for t in ("a", "b", "c")]
+    with pytest.raises(Exception, match="400"):
+        await score_explanation(JsonSimulator(settings, client=client), "x", held_out)
+    sent = len(fake.calls("chat"))
+    release.set()
+    await asyncio.sleep(0.5)
+    assert sent == 3 and len(fake.calls("chat")) == sent
+    await client.close()
+
+
+async def test_identical_candidates_are_scored_and_stored_once(
+    setup: tuple[httpx.AsyncClient, Services], fake: FakeOpenAI
+) -> None:
+    client, services = setup
+    fake.then("chat", reply(EXPLANATION, EXPLANATION.upper(), f"  {EXPLANATION} ", "another one"))
+    job = await run_job(
+        client,
+        'mutation($n: ID!) { explainNode(nodeId: $n, options: {method: "api", explanations: 4}) '
+        "{ id } }",
+        {"n": NODE},
+    )
+    assert job["status"] == "SUCCEEDED", job
+    assert [r["text"] for r in job["result"]] == [EXPLANATION, "another one"]
+    assert services.explaining is not None
+    assert [s.data.text for s in services.explaining.store.all()] == [EXPLANATION, "another one"]
+    # Each distinct explanation simulated once on each held-out record.
+    simulated = Counter(
+        re.search(r"looks for (.*)\.\n", c["messages"][1]["content"]).group(1)  # type: ignore[union-attr]
+        for c in fake.calls("chat")
+        if "summarize" not in c["messages"][0]["content"]
+    )
+    assert set(simulated) == {EXPLANATION, "another one"}
+    assert simulated[EXPLANATION] == simulated["another one"]
+
+
+async def test_a_job_that_cannot_store_says_so_in_words(
+    setup: tuple[httpx.AsyncClient, Services], fake: FakeOpenAI
+) -> None:
+    client, services = setup
+    assert services.explaining is not None
+    services.explaining.store._db.close()  # as a disk that fails mid-run would
+    job = await run_job(client, EXPLAIN, {"n": NODE})
+    assert job["status"] == "FAILED"
+    assert job["error"].startswith("The explanation store could not be written")
+    assert "Error" not in job["error"] and "sqlite" not in job["error"].lower()

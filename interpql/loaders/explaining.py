@@ -127,7 +127,7 @@ class ExplanationService:
             shown, held_out = split_examples(record, options.examples, options.held_out_random)
             explainer, simulator = self._models(method, key_id, options.explanations)
             progress(0.1, f"explaining from {len(shown)} examples with {explainer.name}")
-            texts = await explainer.explain(shown)
+            texts = distinct(await explainer.explain(shown))
             scored = []
             for i, text in enumerate(texts):
                 progress(0.2 + 0.7 * i / len(texts), f"scoring explanation {i + 1}/{len(texts)}")
@@ -200,6 +200,19 @@ async def _record(entry: ModelEntry, node: NodeRef) -> NodeRecordData:
         if answer is not None and answer.top:
             return answer
     raise InterpqlError(f"{node.id} has no dataset records to explain from.", code="NO_RECORDS")
+
+
+def distinct(texts: Sequence[str]) -> list[str]:
+    """The explanations in order, each scored and stored once: candidates that differ only in
+    case or spacing are the same explanation."""
+    seen: set[str] = set()
+    kept = []
+    for text in texts:
+        key = " ".join(text.casefold().split())
+        if key not in seen:
+            seen.add(key)
+            kept.append(text)
+    return kept
 
 
 def split_examples(

@@ -16,6 +16,8 @@ Two simulators, as in OpenAI's method:
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import json
 import math
 import re
@@ -212,6 +214,7 @@ def parse_activations(answer: str, n_tokens: int) -> list[float]:
 
 
 _DIGITS = [str(d) for d in range(11)]
+_PLACEHOLDER = "unknown"
 
 
 class LogprobSimulator(_ApiCaller):
@@ -224,41 +227,65 @@ class LogprobSimulator(_ApiCaller):
         super().__init__(settings, on_usage, client)
         self.name = f"{settings.simulator_model} (logprobs)"
 
-    def prompt(self, explanation: str, tokens: Sequence[str]) -> str:
-        lines = "\n".join(f"{t}\tunknown" for t in tokens)
-        return (
+    def prompt(self, explanation: str, tokens: Sequence[str]) -> tuple[str, list[int]]:
+        """The prompt, and the character offset of each token's placeholder in it."""
+        head = (
             f"{_SIMULATE_SYSTEM.split(' Answer only')[0]}\n\nNeuron: looks for {explanation}.\n"
-            f"Activations:\n<start>\n{lines}\n<end>\n"
+            "Activations:\n<start>\n"
         )
+        parts, offsets, length = [head], [], len(head)
+        for token in tokens:
+            line = f"{token}\t"
+            offsets.append(length + len(line))
+            line += f"{_PLACEHOLDER}\n"
+            parts.append(line)
+            length += len(line)
+        parts.append("<end>\n")
+        return "".join(parts), offsets
 
     async def simulate(self, explanation: str, tokens: Sequence[str]) -> list[float]:
+        prompt, placeholders = self.prompt(explanation, tokens)
         response = await self._client.completions.create(
             model=self._settings.simulator_model,
-            prompt=self.prompt(explanation, tokens),
+            prompt=prompt,
             max_tokens=0,
             echo=True,
             logprobs=15,
         )
         _count(response.usage, self._on_usage)
         logprobs = response.choices[0].logprobs
-        if logprobs is None or not logprobs.top_logprobs or not logprobs.tokens:
-            raise SimulationError("the server returned no prompt logprobs")
+        if (
+            logprobs is None
+            or not logprobs.top_logprobs
+            or not logprobs.tokens
+            or not logprobs.text_offset
+        ):
+            raise SimulationError("the server returned no prompt logprobs with text offsets")
+        starts = logprobs.text_offset
         expected = []
-        for token, top in zip(logprobs.tokens, logprobs.top_logprobs, strict=False):
-            if token.strip() != "unknown" or not top:
-                continue
+        # The placeholders are found by where we wrote them, never by their text: a record's
+        # own token may read "unknown" too.
+        for offset in placeholders:
+            at = bisect.bisect_right(starts, offset) - 1
+            top = logprobs.top_logprobs[at] if 0 <= at < len(logprobs.top_logprobs) else None
+            token = logprobs.tokens[at] if 0 <= at < len(logprobs.tokens) else ""
+            if not top or _PLACEHOLDER not in token:
+                raise SimulationError(
+                    f"no placeholder token at character {offset} of the prompt's logprobs"
+                )
             weights = {d: math.exp(lp) for d, lp in top.items() if d.strip() in _DIGITS}
             total = sum(weights.values())
             expected.append(
                 sum(int(d.strip()) * w for d, w in weights.items()) / total if total else 0.0
             )
-        if len(expected) != len(tokens):
-            raise SimulationError(f"{len(expected)} positions read for {len(tokens)} tokens")
         return expected
 
 
 class AutoSimulator:
-    """The logprob simulator where the server supports it, else the JSON one (decided once)."""
+    """The logprob simulator where the server supports it, else the JSON one.
+
+    Decided once, by the first simulation (concurrent ones wait for it), and then kept: every
+    prediction of a score comes from one simulator, never some from each."""
 
     def __init__(
         self,
@@ -270,18 +297,21 @@ class AutoSimulator:
         self._logprobs = LogprobSimulator(settings, on_usage, client)
         self._json = JsonSimulator(settings, on_usage=on_usage, client=client)
         self._use_logprobs: bool | None = None
+        self._deciding = asyncio.Lock()
         self.name = self._json.name
 
     async def simulate(self, explanation: str, tokens: Sequence[str]) -> list[float]:
         if self._use_logprobs is None:
-            try:
-                values = await self._logprobs.simulate(explanation, tokens)
-            except (SimulationError, _api_status_error()):
-                self._use_logprobs = False
-            else:
-                self._use_logprobs = True
-                self.name = self._logprobs.name
-                return values
+            async with self._deciding:
+                if self._use_logprobs is None:
+                    try:
+                        values = await self._logprobs.simulate(explanation, tokens)
+                    except (SimulationError, _api_status_error()):
+                        self._use_logprobs = False
+                    else:
+                        self._use_logprobs = True
+                        self.name = self._logprobs.name
+                        return values
         if self._use_logprobs:
             return await self._logprobs.simulate(explanation, tokens)
         return await self._json.simulate(explanation, tokens)

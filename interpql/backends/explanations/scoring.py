@@ -130,9 +130,17 @@ async def score_explanation(
 
     `held_out` should mix top-activating and random examples that the explainer never saw.
     """
-    simulated = await asyncio.gather(
-        *(simulator.simulate(explanation, example.tokens) for example in held_out)
-    )
+    # A task group: when one simulation fails, the others are cancelled rather than left
+    # sending requests (and spending tokens) for a score that will not be.
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(simulator.simulate(explanation, example.tokens))
+                for example in held_out
+            ]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    simulated = [task.result() for task in tasks]
     for example, prediction in zip(held_out, simulated, strict=True):
         if len(prediction) != len(example.tokens):
             raise SimulationError(
