@@ -17,6 +17,7 @@ import torch
 from interpql.backends.base import ForwardRequest, ForwardResult
 from interpql.backends.gpt2.backend import NativeGPT2Backend
 from interpql.backends.gpt2.loading import random_model
+from interpql.backends.tokenizer import gpt2_encoding
 from interpql.loaders.auth import ApiKeys
 from interpql.loaders.rate_limits import RateLimiter
 from interpql.loaders.registry import ModelRegistry
@@ -40,7 +41,7 @@ async def app_client(
 ) -> AsyncIterator[httpx.AsyncClient]:
     services = Services(registry, Settings(**settings), api_keys=ApiKeys(keys))
     transport = httpx.ASGITransport(app=create_app(services))
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         yield client
 
 
@@ -61,19 +62,30 @@ async def post(
 # --- the estimated cost -------------------------------------------------------------------------
 
 
+def tokens(text: str) -> int:
+    """The prompt's length in GPT-2 tokens (the small model's tokenizer), as the pass runs it."""
+    return len(gpt2_encoding().encode(text))
+
+
 async def test_cost_counts_fields_items_and_prompt_tokens(registry: ModelRegistry) -> None:
     async with app_client(registry) as client:
-        # model 1 + infer 1 + loss 1, and 40 bytes of prompt = 40 // 4 + 1 = 11 tokens.
+        # model 1 + infer 1 + loss 1, and the prompt's tokens.
         _, body = await post(client, INFER, {"p": "abcd" * 10})
-        assert body["extensions"]["cost"] == 3 + 11
+        assert body["extensions"]["cost"] == 3 + tokens("abcd" * 10)
+        # Text that tokenizes densely is counted as it tokenizes, not by its length: 48 bytes
+        # of Chinese are 30 GPT-2 tokens (a bytes / 4 estimate said 13).
+        chinese = "注意力机制是变换器的核心部件之一"
+        assert len(chinese.encode()) == 48 and tokens(chinese) == 30
+        _, body = await post(client, INFER, {"p": chinese})
+        assert body["extensions"]["cost"] == 3 + tokens(chinese)
         # A backward pass (ranking by act x grad) costs 3 passes' worth of tokens.
         _, body = await post(
             client,
             '{ model(name: "small") { infer(input: {prompt: "abcdabcd"}) '
             "{ topNodes(group: ACT_TIMES_GRAD, k: 4) { top { value } } } } }",
         )
-        # model, infer, topNodes, top (its k = 4 items) x value; tokens 8 // 4 + 1 = 3, x3.
-        assert body["extensions"]["cost"] == 1 + 1 + 1 + (1 + 4 * 1) + 3 * 3
+        # model, infer, topNodes, top (its k = 4 items) x value; the prompt's tokens x3.
+        assert body["extensions"]["cost"] == 1 + 1 + 1 + (1 + 4 * 1) + 3 * tokens("abcdabcd")
         # Lists multiply their children by their size argument or list argument.
         ids = [f"small/mlp_neuron/0/{i}" for i in range(5)]
         _, body = await post(
@@ -91,7 +103,7 @@ async def test_cost_counts_fields_items_and_prompt_tokens(registry: ModelRegistr
             "inferBatch(inputs: $inputs) { ...L } } } fragment L on InferenceResult { loss }",
             {"inputs": [{"prompt": "a" * 8}, {"prompt": "b" * 20}]},
         )
-        assert body["extensions"]["cost"] == 1 + 1 + (3 + 6) + 2 * 1
+        assert body["extensions"]["cost"] == 1 + 1 + tokens("a" * 8) + tokens("b" * 20) + 2
 
 
 async def test_over_the_cost_limit_nothing_runs(
@@ -107,8 +119,9 @@ async def test_over_the_cost_limit_nothing_runs(
         assert status == 200 and body["data"] is None
         assert error_codes(body) == ["QUERY_TOO_COMPLEX"]
         error = body["errors"][0]["extensions"]
-        # 20 prompts of 200 bytes (51 tokens each), model and 20 x (infer, loss).
-        assert error["cost"] == 20 * 51 + 1 + 20 * 2 and error["maxCost"] == 500
+        # 20 prompts of 40 words, model and 20 x (infer, loss).
+        assert error["cost"] == 20 * tokens("word " * 40) + 1 + 20 * 2
+        assert error["maxCost"] == 500
         assert len(small_backend.calls) == before
         # Long prompts count no more than the longest context window: past it they are
         # refused for their length, not their cost.
@@ -200,9 +213,10 @@ async def test_introspection_can_be_switched_off(registry: ModelRegistry) -> Non
         assert set(error_codes(body)) == {"INTROSPECTION_DISABLED"}
         _, body = await post(client, '{ __type(name: "Model") { name } }')
         assert set(error_codes(body)) == {"INTROSPECTION_DISABLED"}
-        # Federation's own field is not introspection: gateways still compose.
+        # Federation's _service is the schema by another name: refused too (a gateway then
+        # composes from schema.graphql).
         _, body = await post(client, "{ _service { sdl } }")
-        assert "type Model" in body["data"]["_service"]["sdl"]
+        assert set(error_codes(body)) == {"INTROSPECTION_DISABLED"}
     async with app_client(registry) as client:
         _, body = await post(client, "{ __schema { queryType { name } } }")
         assert body["data"]["__schema"]["queryType"]["name"] == "Query"

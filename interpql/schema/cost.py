@@ -8,8 +8,9 @@ of 64 long prompts is a small document. The estimate counts both kinds of work i
   argument (`ids`, `nodeIds`, `inputs`, `representations`), else from its parent's size
   argument (`topNodes(k) { top }`), else `UNKNOWN_LIST_SIZE`;
 - every prompt token a forward pass runs costs 1, and 3 when the pass also runs backward (a
-  trace, or a ranking by DIRECT_EFFECT or ACT_TIMES_GRAD); tokens are estimated from the
-  prompt's UTF-8 length (`BYTES_PER_TOKEN`), at most the longest context window served (a
+  trace, or a ranking by DIRECT_EFFECT or ACT_TIMES_GRAD); tokens are counted by the served
+  models' tokenizers (a length estimate undercounts text that tokenizes densely, such as
+  Chinese or indented code, several times over), at most the longest context window served (a
   longer prompt is refused as PROMPT_TOO_LONG without running);
 - generation runs one pass per new token over the whole sequence so far (twice when steered).
 
@@ -19,7 +20,7 @@ by the depth limit. The numbers are estimates, meant to be compared with a limit
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from graphql import (
@@ -43,7 +44,6 @@ from graphql import (
 from graphql.execution.values import VariableValues, get_argument_values, get_variable_values
 
 UNKNOWN_LIST_SIZE = 10
-BYTES_PER_TOKEN = 4
 BACKWARD_FACTOR = 3
 DEFAULT_NEW_TOKENS = 20  # GenerateInput.maxTokens when not given
 _SIZE_ARGUMENTS = ("first", "k")
@@ -51,8 +51,8 @@ _LIST_ARGUMENTS = ("ids", "nodeIds", "inputs", "representations")
 _GRADIENT_GROUPS = frozenset({"DIRECT_EFFECT", "ACT_TIMES_GRAD"})
 
 
-def estimate_tokens(prompt: str, most: int) -> int:
-    return min(most, len(prompt.encode("utf-8", errors="replace")) // BYTES_PER_TOKEN + 1)
+# A prompt's tokens as the model will run them, at most the longest context window served.
+TokenCounter = Callable[[str], int]
 
 
 class CostEstimator:
@@ -61,9 +61,9 @@ class CostEstimator:
         schema: GraphQLSchema,
         fragments: Mapping[str, FragmentDefinitionNode],
         variables: VariableValues,
-        max_prompt_tokens: int,
+        count_tokens: TokenCounter,
     ) -> None:
-        self._max_tokens = max_prompt_tokens
+        self._count_tokens = count_tokens
         self._schema = schema
         self._fragments = fragments
         self._variables = variables
@@ -148,7 +148,7 @@ class CostEstimator:
         elif name == "inferBatch":
             inputs = list(arguments.get("inputs") or [])
         elif name == "activations" and isinstance(arguments.get("prompt"), str):
-            return estimate_tokens(arguments["prompt"], self._max_tokens)
+            return self._count_tokens(arguments["prompt"])
         elif name == "generate":
             return self._generation(arguments.get("input"))
         else:
@@ -159,16 +159,15 @@ class CostEstimator:
             prompt = _input_field(item, "prompt", "prompt")
             if isinstance(prompt, str):
                 traced = _input_field(item, "trace", "trace") is not None
-                total += (BACKWARD_FACTOR if backward or traced else 1) * estimate_tokens(
-                    prompt, self._max_tokens
-                )
+                factor = BACKWARD_FACTOR if backward or traced else 1
+                total += factor * self._count_tokens(prompt)
         return total
 
     def _generation(self, spec: Any) -> int:
         prompt_text = _input_field(spec, "prompt", "prompt")
         if not isinstance(prompt_text, str):
             return 0
-        prompt = estimate_tokens(prompt_text, self._max_tokens)
+        prompt = self._count_tokens(prompt_text)
         max_tokens = _input_field(spec, "maxTokens", "max_tokens")
         steps = max(0, max_tokens) if isinstance(max_tokens, int) else DEFAULT_NEW_TOKENS
         rows = 2 if _input_field(spec, "steering", "steering") else 1
@@ -234,11 +233,11 @@ def estimate_cost(
     operation: OperationDefinitionNode,
     fragments: Mapping[str, FragmentDefinitionNode],
     variables: dict[str, Any],
-    max_prompt_tokens: int,
+    count_tokens: TokenCounter,
 ) -> int:
     """The cost of `operation` with its (JSON) variables; 0 when they do not coerce to their
     types (execution then answers BAD_USER_INPUT and runs nothing)."""
     coerced = get_variable_values(schema, operation.variable_definitions or (), variables)
     if isinstance(coerced, list):
         return 0
-    return CostEstimator(schema, fragments, coerced, max_prompt_tokens).operation(operation)
+    return CostEstimator(schema, fragments, coerced, count_tokens).operation(operation)
