@@ -31,7 +31,8 @@ masked before it reaches a client.
         ├── RATE_LIMITED             too many requests (or jobs at once) for this API key
         ├── QUOTA_EXCEEDED           this API key has spent its tokens
         ├── NO_RECORDS               a node with no records cannot be explained or scored
-        └── JOB_NOT_FOUND            no job with that id
+        ├── JOB_NOT_FOUND            no job with that id for this API key
+        └── HOST_NOT_ALLOWED         the request's Host is not a name this server answers to
 
 Codes graphql itself produces are mapped too: GRAPHQL_PARSE_FAILED, GRAPHQL_VALIDATION_FAILED,
 BAD_USER_INPUT (a variable of the wrong type); a request that is not a GraphQL request at all

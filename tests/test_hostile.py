@@ -427,6 +427,36 @@ CASES = [
     ),
     raw("multipart without a boundary", ANY_CODE, b"garbage", "multipart/form-data"),
     raw("application/graphql", {OK, *ANY_CODE}, b"{ models { name } }", "application/graphql"),
+    # Requests from elsewhere.
+    Case(
+        "a foreign Host header (DNS rebinding)",
+        frozenset({"HOST_NOT_ALLOWED"}),
+        orjson.dumps({"query": "{ models { name } }"}),
+        headers={"Host": "evil.example"},
+    ),
+    Case(
+        "a loopback address inside a foreign name",
+        frozenset({"HOST_NOT_ALLOWED"}),
+        orjson.dumps({"query": "{ models { name } }"}),
+        headers={"Host": "127.0.0.1.evil.example:8000"},
+    ),
+    query(
+        "a job id that is another key's or nobody's",
+        {"JOB_NOT_FOUND"},
+        "query($i: ID!) { job(id: $i) { status result { text } } }",
+        i="job-" + "0" * 32,
+    ),
+    query(
+        "a prompt of dense text (costed as it tokenizes)",
+        {"PROMPT_TOO_LONG"},
+        INFER,
+        p="注意力机制" * 40,
+    ),
+    query(
+        "a misspelt field (its error names no schema)",
+        {"GRAPHQL_VALIDATION_FAILED"},
+        '{ model(name: "small") { nLayer } }',
+    ),
     # GET.
     Case(
         "GET with a 60 kB query string",
@@ -499,7 +529,7 @@ async def app_client(registry: ModelRegistry) -> AsyncIterator[httpx.AsyncClient
         app=create_app(registry, Settings()), raise_app_exceptions=False
     )
     async with httpx.AsyncClient(
-        transport=transport, base_url="http://testserver", timeout=DEADLINE_S * 2
+        transport=transport, base_url="http://localhost", timeout=DEADLINE_S * 2
     ) as client:
         yield client
 
@@ -579,6 +609,8 @@ REAL_SERVER_CASES = [
     "batched array (batching is off)",
     "subscription over plain POST",
     "multipart garbage",
+    "a foreign Host header (DNS rebinding)",
+    "a job id that is another key's or nobody's",
 ]
 
 
@@ -639,7 +671,9 @@ def demo_model(server: RunningServer) -> str:
 @pytest.mark.parametrize("case_id", REAL_SERVER_CASES)
 def test_hostile_request_to_a_real_server(real_server: RunningServer, case_id: str) -> None:
     case = demo_case(BY_ID[case_id], demo_model(real_server))
-    headers = {} if case.content_type is None else {"content-type": case.content_type}
+    headers = dict(case.headers)
+    if case.content_type is not None:
+        headers["content-type"] = case.content_type
     started = time.perf_counter()
     response = httpx.post(
         real_server.url + "/graphql", content=case.body, headers=headers, timeout=DEADLINE_S * 2
