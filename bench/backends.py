@@ -47,7 +47,7 @@ def main(repeats: int = 30) -> dict[str, object]:
             f"{kind}_{name}": [] for kind in ("graphql", "run") for name in backends
         }
         with (
-            server(*args, "--backend", "native") as native_url,
+            server(*args, "--backend", "native-gpt2") as native_url,
             server(*args, "--backend", "transformerlens") as lens_url,
             httpx.Client(timeout=60) as client,
         ):
@@ -70,7 +70,7 @@ def main(repeats: int = 30) -> dict[str, object]:
         # spinning for a while after each request, which would slow whatever runs here.
         for _ in range(3):
             for backend in backends.values():
-                backend.run(request)
+                backend.forward(request)
         for _ in range(repeats):
             for name, backend in backends.items():
                 times[f"run_{name}"].append(timed(partial(backend.run, request)))

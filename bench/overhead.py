@@ -43,10 +43,10 @@ def main(repeats: int = 30) -> dict[str, object]:
 
         for _ in range(3):  # warm-up: first calls pay for allocation and caches
             over_http()
-            backend.run(request)
+            backend.forward(request)
         bare, http = [], []
         for _ in range(repeats):
-            bare.append(timed(lambda: backend.run(request)))
+            bare.append(timed(lambda: backend.forward(request)))
             http.append(timed(over_http))
 
     result = {"bare_forward": summary(bare), "graphql_http": summary(http)}

@@ -7,79 +7,180 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import blobfile as bf
 
-from interpql.backends.base import AutoencoderInput
+from interpql.backends import remote
 from interpql.backends.cuda_memory import start_recording
 from interpql.backends.explanations.api import ApiSettings
+from interpql.backends.node_kinds import TABLE
 from interpql.backends.ray_serve.protocol import DEFAULT_APP, ServedModel
-from interpql.backends.tokenizer import gpt2_encoding
-from interpql.demo.artifacts import DEMO_DIR, DEMO_NAME, load_demo_autoencoders
+from interpql.embedded import (
+    EMBEDDED_DIR,
+    EMBEDDED_NAME,
+    FALLBACK_MODEL,
+    FALLBACK_NAME,
+    embedded_available,
+)
 from interpql.file_errors import FileProblem
 from interpql.loaders.auth import ApiKeys
 from interpql.loaders.cache import NodeDataCache
 from interpql.loaders.explaining import ExplanationService
 from interpql.loaders.jobs import JobManager, open_store
-from interpql.loaders.models import attach_autoencoders, default_name, load_model
-from interpql.loaders.nodes import NodeKind
+from interpql.loaders.models import (
+    BACKENDS,
+    DTYPES,
+    add_folder_sources,
+    attach_autoencoders,
+    attach_folder_extras,
+    default_name,
+    load_model,
+)
 from interpql.loaders.registry import ModelEntry, ModelRegistry
-from interpql.loaders.sources import CompactSource, ExplanationStore, TdbFolderSource
+from interpql.loaders.sources import ExplanationStore, TdbFolderSource
 from interpql.observability.memory_snapshots import PATH as SNAPSHOT_PATH
 from interpql.observability.tracing import OTLP_ENV, otlp_tracer_provider
+from interpql.options import groups, option
 from interpql.resolvers.context import Services
 from interpql.settings import Settings
 
 log = logging.getLogger(__name__)
 
-FALLBACK_MODEL = "random:tiny"
-
 
 @dataclass
 class ServeOptions:
-    model: str | None = None  # None: the embedded demo (a small random model if not built)
-    name: str | None = None
-    backend: str = "native"
-    device: str = "cpu"
-    dtype: str = "float32"
-    no_model: bool = False
-    mlp_autoencoder: str | None = None
-    attn_autoencoder: str | None = None
-    sources: list[str] = field(default_factory=list)
-    cache: str | None = None  # None: in memory; redis://host:port[/db]
+    """Everything `interpql serve` is told (its flags are these fields: options.py)."""
+
+    model: str | None = option(
+        None,
+        group=groups.MODEL,
+        help="registered name (gpt2-small, ...), blobfile URL, Transformer Debugger or Hugging "
+        "Face folder, or random:<preset>; default: the embedded demo model",
+    )
+    name: str | None = option(None, group=groups.MODEL, help="the name clients use for the model")
+    backend: str = option(
+        "native-gpt2",
+        group=groups.MODEL,
+        choices=BACKENDS,
+        help="native-gpt2: our GPT-2; transformerlens: any model TransformerLens 4.x bridges (a "
+        "Hugging Face folder or hub name; needs the extra interpql[transformerlens])",
+    )
+    device: str = option("cpu", group=groups.MODEL, help="cpu, cuda or cuda:N")
+    dtype: str = option(
+        "float32", group=groups.MODEL, choices=tuple(DTYPES), help="the weights' dtype"
+    )
+    no_model: bool = option(
+        False, group=groups.MODEL, help="serve metadata only, without loading weights"
+    )
+    mlp_autoencoder: str | None = option(
+        None,
+        group=groups.MODEL,
+        help="MLP autoencoders: a registered name (ae-mlp-post-act-v4, ae-resid-delta-mlp-v4, "
+        "...) or a folder/URL of <layer>.pt files",
+    )
+    attn_autoencoder: str | None = option(
+        None,
+        group=groups.MODEL,
+        help="attention autoencoders: a registered name (ae-resid-delta-attn-v4, ...) or a "
+        "folder/URL of <layer>.pt files",
+    )
+    remote_timeout_s: float = option(
+        60.0,
+        flag="--remote-timeout",
+        group=groups.MODEL,
+        help="seconds without a byte from remote storage before loading gives up (0: never)",
+    )
+    sources: list[str] = option(
+        flag="--source",
+        default_factory=list,
+        group=groups.DATA,
+        metavar="name=NAME,kind=KIND,records=URL[,explanations=URL]",
+        help="Transformer Debugger record/explanation folders (paths or blobfile URLs) of one "
+        "node kind; repeat for more",
+    )
+    cache: str | None = option(
+        None,
+        group=groups.DATA,
+        help="cache for slow sources: redis://host:port[/db] (default: --redis if given, else "
+        "in memory)",
+    )
     cache_ttl_s: float = 3600.0
-    # Shared state of replicas: jobs, their events and per-key limits (and the cache, unless
-    # `cache` is given). None: jobs in a SQLite file beside the explanation store.
-    redis: str | None = None
-    explanation_store: str = ".interpql/explanations.sqlite"
-    openai_base_url: str | None = None
-    openai_api_key: str | None = None
-    explainer_model: str = "gpt-4o-mini"
-    simulator_model: str = "gpt-4o-mini"
-    simulator: str = "auto"
-    explainer_temperature: float = 1.0
-    api_keys: list[str] = field(default_factory=list)
-    api_key_hashes: list[str] = field(default_factory=list)
-    max_jobs_per_key: int = 2
-    max_tokens_per_key: int = 2_000_000
+    redis: str | None = option(
+        None,
+        group=groups.DATA,
+        metavar="redis://host:port[/db]",
+        help="state shared by replicas: jobs, their events and per-key job limits (any replica "
+        "answers job(id) and jobUpdates), and the node-data cache unless --cache is given "
+        "(default: jobs in a SQLite file beside --explanation-store)",
+    )
+    explanation_store: str = option(
+        ".interpql/explanations.sqlite",
+        group=groups.DATA,
+        help="SQLite file of generated explanations",
+    )
+    openai_base_url: str | None = option(None, group=groups.EXPLAIN, help="default: the OpenAI API")
+    openai_api_key: str | None = option(None, group=groups.EXPLAIN, help="default: $OPENAI_API_KEY")
+    explainer_model: str = option("gpt-4o-mini", group=groups.EXPLAIN, help="the explainer's model")
+    simulator_model: str = option("gpt-4o-mini", group=groups.EXPLAIN, help="the simulator's model")
+    simulator: str = option(
+        "auto",
+        group=groups.EXPLAIN,
+        choices=("auto", "json", "logprobs"),
+        help="how explanations are scored: from prompt logprobs, from JSON in the completion, "
+        "or the first where the server gives logprobs",
+    )
+    explainer_temperature: float = option(
+        1.0, group=groups.EXPLAIN, help="the explainer's temperature"
+    )
+    api_keys: list[str] = option(
+        flag="--api-key",
+        default_factory=list,
+        group=groups.ACCESS,
+        help="a key (also $INTERPQL_API_KEYS, comma-separated)",
+    )
+    api_key_hashes: list[str] = option(
+        flag="--api-key-hash",
+        default_factory=list,
+        group=groups.ACCESS,
+        help="a key's SHA-256 hex digest",
+    )
+    max_jobs_per_key: int = option(2, group=groups.ACCESS, help="jobs one key may run at once")
+    max_tokens_per_key: int = option(
+        2_000_000, group=groups.ACCESS, help="explainer API tokens one key may spend"
+    )
     settings: Settings = field(default_factory=Settings)
-    # OpenTelemetry tracing over OTLP/HTTP, also on when $OTEL_EXPORTER_OTLP_ENDPOINT is set;
-    # the collector's base URL (None: that variable's, else http://localhost:4318).
-    otel: bool = False
-    otel_endpoint: str | None = None
-    # The model runs in a Ray Serve application (`interpql deploy`) on the cluster at this
-    # address; None: in this process.
-    ray: str | None = None
-    ray_app: str = DEFAULT_APP
-
-
-def demo_available() -> bool:
-    return (DEMO_DIR / "weights.safetensors").exists()
+    otel: bool = option(
+        False,
+        group=groups.OBSERVE,
+        help="OpenTelemetry traces of operations and resolvers over OTLP/HTTP (also on when "
+        "$OTEL_EXPORTER_OTLP_ENDPOINT is set; needs interpql[otel])",
+    )
+    otel_endpoint: str | None = option(
+        None,
+        group=groups.OBSERVE,
+        metavar="URL",
+        help="the OTLP/HTTP collector's base URL (implies --otel; default: "
+        "$OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4318)",
+    )
+    ray: str | None = option(
+        None,
+        metavar="ADDRESS",
+        help="run the model in a Ray Serve application (`interpql deploy`) on the cluster at "
+        "ADDRESS (its head's host:port, or auto); --model, if given, must name what it runs",
+    )
+    ray_app: str = option(
+        DEFAULT_APP, flag="--app", help="with --ray: the application's name (default interpql)"
+    )
 
 
 def build_services(options: ServeOptions) -> Services:
+    remote.configure(options.remote_timeout_s)
+    if options.ray is not None and options.settings.coalesce_window_ms is None:
+        # The deployment gathers every server's calls into batches; waiting here too would
+        # only hold calls back.
+        options = replace(options, settings=replace(options.settings, coalesce_window_ms=0.0))
     if options.settings.cuda_memory_debugging:
         # Before the model loads, so that the history has its weights' allocations too.
         start_recording(options.device, options.settings.cuda_memory_max_entries)
@@ -131,10 +232,10 @@ def build_services(options: ServeOptions) -> Services:
 def load_served_model(options: ServeOptions) -> ServedModel:
     """What each replica of a Ray Serve application runs (`interpql deploy`): the model and
     autoencoders that `serve` with the same options loads."""
+    remote.configure(options.remote_timeout_s)
     entry = _model(options)
     _attach_autoencoder_sets(entry, options)
-    sources = {kind.value: source for kind, source in entry.autoencoder_sources.items()}
-    return ServedModel(entry.require_backend(), options.model, sources)
+    return ServedModel(entry.require_backend(), options.model, dict(entry.autoencoder_sources))
 
 
 def _attach_autoencoder_sets(entry: ModelEntry, options: ServeOptions) -> None:
@@ -153,8 +254,8 @@ def _model(options: ServeOptions) -> ModelEntry:
     spec = options.model
     name: str | None = options.name
     if spec is None:
-        spec = str(DEMO_DIR) if demo_available() else FALLBACK_MODEL
-        name = name or (DEMO_NAME if demo_available() else "tiny-random")
+        spec = str(EMBEDDED_DIR) if embedded_available() else FALLBACK_MODEL
+        name = name or (EMBEDDED_NAME if embedded_available() else FALLBACK_NAME)
     entry = load_model(
         spec,
         name=name,
@@ -163,29 +264,9 @@ def _model(options: ServeOptions) -> ModelEntry:
         with_weights=not options.no_model,
         backend=options.backend,
     )
-    if Path(spec).resolve() == DEMO_DIR.resolve() and not options.no_model:
-        _add_demo_data(entry)
+    if "://" not in spec and Path(spec).is_dir():
+        attach_folder_extras(entry, Path(spec))
     return entry
-
-
-def _add_demo_data(entry: ModelEntry) -> None:
-    """The demo's autoencoders, and its records and explanations as the first source."""
-    backend = entry.require_backend()
-    for (reads, layer), autoencoder in load_demo_autoencoders(DEMO_DIR).items():
-        backend.attach_autoencoder(layer, AutoencoderInput(reads), autoencoder)
-    for kind in (NodeKind.MLP_AUTOENCODER_LATENT, NodeKind.ATTENTION_AUTOENCODER_LATENT):
-        entry.autoencoder_sources[kind] = f"{DEMO_NAME} (embedded)"
-    _add_demo_records(entry)
-
-
-def _add_demo_records(entry: ModelEntry) -> None:
-    if (DEMO_DIR / "records").exists():
-        encoding = gpt2_encoding()
-
-        def decode(token: int) -> str:
-            return encoding.decode_single_token_bytes(token).decode("utf-8", errors="replace")
-
-        entry.sources.insert(0, CompactSource.open(DEMO_NAME, DEMO_DIR, decode))
 
 
 def _ray_model(options: ServeOptions, address: str) -> ModelEntry:
@@ -199,7 +280,7 @@ def _ray_model(options: ServeOptions, address: str) -> ModelEntry:
         ) from None
 
     local = ServeOptions()
-    for option, value, default in (
+    for flag, value, default in (
         ("--backend", options.backend, local.backend),
         ("--device", options.device, local.device),
         ("--dtype", options.dtype, local.dtype),
@@ -209,7 +290,7 @@ def _ray_model(options: ServeOptions, address: str) -> ModelEntry:
     ):
         if value != default:
             raise ValueError(
-                f"{option} does not apply with --ray: the model runs where `interpql deploy` "
+                f"{flag} does not apply with --ray: the model runs where `interpql deploy` "
                 "put it (give the model's options there)"
             )
     backend = connect(address, options.ray_app, options.settings.inference_timeout_s)
@@ -222,9 +303,9 @@ def _ray_model(options: ServeOptions, address: str) -> ModelEntry:
     name = options.name or (
         default_name(served)
         if served is not None
-        else DEMO_NAME
-        if demo_available()
-        else "tiny-random"
+        else EMBEDDED_NAME
+        if embedded_available()
+        else FALLBACK_NAME
     )
     entry = ModelEntry(
         name,
@@ -236,10 +317,9 @@ def _ray_model(options: ServeOptions, address: str) -> ModelEntry:
         # The deployment batches what servers send it; more calls in flight, larger batches.
         executor=ThreadPoolExecutor(max_workers=IN_FLIGHT, thread_name_prefix="infer"),
     )
-    for kind, source in backend.description.autoencoder_sources.items():
-        entry.autoencoder_sources[NodeKind(kind)] = source
-    if served is None and demo_available():
-        _add_demo_records(entry)
+    entry.autoencoder_sources.update(backend.description.autoencoder_sources)
+    if served is None and embedded_available():
+        add_folder_sources(entry, EMBEDDED_DIR)  # its node data; the model runs remotely
     return entry
 
 
@@ -252,11 +332,9 @@ def parse_source(spec: str) -> TdbFolderSource:
         raise ValueError(
             f"--source {spec!r}: expected name=NAME,kind=KIND,records=URL[,explanations=URL]"
         )
-    try:
-        kind = NodeKind(fields["kind"])
-    except ValueError:
-        known = ", ".join(k.value for k in NodeKind)
-        raise ValueError(f"--source {spec!r}: kind must be one of {known}") from None
+    kind = fields["kind"]
+    if kind not in TABLE:
+        raise ValueError(f"--source {spec!r}: kind must be one of {', '.join(TABLE)}")
     if "records" not in fields and "explanations" not in fields:
         raise ValueError(f"--source {spec!r}: give records=..., explanations=... or both")
     for part in ("records", "explanations"):
@@ -268,6 +346,8 @@ def parse_source(spec: str) -> TdbFolderSource:
 
 def _is_folder(location: str) -> bool:
     try:
-        return bool(bf.isdir(location))
-    except Exception as exc:  # a remote store that cannot be reached, a malformed URL, ...
+        return bool(remote.call(lambda: bf.isdir(location), "a --source folder", location))
+    except FileProblem:
+        raise
+    except Exception as exc:  # a malformed URL, ...
         raise FileProblem(location, f"cannot be reached ({type(exc).__name__}: {exc})") from exc

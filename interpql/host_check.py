@@ -17,8 +17,8 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from interpql.errors import shown
+from interpql.settings import LOOPBACK_NAMES
 
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 _WILDCARD_BINDS = ("0.0.0.0", "::", "")
 
 

@@ -1,50 +1,117 @@
-"""Server settings: limits and policies, set from the command line or by tests."""
+"""Server settings: limits and policies, set from the command line or by tests. Each field
+that is a flag of `interpql serve` declares it here, once (options.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from interpql.host_check import LOOPBACK_NAMES
+from interpql.options import groups, option
+
+# The names a server always answers to (host_check.py).
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
 class Settings:
-    max_query_depth: int = 12
-    max_aliases: int = 50
-    max_query_tokens: int = 5000
+    max_query_depth: int = option(12, group=groups.LIMITS, help="depth of one GraphQL document")
+    max_aliases: int = option(50, group=groups.LIMITS, help="aliases in one GraphQL document")
+    max_query_tokens: int = option(
+        5000, group=groups.LIMITS, help="lexical tokens of one GraphQL document"
+    )
     max_top_k: int = 1000
     max_nodes_per_request: int = 10_000
-    max_batch: int = 64
-    # How long concurrent requests wait for each other to share a forward pass.
-    coalesce_window_ms: float = 2.0
-    # Runs kept for identical inputs (0: none).
-    cached_runs: int = 32
+    max_batch: int = option(64, group=groups.LIMITS, help="inputs of one inferBatch")
+    coalesce_window_ms: float | None = option(
+        None,
+        flag="--coalesce-ms",
+        help="how long concurrent requests wait to share a forward pass (0: never; default "
+        "2, with --ray 0: the deployment batches)",
+    )
+    cached_runs: int = option(
+        32, help="results kept to answer identical inputs again without a forward pass (0: none)"
+    )
     # Before tokenizing: no GPT-2 token is longer than this many characters of text.
     max_chars_per_token: int = 128
-    cors_origin_regex: str = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
-    # Host header names requests may be addressed to ("*": any); see host_check.py.
-    allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES
-    # The estimated work of one operation (interpql.schema.cost): fields, and inference tokens
-    # weighted by the passes they need. 0: unlimited.
-    max_query_cost: int = 250_000
-    # Per API key (or per client address without one), over a sliding minute. 0: unlimited.
-    rate_limit_requests_per_minute: int = 0
-    rate_limit_cost_per_minute: int = 0
-    # Seconds a request's headers may take to arrive (0: unbounded); see http_protocol.py.
-    header_timeout_s: float = 10.0
-    # Bytes of one HTTP body or WebSocket message.
-    max_body_bytes: int = 2_000_000
-    # How long one request may wait for its forward passes (queueing included).
-    inference_timeout_s: float = 60.0
-    # Every operation needs an API key, not only mutations.
-    require_api_key: bool = False
-    introspection: bool = True
-    # On SIGTERM: how long in-flight requests may take to finish before the server exits.
-    shutdown_grace_s: float = 30.0
-    # Prometheus metrics at GET /metrics.
-    metrics: bool = True
-    # POST /debug/cuda-memory-snapshot writes snapshots here (allocations are recorded from
-    # start-up: `interpql serve --cuda-memory-debugging`).
-    cuda_memory_debugging: bool = False
-    cuda_memory_max_entries: int = 100_000  # allocation events the history keeps
-    cuda_memory_snapshot_dir: str = ".interpql/memory-snapshots"
+    cors_origin_regex: str = option(
+        r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?",
+        group=groups.ACCESS,
+        help="origins allowed by CORS and WebSocket handshakes (default: localhost on any port)",
+    )
+    allowed_hosts: tuple[str, ...] = option(
+        LOOPBACK_NAMES,
+        flag="--allowed-host",
+        metavar="NAME",
+        group=groups.ACCESS,
+        help="a Host header name to answer to, besides the bind address and the loopback "
+        "names (with --host 0.0.0.0: this machine's names and addresses too); repeatable; '*' "
+        "answers any (requests to other names get 400: a guard against DNS rebinding)",
+    )
+    max_query_cost: int = option(
+        250_000,
+        group=groups.LIMITS,
+        help="estimated cost of one operation: fields, plus prompt tokens x passes",
+    )
+    rate_limit_requests_per_minute: int = option(
+        0,
+        flag="--rate-limit-requests",
+        group=groups.LIMITS,
+        help="operations per minute per API key (or client address without one)",
+    )
+    rate_limit_cost_per_minute: int = option(
+        0,
+        flag="--rate-limit-cost",
+        group=groups.LIMITS,
+        help="estimated cost per minute per API key (or client address)",
+    )
+    header_timeout_s: float = option(
+        10.0,
+        flag="--header-timeout",
+        group=groups.LIMITS,
+        help="seconds a request's headers may take to arrive (0: unbounded)",
+    )
+    max_body_bytes: int = option(
+        2_000_000, group=groups.LIMITS, help="bytes of one HTTP body or WebSocket message"
+    )
+    inference_timeout_s: float = option(
+        60.0,
+        flag="--inference-timeout",
+        group=groups.LIMITS,
+        help="seconds a request may wait for its model work (forward passes, generation)",
+    )
+    require_api_key: bool = option(
+        False,
+        group=groups.ACCESS,
+        help="every operation needs a key, not only mutations (WebSockets: in connection_init's "
+        "payload as {'Authorization': 'Bearer <key>'} or the upgrade's header)",
+    )
+    introspection: bool = option(
+        True,
+        group=groups.ACCESS,
+        help="--no-introspection refuses introspection queries and federation's _service { sdl "
+        "}, and leaves schema suggestions ('Did you mean ...?') out of errors; GraphiQL's docs "
+        "need introspection, and a federation gateway then composes from schema.graphql (the "
+        "SDL `interpql export-schema` prints) instead of asking this server",
+    )
+    shutdown_grace_s: float = option(
+        30.0,
+        flag="--shutdown-grace",
+        group=groups.LIMITS,
+        help="seconds in-flight requests get to finish after SIGTERM",
+    )
+    metrics: bool = option(True, group=groups.OBSERVE, help="Prometheus metrics at GET /metrics")
+    cuda_memory_debugging: bool = option(
+        False,
+        group=groups.OBSERVE,
+        help="record CUDA allocations from start-up; POST /debug/cuda-memory-snapshot (with an "
+        "API key) writes a snapshot for https://pytorch.org/memory_viz (needs --device cuda)",
+    )
+    cuda_memory_max_entries: int = option(
+        100_000, group=groups.OBSERVE, help="allocation events the history keeps"
+    )
+    cuda_memory_snapshot_dir: str = option(
+        ".interpql/memory-snapshots", group=groups.OBSERVE, help="where snapshots are written"
+    )
+
+    @property
+    def coalesce_window_s(self) -> float:
+        return (2.0 if self.coalesce_window_ms is None else self.coalesce_window_ms) / 1000

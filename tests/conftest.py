@@ -30,9 +30,12 @@ class CountingBackend(NativeGPT2Backend):
         super().__init__(*args, **kwargs)
         self.calls: list[Any] = []
 
-    def run(self, request: Any) -> Any:
+    def forward(self, request: Any) -> Any:
         self.calls.append(request)
-        return super().run(request)
+        return super().forward(request)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.state_dict())
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +84,7 @@ def records_dir(tmp_path_factory: pytest.TempPathFactory, small_backend: Countin
     points = frozenset(HookPoint(layer, Location.MLP_POST) for layer in range(SMALL.n_layers))
 
     def activations(batch: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
-        result = small_backend.run(
+        result = small_backend.forward(
             ForwardRequest(tokens=tuple(tuple(row) for row in batch.tolist()), save=points)
         )
         return {("mlp_neuron", p.layer): result.activations[p] for p in points}

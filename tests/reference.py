@@ -20,12 +20,15 @@ def reference_forward(
     tokens: list[int],
     overwrite_mlp_post: tuple[int, int, int, float] | None = None,
     edit: Callable[[int, str, torch.Tensor], torch.Tensor] | None = None,
+    attention: dict[tuple[int, str], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One prompt -> (logits [T, V], mlp post-activations per layer [T, F]).
 
     `overwrite_mlp_post` = (layer, token, neuron, value) sets one post-activation; `edit`, if
     given, maps (layer, "attn_out" | "mlp_post" | "mlp_out" | "resid_final", activation) to the activation
     to use instead ("resid_final": the last residual stream, before the final LayerNorm).
+    `attention`, if given, receives each layer's (layer, "probs") [query, head, key] and
+    (layer, "z") and (layer, "v") [position, head, d_head] (v still attached to the graph).
     """
     edit = edit or (lambda layer, name, act: act)
     s = {k: v.double() for k, v in state.items()}
@@ -44,7 +47,7 @@ def reference_forward(
     for i in range(cfg.n_layers):
         p = f"xf_layers.{i}."
         h = layer_norm(x, p + "ln_1")
-        heads = []
+        heads, patterns, values = [], [], []
         for head in range(cfg.n_heads):
             cols = slice(head * cfg.d_head, (head + 1) * cfg.d_head)
             q = linear(h, p + "attn.q_proj")[:, cols]
@@ -52,7 +55,14 @@ def reference_forward(
             v = linear(h, p + "attn.v_proj")[:, cols]
             scores = q @ k.T / math.sqrt(cfg.d_head)
             scores = scores.masked_fill(torch.triu(torch.ones(n, n), 1).bool(), -math.inf)
-            heads.append(torch.softmax(scores, -1) @ v)
+            patterns.append(torch.softmax(scores, -1))
+            values.append(v)
+            heads.append(patterns[-1] @ v)
+        if attention is not None:
+            attention[(i, "probs")] = torch.stack(patterns, dim=1).detach()
+            attention[(i, "z")] = torch.stack(heads, dim=1).detach()
+            # Values keep their graph: a V trace differentiates through them.
+            attention[(i, "v")] = torch.stack(values, dim=1)
         x = x + edit(i, "attn_out", linear(torch.cat(heads, -1), p + "attn.out_proj"))
         pre = linear(layer_norm(x, p + "ln_2"), p + "mlp.in_layer")
         post = 0.5 * pre * (1 + torch.tanh(math.sqrt(2 / math.pi) * (pre + 0.044715 * pre**3)))

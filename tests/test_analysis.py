@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from interpql.backends.base import ForwardRequest, HookPoint, Location
+from interpql.backends.base import HookPoint, Location
 from interpql.backends.tokenizer import gpt2_encoding
 from tests.conftest import SMALL, CountingBackend, error_codes, graphql
 from tests.reference import reference_forward
@@ -22,7 +22,8 @@ LOSS = f'loss: {{kind: LOGIT_DIFF, targetTokens: ["{TARGET}"], distractorTokens:
 
 
 def state_of(backend: CountingBackend) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in backend.model.state_dict().items()}
+    """The served weights as a Transformer Debugger state dict (whatever the backend)."""
+    return {k: v.detach().clone() for k, v in backend.state_dict().items()}
 
 
 def logit_diff(logits: torch.Tensor) -> torch.Tensor:
@@ -124,8 +125,11 @@ async def test_act_times_grad_estimates_real_ablations(
 async def test_direct_effect_and_write_norm_by_hand(
     client: httpx.AsyncClient, small_backend: CountingBackend
 ) -> None:
-    reference = reference_with_grads(state_of(small_backend))
+    state = state_of(small_backend)
+    reference = reference_with_grads(state)
     final_grad = reference["kept"][(SMALL.n_layers - 1, "resid_final")].grad  # [token, d_model]
+    attention: dict[tuple[int, str], torch.Tensor] = {}
+    reference_forward(SMALL, state, TOKENS, attention=attention)
     result = await infer(
         client,
         "direct: topNodes(group: DIRECT_EFFECT, k: 6, tokenIndex: 7) { top { node { id } value } } "
@@ -134,24 +138,17 @@ async def test_direct_effect_and_write_norm_by_hand(
     for group in ("direct", "norm"):
         for item in result[group]["top"]:
             kind, layer, index = node_index(item["node"]["id"])
-            block = small_backend.model.xf_layers[layer]
+            p = f"xf_layers.{layer}."
             if kind == "mlp_neuron":
                 act = reference["kept"][(layer, "mlp_post")].detach()[7, index]
-                w_out = block.mlp.out_layer.weight[:, index].double()  # [d_model]
+                w_out = state[p + "mlp.out_layer.weight"][:, index].double()  # [d_model]
                 write = act * w_out
             else:
                 assert kind == "attention_head"
-                # Recompute the head's output at token 7 from the backend's saved z.
-                z = small_backend.run(
-                    __import__(
-                        "interpql.backends.base", fromlist=["ForwardRequest"]
-                    ).ForwardRequest(
-                        tokens=(tuple(TOKENS),),
-                        save=frozenset({_point(layer, "attn_z")}),
-                    )
-                ).activations[_point(layer, "attn_z")][0, 7, index]
-                w_o = block.attn.out_proj.weight[:, index * 16 : (index + 1) * 16].double()
-                write = w_o @ z.double()
+                # The head's output at token 7, from the reference's z.
+                z = attention[(layer, "z")][7, index]
+                w_o = state[p + "attn.out_proj.weight"][:, index * 16 : (index + 1) * 16].double()
+                write = w_o @ z
             expected = write @ final_grad[7] if group == "direct" else write.norm()
             assert item["value"] == pytest.approx(float(expected), abs=1e-5, rel=1e-4)
 
@@ -168,14 +165,12 @@ async def test_token_pair_attribution_by_hand(
         'activations(nodeIds: ["small/attention_head/1/2"]) { attentionPattern tokenPairAttribution }',
     )
     [head] = result["activations"]
-    saved = small_backend.run(
-        ForwardRequest(
-            tokens=(tuple(TOKENS),), save=frozenset({_point(1, "attn_v"), _point(1, "attn_probs")})
-        )
-    )
-    probs = saved.activations[_point(1, "attn_probs")][0, :, 2, :]  # [query, key]
-    v = saved.activations[_point(1, "attn_v")][0, :, 2, :]  # [key, d_head]
-    w_o = small_backend.model.xf_layers[1].attn.out_proj.weight[:, 32:48]  # [d_model, d_head]
+    state = state_of(small_backend)
+    attention: dict[tuple[int, str], torch.Tensor] = {}
+    reference_forward(SMALL, state, TOKENS, attention=attention)
+    probs = attention[(1, "probs")][:, 2, :]  # [query, key]
+    v = attention[(1, "v")][:, 2, :].detach()  # [key, d_head]
+    w_o = state["xf_layers.1.attn.out_proj.weight"][:, 32:48].double()  # [d_model, d_head]
     expected = probs * (v @ w_o.T).norm(dim=-1)[None, :]
     np.testing.assert_allclose(head["tokenPairAttribution"], expected, atol=1e-6)
     np.testing.assert_allclose(np.sum(head["attentionPattern"], axis=1), 1.0, atol=1e-5)
@@ -191,9 +186,9 @@ async def test_scored_tokens_are_matrix_products(
         "upvotingInputTokens { token { id } value } } } }",
     )
     scored = body["data"]["node"]["scoredTokens"]
-    model = small_backend.model
-    logits = model.unembed.weight @ model.xf_layers[2].mlp.out_layer.weight[:, 11]  # [vocab]
-    inputs = model.tok_embed.weight @ model.xf_layers[2].mlp.in_layer.weight[11]  # [vocab]
+    state = state_of(small_backend)
+    logits = state["unembed.weight"] @ state["xf_layers.2.mlp.out_layer.weight"][:, 11]  # [vocab]
+    inputs = state["tok_embed.weight"] @ state["xf_layers.2.mlp.in_layer.weight"][11]  # [vocab]
     for field, values, largest in (
         ("upvotedOutputTokens", logits, True),
         ("downvotedOutputTokens", logits, False),

@@ -26,13 +26,13 @@ from interpql.backends.base import (
     HookPoint,
     Intervention,
     Location,
-    LossSpec,
 )
 from interpql.backends.gpt2 import NativeGPT2Backend
 from interpql.backends.gpt2.loading import random_model
 from interpql.loaders.models import attach_autoencoders
 from interpql.loaders.registry import ModelEntry, ModelRegistry
 from interpql.server import create_app
+from interpql.specs import LossSpec
 from tests.conftest import SMALL, error_codes, graphql
 from tests.reference import reference_forward
 
@@ -81,7 +81,7 @@ def mlp_ae(backend: NativeGPT2Backend) -> SparseAutoencoder:
 
 def test_online_latents_equal_offline_encode(backend: NativeGPT2Backend) -> None:
     inputs = {HookPoint(1, Location.MLP_POST), HookPoint(2, Location.ATTN_OUT)}
-    result = backend.run(
+    result = backend.forward(
         ForwardRequest(
             tokens=(tuple(PROMPT),), save=frozenset({MLP_LATENTS, ATTN_LATENTS, *inputs})
         )
@@ -94,8 +94,8 @@ def test_online_latents_equal_offline_encode(backend: NativeGPT2Backend) -> None
 
 
 def test_error_term_leaves_logits_unchanged(backend: NativeGPT2Backend) -> None:
-    plain = backend.run(ForwardRequest(tokens=(tuple(PROMPT),)))
-    spliced = backend.run(
+    plain = backend.forward(ForwardRequest(tokens=(tuple(PROMPT),)))
+    spliced = backend.forward(
         ForwardRequest(tokens=(tuple(PROMPT),), save=frozenset({MLP_LATENTS, ATTN_LATENTS}))
     )
     torch.testing.assert_close(spliced.logits, plain.logits, atol=1e-5, rtol=0)
@@ -107,15 +107,17 @@ def test_ablating_a_latent_matches_decoding_the_modified_latents(
     token, latent = (
         6,
         int(
-            backend.run(ForwardRequest(tokens=(tuple(PROMPT),), save=frozenset({MLP_LATENTS})))
+            backend.forward(ForwardRequest(tokens=(tuple(PROMPT),), save=frozenset({MLP_LATENTS})))
             .activations[MLP_LATENTS][0, 6]
             .argmax()
         ),
     )
-    ablated = backend.run(
+    ablated = backend.forward(
         ForwardRequest(
             tokens=(tuple(PROMPT),),
-            interventions=(Intervention(MLP_LATENTS, 0.0, token=token, index=(latent,)),),
+            interventions=(
+                Intervention(point=MLP_LATENTS, value=0.0, position=token, index=(latent,)),
+            ),
         )
     )
     ae = copy.deepcopy(mlp_ae(backend)).double()
@@ -137,7 +139,7 @@ def test_ablating_a_latent_matches_decoding_the_modified_latents(
 def test_without_error_term_the_model_runs_on_the_reconstruction(
     backend: NativeGPT2Backend, state: dict[str, torch.Tensor]
 ) -> None:
-    result = backend.run(
+    result = backend.forward(
         ForwardRequest(
             tokens=(tuple(PROMPT),), save=frozenset({MLP_LATENTS}), autoencoder_error_term=False
         )
@@ -157,7 +159,7 @@ def test_without_error_term_the_model_runs_on_the_reconstruction(
 def test_gradients_reach_latents(
     backend: NativeGPT2Backend, state: dict[str, torch.Tensor]
 ) -> None:
-    result = backend.run(
+    result = backend.forward(
         ForwardRequest(
             tokens=(tuple(PROMPT),),
             save=frozenset({MLP_LATENTS}),
@@ -290,7 +292,7 @@ async def test_latents_as_nodes_over_graphql(tmp_path: Path, backend: NativeGPT2
         ]
         assert {"kind": "MLP_AUTOENCODER_LATENT", "count": 200} in model_data["layer"]["nodeKinds"]
         tokens = (464, 2068, 7586, 21831)
-        expected = served.run(
+        expected = served.forward(
             ForwardRequest(tokens=(tokens,), save=frozenset({MLP_LATENTS, ATTN_LATENTS}))
         )
         np.testing.assert_allclose(

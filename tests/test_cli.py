@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from interpql.backends.gpt2.loading import load_weights, save_hf_folder, save_tdb_folder
-from interpql.loaders.nodes import parse_node_id
 from interpql.loaders.sources import ExplanationStore
+from interpql.specs import parse_node_id
 from tests.processes import free_port
 
 
@@ -148,3 +148,14 @@ def test_a_port_in_use_is_found_before_the_model_loads() -> None:
 
 def test_a_negative_header_timeout() -> None:
     assert_refused(start_up(*TINY, "--header-timeout", "-1"), "--header-timeout")
+
+
+def test_storage_that_cannot_be_reached_is_given_up_in_bounded_time() -> None:
+    """A model on remote storage this machine cannot reach (here: an Azure account that does
+    not exist, which blobfile retries forever): the load gives up after --remote-timeout
+    seconds without a byte, naming what it waited for (it printed nothing for 35 minutes)."""
+    url = "az://interpqlnosuchaccount/models/tiny"
+    started = time.monotonic()
+    line = assert_refused(start_up("--model", url, "--remote-timeout", "3"), url)
+    assert "no data arrived for 3 s" in line and "--remote-timeout" in line
+    assert time.monotonic() - started < 30

@@ -94,3 +94,35 @@ async def test_identical_inputs_are_served_from_the_run_cache(
     registry.close()
     assert first == again and "errors" not in ablated
     assert len(small_backend.calls) == 2  # the identical input ran once; the ablated one ran
+
+
+async def test_a_result_from_the_cache_reports_no_pass_of_its_own(
+    small_backend: CountingBackend,
+) -> None:
+    """An input answered from an earlier request's cached result ran in no pass of this
+    request: batchSize 0, fromCache, and its neighbour's batch is its own (this reported the
+    earlier request's pass: [1, 4] for a batch of two)."""
+    registry = small_registry(small_backend)
+    app = create_app(Services(registry, Settings(coalesce_window_ms=0)))
+    fields = "loss batchSize fromCache inferenceTimeMs"
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://localhost"
+    ) as client:
+        earlier = await graphql(
+            client,
+            'query { model(name: "small") { inferBatch(inputs: [{prompt: "one"}, {prompt: "two"}, '
+            f'{{prompt: "three"}}, {{prompt: "four"}}]) {{ {fields} }} }} }}',
+        )
+        small_backend.calls.clear()
+        now = await graphql(
+            client,
+            'query { model(name: "small") { inferBatch(inputs: [{prompt: "one"}, '
+            f'{{prompt: "five"}}]) {{ {fields} }} }} }}',
+        )
+    registry.close()
+    first, fresh = now["data"]["model"]["inferBatch"]
+    assert [r["batchSize"] for r in earlier["data"]["model"]["inferBatch"]] == [4, 4, 4, 4]
+    assert (first["batchSize"], first["fromCache"], first["inferenceTimeMs"]) == (0, True, 0.0)
+    assert (fresh["batchSize"], fresh["fromCache"]) == (1, False) and fresh["inferenceTimeMs"] > 0
+    assert first["loss"] == earlier["data"]["model"]["inferBatch"][0]["loss"]
+    assert [len(c.tokens) for c in small_backend.calls] == [1]  # only "five" ran

@@ -24,7 +24,7 @@ from interpql.demo.artifacts import (
     load_demo_metrics,
     load_demo_model,
 )
-from interpql.demo.records import RecordStore
+from interpql.loaders.sources.compact_format import RecordStore
 from interpql.server import create_app
 from tests.conftest import graphql
 
@@ -69,7 +69,7 @@ def full_pass(backend: NativeGPT2Backend, store: RecordStore) -> dict[str, Any]:
     losses, acts = [], []
     for start in range(0, len(all_windows), 8):
         batch = tuple(all_windows[start : start + 8])
-        result = backend.run(ForwardRequest(tokens=batch, save=frozenset({point})))
+        result = backend.forward(ForwardRequest(tokens=batch, save=frozenset({point})))
         losses.append(result.next_token_loss.double())
         acts.append(
             result.activations[point][:, :, STATS_NODES].reshape(-1, len(STATS_NODES)).double()
@@ -103,7 +103,7 @@ def test_autoencoders_reconstruct(backend: NativeGPT2Backend, store: RecordStore
     autoencoders = load_demo_autoencoders()
     inputs = {"mlp_post_act": Location.MLP_POST, "resid_delta_attn": Location.ATTN_OUT}
     points = {key: HookPoint(layer, inputs[kind]) for key in autoencoders for kind, layer in [key]}
-    result = backend.run(
+    result = backend.forward(
         ForwardRequest(
             tokens=tuple(windows(store, backend.architecture.n_ctx, 8)),
             save=frozenset(points.values()),

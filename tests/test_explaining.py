@@ -20,12 +20,12 @@ import pytest
 from interpql.backends.explanations.api import ApiSettings
 from interpql.backends.explanations.normalize import normalize_activations
 from interpql.backends.tokenizer import gpt2_encoding
-from interpql.demo.records import RecordStore
 from interpql.loaders.auth import ApiKeys, hash_key
 from interpql.loaders.explaining import ExplanationService
 from interpql.loaders.jobs import JobManager
 from interpql.loaders.registry import ModelRegistry
 from interpql.loaders.sources import CompactSource, ExplanationStore
+from interpql.loaders.sources.compact_format import RecordStore
 from interpql.resolvers.context import RequestContext, Services
 from interpql.schema.build import build_schema
 from interpql.server import create_app

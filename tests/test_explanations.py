@@ -21,8 +21,9 @@ from interpql.backends.explanations import (
     score_explanation,
 )
 from interpql.backends.explanations.baseline import NEVER_ACTIVE
-from interpql.demo.explanations import ExplanationRow, ExplanationTable, explain_and_score_all
+from interpql.demo.explanations import explain_and_score_all
 from interpql.demo.records import compute_records
+from interpql.loaders.sources.compact_format import ExplanationRow, ExplanationTable
 
 
 def example(tokens: Sequence[str], activations: Sequence[float]) -> ActivationExample:

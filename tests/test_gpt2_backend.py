@@ -1,19 +1,22 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from interpql.backends.base import ForwardRequest, HookPoint, Intervention, Location, LossSpec
+from interpql.backends.base import ForwardRequest, HookPoint, Intervention, Location
 from interpql.backends.gpt2 import NativeGPT2Backend
 from interpql.backends.gpt2.loading import (
     load_weights,
     random_model,
     save_hf_folder,
     save_tdb_folder,
+    tdb_config_from_json,
 )
+from interpql.specs import LossSpec
 from tests.conftest import SMALL
 from tests.reference import reference_forward
 
@@ -38,11 +41,11 @@ def backend(state: dict[str, torch.Tensor]) -> NativeGPT2Backend:
 
 
 def run(backend: NativeGPT2Backend, prompts: list[list[int]], **kwargs: object) -> object:
-    return backend.run(ForwardRequest(tokens=tuple(tuple(p) for p in prompts), **kwargs))  # type: ignore[arg-type]
+    return backend.forward(ForwardRequest(tokens=tuple(tuple(p) for p in prompts), **kwargs))  # type: ignore[arg-type]
 
 
 def test_batched_forward_matches_reference(backend: NativeGPT2Backend, state: dict) -> None:
-    result = backend.run(ForwardRequest(tokens=tuple(map(tuple, PROMPTS)), save=MLP_POSTS))
+    result = backend.forward(ForwardRequest(tokens=tuple(map(tuple, PROMPTS)), save=MLP_POSTS))
     assert result.lengths == [len(p) for p in PROMPTS]
     for row, prompt in enumerate(PROMPTS):
         logits, posts = reference_forward(SMALL, state, prompt)
@@ -60,7 +63,7 @@ def test_matches_hugging_face_gpt2(tmp_path: Path, backend: NativeGPT2Backend, s
 
     save_hf_folder(tmp_path, SMALL, state)
     hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
-    result = backend.run(ForwardRequest(tokens=(tuple(PROMPTS[0]),)))
+    result = backend.forward(ForwardRequest(tokens=(tuple(PROMPTS[0]),)))
     with torch.no_grad():
         expected = hf(torch.tensor([PROMPTS[0]])).logits
     torch.testing.assert_close(result.logits, expected, atol=1e-5, rtol=0)
@@ -75,7 +78,7 @@ def test_tdb_and_hf_folders_give_identical_outputs(tmp_path: Path, state: dict) 
         assert cfg == SMALL
         model = random_model(cfg, seed=3)
         model.load_state_dict(loaded)
-        result = NativeGPT2Backend(model).run(ForwardRequest(tokens=tuple(map(tuple, PROMPTS))))
+        result = NativeGPT2Backend(model).forward(ForwardRequest(tokens=tuple(map(tuple, PROMPTS))))
         outputs.append(result.logits)
     assert torch.equal(outputs[0], outputs[1])
 
@@ -90,11 +93,13 @@ def test_ablation_matches_reference_with_overwritten_activation(
 ) -> None:
     layer, token, neuron, value = 1, 4, 17, 3.5
     point = HookPoint(layer, Location.MLP_POST)
-    result = backend.run(
+    result = backend.forward(
         ForwardRequest(
             tokens=(tuple(PROMPTS[0]),),
             save=frozenset({point}),
-            interventions=(Intervention(point, value, token=token, index=(neuron,)),),
+            interventions=(
+                Intervention(point=point, value=value, position=token, index=(neuron,)),
+            ),
         )
     )
     logits, _ = reference_forward(SMALL, state, PROMPTS[0], (layer, token, neuron, value))
@@ -104,7 +109,7 @@ def test_ablation_matches_reference_with_overwritten_activation(
 
 def test_gradients_match_autograd_on_reference(backend: NativeGPT2Backend, state: dict) -> None:
     point = HookPoint(1, Location.MLP_POST)
-    result = backend.run(
+    result = backend.forward(
         ForwardRequest(
             tokens=(tuple(PROMPTS[0]),),
             save=frozenset({point}),
@@ -129,7 +134,7 @@ def test_gradients_match_autograd_on_reference(backend: NativeGPT2Backend, state
 
 def test_attention_probs_are_causal_and_normalised(backend: NativeGPT2Backend) -> None:
     point = HookPoint(0, Location.ATTN_PROBS)
-    result = backend.run(ForwardRequest(tokens=(tuple(PROMPTS[0]),), save=frozenset({point})))
+    result = backend.forward(ForwardRequest(tokens=(tuple(PROMPTS[0]),), save=frozenset({point})))
     probs = result.activations[point][0]  # [query, head, key]
     n = len(PROMPTS[0])
     torch.testing.assert_close(probs.sum(-1), torch.ones(n, SMALL.n_heads))
@@ -139,8 +144,8 @@ def test_attention_probs_are_causal_and_normalised(backend: NativeGPT2Backend) -
 
 def test_explicit_and_fused_attention_agree(backend: NativeGPT2Backend) -> None:
     tokens = (tuple(PROMPTS[2]),)
-    fused = backend.run(ForwardRequest(tokens=tokens))
-    explicit = backend.run(
+    fused = backend.forward(ForwardRequest(tokens=tokens))
+    explicit = backend.forward(
         ForwardRequest(
             tokens=tokens,
             save=frozenset({HookPoint(layer, Location.ATTN_PROBS) for layer in range(3)}),
@@ -152,10 +157,10 @@ def test_explicit_and_fused_attention_agree(backend: NativeGPT2Backend) -> None:
 def test_bfloat16_runs_close_to_float32(state: dict) -> None:
     model = random_model(SMALL, seed=0)
     model.load_state_dict(state)
-    fp32 = NativeGPT2Backend(model).run(ForwardRequest(tokens=(tuple(PROMPTS[0]),)))
+    fp32 = NativeGPT2Backend(model).forward(ForwardRequest(tokens=(tuple(PROMPTS[0]),)))
     model = random_model(SMALL, seed=0)
     model.load_state_dict(state)
-    bf16 = NativeGPT2Backend(model, dtype=torch.bfloat16).run(
+    bf16 = NativeGPT2Backend(model, dtype=torch.bfloat16).forward(
         ForwardRequest(tokens=(tuple(PROMPTS[0]),))
     )
     assert bf16.logits.dtype == torch.float32
@@ -173,3 +178,24 @@ def test_weights_in_transformerlens_layout(backend: NativeGPT2Backend) -> None:
     assert backend.weight("W_U").shape == (SMALL.d_model, SMALL.n_vocab)
     with pytest.raises(KeyError):
         backend.weight("blocks.0.attn.nope")
+
+
+def test_a_transformer_debugger_folder_has_only_the_keys_its_loader_takes(
+    tmp_path: Path, state: dict
+) -> None:
+    """Transformer Debugger's TransformerConfig(**config) refuses any other key (n_vocab
+    included: its vocabulary is the encoding's), so a folder we write in its format must hold
+    exactly these (its config's fields, neuron_explainer/models/transformer.py)."""
+    save_tdb_folder(tmp_path / "tdb", SMALL, state)
+    config = json.loads((tmp_path / "tdb" / "config.json").read_text())
+    assert set(config) <= {"enc", "ctx_window", "d_model", "n_layers", "m_attn", "n_heads", "m_mlp"}
+    assert config == {
+        "enc": "gpt2",
+        "ctx_window": SMALL.n_ctx,
+        "d_model": SMALL.d_model,
+        "n_layers": SMALL.n_layers,
+        "m_attn": SMALL.n_heads * SMALL.d_head / SMALL.d_model,
+        "n_heads": SMALL.n_heads,
+        "m_mlp": SMALL.d_mlp / SMALL.d_model,
+    }
+    assert tdb_config_from_json(config) == SMALL

@@ -45,8 +45,8 @@ from interpql.loaders.jobs import (
 )
 from interpql.loaders.jobs.base import new_job_id
 from interpql.loaders.jobs.manager import NOT_STARTED
-from interpql.loaders.nodes import parse_node_id
 from interpql.loaders.sources import ExplanationData, StoredExplanation
+from interpql.specs import parse_node_id
 from tests.conftest import error_codes
 from tests.fake_openai import FakeOpenAI, chat_answer
 from tests.processes import redis_server, serve, serve_process

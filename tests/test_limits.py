@@ -233,19 +233,19 @@ class BlockingBackend(NativeGPT2Backend):
         self.release = threading.Event()
         self.passes: list[int] = []
 
-    def run(self, request: ForwardRequest) -> ForwardResult:
+    def forward(self, request: ForwardRequest) -> ForwardResult:
         self.release.wait(timeout=30)
         self.passes.append(len(request.tokens))
-        return super().run(request)
+        return super().forward(request)
 
 
 class OutOfMemoryBackend(NativeGPT2Backend):
     """Runs out of (CUDA) memory on any pass of more than two prompts."""
 
-    def run(self, request: ForwardRequest) -> ForwardResult:
+    def forward(self, request: ForwardRequest) -> ForwardResult:
         if len(request.tokens) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return super().run(request)
+        return super().forward(request)
 
 
 async def test_inference_timeout_and_dropping_what_gave_up() -> None:

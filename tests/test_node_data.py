@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from interpql.backends.tokenizer import gpt2_encoding
-from interpql.demo.records import RecordStore
 from interpql.loaders.registry import ModelRegistry
 from interpql.loaders.sources import CompactSource
+from interpql.loaders.sources.compact_format import RecordStore
 from interpql.server import create_app
 from tests.conftest import CountingBackend, error_codes, graphql, small_entry
 

@@ -14,10 +14,10 @@ import httpx
 import pytest
 
 from interpql.loaders.cache import NodeDataCache
-from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.registry import ModelRegistry
 from interpql.loaders.sources import ExplanationStore, TdbFolderSource
 from interpql.server import create_app
+from interpql.specs import NodeRef
 from tests import processes
 from tests.conftest import SMALL, CountingBackend, error_codes, graphql, small_entry
 
@@ -122,11 +122,11 @@ async def tdb_client(
 ) -> AsyncIterator[tuple[httpx.AsyncClient, CountingTdbSource]]:
     neurons = CountingTdbSource(
         "public-style",
-        NodeKind.MLP_NEURON,
+        "mlp_neuron",
         str(tdb_folders / "records"),
         str(tdb_folders / "explanations"),
     )
-    heads = TdbFolderSource("heads", NodeKind.ATTENTION_HEAD, str(tdb_folders / "heads"))
+    heads = TdbFolderSource("heads", "attention_head", str(tdb_folders / "heads"))
     client, registry = make_client(small_backend, [neurons, heads], NodeDataCache())
     async with client:
         yield client, neurons
@@ -232,7 +232,7 @@ async def test_redis_cache_same_answers_and_survives_redis_dying(
     url, process = redis_server
     source = CountingTdbSource(
         "public-style",
-        NodeKind.MLP_NEURON,
+        "mlp_neuron",
         str(tdb_folders / "records"),
         str(tdb_folders / "explanations"),
     )
@@ -260,7 +260,7 @@ async def test_redis_cache_same_answers_and_survives_redis_dying(
 async def test_explanation_store(tmp_path: Path, small_backend: CountingBackend) -> None:
     path = tmp_path / "store" / "explanations.sqlite"
     store = ExplanationStore(path)
-    node = NodeRef("small", NodeKind.MLP_NEURON, 1, 4)
+    node = NodeRef("small", "mlp_neuron", 1, 4)
     store.add(node, "closing brackets", 0.5, "sim", "gpt-x", request_key="k1", provenance={"n": 3})
     store.add(node, "brackets", None, "sim", "gpt-x")
     store.close()

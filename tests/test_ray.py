@@ -33,13 +33,12 @@ from interpql.backends.base import (
     HookPoint,
     Intervention,
     Location,
-    LossKind,
-    LossSpec,
     Trace,
 )
 from interpql.backends.gpt2 import NativeGPT2Backend
 from interpql.backends.gpt2.loading import random_model
 from interpql.backends.ray_serve import merging
+from interpql.specs import LossKind, LossSpec
 from tests.conftest import SMALL
 from tests.processes import free_port, ray_head, redis_server, serve, serve_process
 from tests.test_explaining import AUTH, KEY
@@ -78,7 +77,7 @@ def assert_same(alone: ForwardResult, shared: ForwardResult) -> None:
 
 def run_merged(backend: NativeGPT2Backend, requests: list[ForwardRequest]) -> list[ForwardResult]:
     assert [sorted(p) for p in merging.plan(requests)] == [list(range(len(requests)))]
-    return merging.split(backend.run(merging.merge(requests)), requests)
+    return merging.split(backend.forward(merging.merge(requests)), requests)
 
 
 def test_merged_forward_gives_each_caller_its_own_pass(backend: NativeGPT2Backend) -> None:
@@ -86,21 +85,21 @@ def test_merged_forward_gives_each_caller_its_own_pass(backend: NativeGPT2Backen
         tokens=((11, 12, 13, 14, 15), (16, 17)),
         save=frozenset({P(0, Location.MLP_POST), P(1, Location.ATTN_PROBS), LATENTS}),
         interventions=(
-            Intervention(P(0, Location.MLP_POST), 0.0, token=1, index=(3,)),
-            Intervention(P(1, Location.ATTN_Z), 0.5, index=(2, 4), prompt=1),
+            Intervention(point=P(0, Location.MLP_POST), value=0.0, position=1, index=(3,)),
+            Intervention(point=P(1, Location.ATTN_Z), value=0.5, index=(2, 4), row=1),
         ),
-        additions=(Addition(P(1, Location.RESID_MID), tuple([0.1] * SMALL.d_model)),),
+        additions=(Addition(point=P(1, Location.RESID_MID), vector=tuple([0.1] * SMALL.d_model)),),
     )
     second = ForwardRequest(
         tokens=((9, 8, 7),),
         save=frozenset({P(2, Location.RESID_POST), P(1, Location.ATTN_PROBS)}),
         # Overwriting latents splices the autoencoder in: with its error term, other callers'
         # rows are untouched by it.
-        interventions=(Intervention(LATENTS, 2.0, index=(4,)),),
+        interventions=(Intervention(point=LATENTS, value=2.0, index=(4,)),),
     )
     requests = [first, second]
     for alone, shared in zip(
-        [backend.run(r) for r in requests], run_merged(backend, requests), strict=True
+        [backend.forward(r) for r in requests], run_merged(backend, requests), strict=True
     ):
         assert_same(alone, shared)
         assert shared.pass_rows == 3
@@ -116,9 +115,9 @@ def test_merged_forward_gives_each_caller_its_own_pass(backend: NativeGPT2Backen
 def test_merged_backward_and_trace_give_each_caller_its_gradients(
     backend: NativeGPT2Backend,
 ) -> None:
-    loss = LossSpec(LossKind.LOGIT_DIFF, (5,), (6,))
+    loss = LossSpec(kind=LossKind.LOGIT_DIFF, targets=(5,), distractors=(6,))
     grads = frozenset({P(1, Location.MLP_POST), P(2, Location.RESID_POST)})
-    for trace in (None, Trace(P(1, Location.MLP_POST), token=1, index=(2,))):
+    for trace in (None, Trace(point=P(1, Location.MLP_POST), position=1, index=(2,))):
         requests = [
             ForwardRequest(
                 tokens=((1, 2, 3), (4, 5, 6, 7)),
@@ -126,14 +125,14 @@ def test_merged_backward_and_trace_give_each_caller_its_gradients(
                 backward=loss,
                 trace=trace,
                 save_grads=grads,
-                interventions=(Intervention(P(0, Location.MLP_POST), 1.0, index=(0,)),),
+                interventions=(Intervention(point=P(0, Location.MLP_POST), value=1.0, index=(0,)),),
             ),
             ForwardRequest(
                 tokens=((8, 9, 10, 11, 12),), backward=loss, trace=trace, save_grads=grads
             ),
         ]
         for alone, shared in zip(
-            [backend.run(r) for r in requests], run_merged(backend, requests), strict=True
+            [backend.forward(r) for r in requests], run_merged(backend, requests), strict=True
         ):
             assert alone.gradients
             assert_same(alone, shared)
@@ -147,10 +146,12 @@ def test_requests_that_would_change_each_other_run_apart() -> None:
     spliced = ForwardRequest(tokens=tokens, save=frozenset({LATENTS}), autoencoder_error_term=False)
     with_loss = ForwardRequest(tokens=tokens, backward=LossSpec())
     past_its_rows = ForwardRequest(
-        tokens=tokens, interventions=(Intervention(P(0, Location.MLP_POST), 0.0, prompt=1),)
+        tokens=tokens,
+        interventions=(Intervention(point=P(0, Location.MLP_POST), value=0.0, row=1),),
     )
     past_its_tokens = ForwardRequest(
-        tokens=tokens, interventions=(Intervention(P(0, Location.MLP_POST), 0.0, token=3),)
+        tokens=tokens,
+        interventions=(Intervention(point=P(0, Location.MLP_POST), value=0.0, position=3),),
     )
     long = ForwardRequest(tokens=(tuple(range(1, 8)),))
     requests = [plain, no_error, spliced, with_loss, past_its_rows, past_its_tokens, long, plain]

@@ -9,12 +9,8 @@ import pytest
 import torch
 
 from interpql.backends.base import ForwardRequest, HookPoint, Location
-from interpql.demo.record_stream import quantile_probs
-from interpql.demo.records import (
-    RecordStore,
-    compute_records,
-    head_write_norms,
-)
+from interpql.demo.records import compute_records, head_write_norms
+from interpql.loaders.sources.compact_format import RecordStore, quantile_probs
 from tests.conftest import SMALL, CountingBackend
 
 SEQ_LEN, WINDOW, TOP_K, N_RANDOM = 32, 8, 4, 3
@@ -267,7 +263,7 @@ def model_activations(backend: CountingBackend) -> Callable[[torch.Tensor], Acti
 
     def activations(batch: torch.Tensor) -> Activations:
         tokens = tuple(tuple(row) for row in batch.tolist())
-        result = backend.run(ForwardRequest(tokens=tokens, save=save))
+        result = backend.forward(ForwardRequest(tokens=tokens, save=save))
         out = {}
         for layer in layers:
             out[("mlp_neuron", layer)] = result.activations[HookPoint(layer, Location.MLP_POST)]
@@ -280,7 +276,7 @@ def model_activations(backend: CountingBackend) -> Callable[[torch.Tensor], Acti
 
 def test_head_write_norms_split_the_attention_output(small_backend: CountingBackend) -> None:
     points = frozenset({HookPoint(1, Location.ATTN_Z), HookPoint(1, Location.ATTN_OUT)})
-    result = small_backend.run(ForwardRequest(tokens=((5, 6, 7, 8),), save=points))
+    result = small_backend.forward(ForwardRequest(tokens=((5, 6, 7, 8),), save=points))
     z = result.activations[HookPoint(1, Location.ATTN_Z)]
     w_o = small_backend.weight("blocks.1.attn.W_O")
     writes = torch.einsum("bthd,hdm->bthm", z, w_o)

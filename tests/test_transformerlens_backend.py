@@ -19,15 +19,12 @@ import torch.nn.functional as F
 
 from interpql.backends.base import (
     Addition,
-    AttentionTrace,
     AutoencoderInput,
     ForwardRequest,
     ForwardResult,
     HookPoint,
     Intervention,
     Location,
-    LossKind,
-    LossSpec,
     Trace,
 )
 from interpql.backends.gpt2 import NativeGPT2Backend
@@ -39,6 +36,7 @@ from interpql.errors import UnavailableError
 from interpql.loaders.models import load_model
 from interpql.loaders.registry import ModelEntry, ModelRegistry
 from interpql.server import create_app
+from interpql.specs import AttentionTrace, LossKind, LossSpec
 from tests.conftest import SMALL, error_codes, graphql
 from tests.test_autoencoder_latents import with_two_autoencoders
 
@@ -116,7 +114,7 @@ def run_both(
     native: NativeGPT2Backend, lens: TransformerLensBackend, **kwargs: Any
 ) -> tuple[ForwardResult, ForwardResult]:
     request = ForwardRequest(tokens=tuple(map(tuple, PROMPTS)), **kwargs)
-    return native.run(request), lens.run(request)
+    return native.forward(request), lens.forward(request)
 
 
 def test_every_location_and_its_gradient_match_native(
@@ -146,18 +144,22 @@ def test_every_location_and_its_gradient_match_native(
 @pytest.mark.parametrize(
     "change",
     [
-        Intervention(HookPoint(1, Location.MLP_POST), 2.0, token=3, index=(5,)),
-        Intervention(HookPoint(1, Location.MLP_PRE), -1.0, index=(11,)),
+        Intervention(point=HookPoint(1, Location.MLP_POST), value=2.0, position=3, index=(5,)),
+        Intervention(point=HookPoint(1, Location.MLP_PRE), value=-1.0, index=(11,)),
         # resid_mid feeds the MLP and the skip connection: both must see the write.
-        Intervention(HookPoint(1, Location.RESID_MID), 0.5, token=4, index=(7,)),
-        Intervention(HookPoint(0, Location.ATTN_PROBS), 0.0, token=5, index=(1, 2)),
-        Intervention(HookPoint(2, Location.ATTN_SCORES), 3.0, token=2, index=(0, 1)),
-        Intervention(HookPoint(1, Location.ATTN_Z), 0.0, index=(2,)),
-        Intervention(HookPoint(0, Location.ATTN_V), 0.3, token=1),
-        Intervention(HookPoint(2, Location.RESID_PRE), 1.0, token=0, index=(3,), prompt=2),
-        Intervention(MLP_LATENTS, 0.0, token=6),
-        Intervention(ATTN_LATENTS, 1.5, index=(4,)),
-        Addition(HookPoint(1, Location.RESID_MID), tuple(0.1 * (i % 5) for i in range(48))),
+        Intervention(point=HookPoint(1, Location.RESID_MID), value=0.5, position=4, index=(7,)),
+        Intervention(point=HookPoint(0, Location.ATTN_PROBS), value=0.0, position=5, index=(1, 2)),
+        Intervention(point=HookPoint(2, Location.ATTN_SCORES), value=3.0, position=2, index=(0, 1)),
+        Intervention(point=HookPoint(1, Location.ATTN_Z), value=0.0, index=(2,)),
+        Intervention(point=HookPoint(0, Location.ATTN_V), value=0.3, position=1),
+        Intervention(
+            point=HookPoint(2, Location.RESID_PRE), value=1.0, position=0, index=(3,), row=2
+        ),
+        Intervention(point=MLP_LATENTS, value=0.0, position=6),
+        Intervention(point=ATTN_LATENTS, value=1.5, index=(4,)),
+        Addition(
+            point=HookPoint(1, Location.RESID_MID), vector=tuple(0.1 * (i % 5) for i in range(48))
+        ),
     ],
     ids=lambda change: f"{type(change).__name__}-{change.point}",
 )
@@ -174,7 +176,7 @@ def test_interventions_match_native(
         backward=LossSpec(),
         save_grads=frozenset({point}),
     )
-    plain = native.run(ForwardRequest(tokens=tuple(map(tuple, PROMPTS))))
+    plain = native.forward(ForwardRequest(tokens=tuple(map(tuple, PROMPTS))))
     for row, n in enumerate(a.lengths):
         assert float((a.logits[row, :n] - b.logits[row, :n]).abs().max()) < TOLERANCE
     assert max_difference(a, b, point, grads=True) < TOLERANCE
@@ -184,16 +186,25 @@ def test_interventions_match_native(
 @pytest.mark.parametrize(
     "trace",
     [
-        Trace(HookPoint(2, Location.MLP_POST), token=5, index=(3,)),
-        Trace(HookPoint(2, Location.RESID_MID), token=6, index=(10,)),
-        Trace(HookPoint(1, Location.ATTN_Q), 4, (1,), AttentionTrace.QK, key_token=2),
+        Trace(point=HookPoint(2, Location.MLP_POST), position=5, index=(3,)),
+        Trace(point=HookPoint(2, Location.RESID_MID), position=6, index=(10,)),
         Trace(
-            HookPoint(1, Location.ATTN_V),
-            4,
-            (1,),
-            AttentionTrace.V,
-            key_token=2,
-            value_direction=tuple(0.1 * i for i in range(16)),
+            point=HookPoint(1, Location.ATTN_Q),
+            position=4,
+            index=(1,),
+            attention=AttentionTrace.QK,
+            key_position=2,
+        ),
+        Trace(
+            point=HookPoint(1, Location.ATTN_V),
+            position=4,
+            index=(1,),
+            attention=AttentionTrace.V,
+            key_position=2,
+            # One direction per row: each prompt's own.
+            value_directions=tuple(
+                tuple(0.1 * i * (row + 1) for i in range(16)) for row in range(len(PROMPTS))
+            ),
         ),
     ],
     ids=lambda trace: f"{trace.point}-{trace.attention}",
@@ -210,17 +221,19 @@ def test_traces_match_native(
 
 
 def test_a_write_to_a_masked_score_changes_nothing(lens: TransformerLensBackend) -> None:
-    future = Intervention(HookPoint(1, Location.ATTN_SCORES), 5.0, token=1, index=(0, 4))
-    plain = lens.run(ForwardRequest(tokens=(tuple(PROMPTS[0]),)))
-    written = lens.run(ForwardRequest(tokens=(tuple(PROMPTS[0]),), interventions=(future,)))
+    future = Intervention(
+        point=HookPoint(1, Location.ATTN_SCORES), value=5.0, position=1, index=(0, 4)
+    )
+    plain = lens.forward(ForwardRequest(tokens=(tuple(PROMPTS[0]),)))
+    written = lens.forward(ForwardRequest(tokens=(tuple(PROMPTS[0]),), interventions=(future,)))
     assert torch.equal(plain.logits, written.logits)
 
 
 def test_batched_prompts_run_as_they_would_alone(lens: TransformerLensBackend) -> None:
     point = HookPoint(2, Location.RESID_MID)
-    batch = lens.run(ForwardRequest(tokens=tuple(map(tuple, PROMPTS)), save=frozenset({point})))
+    batch = lens.forward(ForwardRequest(tokens=tuple(map(tuple, PROMPTS)), save=frozenset({point})))
     for row, prompt in enumerate(PROMPTS):
-        alone = lens.run(ForwardRequest(tokens=(tuple(prompt),), save=frozenset({point})))
+        alone = lens.forward(ForwardRequest(tokens=(tuple(prompt),), save=frozenset({point})))
         n = len(prompt)
         torch.testing.assert_close(batch.logits[row, :n], alone.logits[0], atol=1e-5, rtol=0)
         torch.testing.assert_close(
@@ -243,8 +256,8 @@ def test_weights_match_native(native: NativeGPT2Backend, lens: TransformerLensBa
 
 def test_native_specs_load_through_a_converted_folder() -> None:
     request = ForwardRequest(tokens=(tuple(PROMPTS[0]),))
-    expected = NativeGPT2Backend.load("random:tiny").run(request).logits
-    got = TransformerLensBackend.load("random:tiny").run(request).logits
+    expected = NativeGPT2Backend.load("random:tiny").forward(request).logits
+    got = TransformerLensBackend.load("random:tiny").forward(request).logits
     assert float((got - expected).abs().max()) < TOLERANCE
 
 
@@ -424,7 +437,7 @@ def test_what_an_architecture_lacks_is_listed_with_its_reason(tmp_path: Path) ->
     assert set(llama.unsupported) == {Location.ATTN_K, Location.ATTN_V, Location.MLP_PRE}
     assert "gated" in llama.unsupported[Location.MLP_PRE]
     with pytest.raises(UnavailableError, match="resid_mid is not available") as raised:
-        neox.run(
+        neox.forward(
             ForwardRequest(tokens=((1, 2),), save=frozenset({HookPoint(0, Location.RESID_MID)}))
         )
     assert raised.value.code == "UNSUPPORTED"
@@ -476,10 +489,14 @@ def test_rotary_score_traces_are_refused(tmp_path: Path) -> None:
     tiny_hf_model("llama", tmp_path)
     llama = TransformerLensBackend.load(str(tmp_path))
     trace = Trace(
-        HookPoint(0, Location.ATTN_Q), token=2, index=(1,), attention=AttentionTrace.QK, key_token=0
+        point=HookPoint(0, Location.ATTN_Q),
+        position=2,
+        index=(1,),
+        attention=AttentionTrace.QK,
+        key_position=0,
     )
     with pytest.raises(UnavailableError, match="rotary"):
-        llama.run(ForwardRequest(tokens=((1, 2, 3),), trace=trace))
+        llama.forward(ForwardRequest(tokens=((1, 2, 3),), trace=trace))
 
 
 def test_without_transformer_lens_the_error_names_the_extra() -> None:
@@ -496,12 +513,14 @@ def test_without_transformer_lens_the_error_names_the_extra() -> None:
 
 
 def test_unknown_backend_is_refused() -> None:
-    with pytest.raises(ValueError, match="backend must be one of native, transformerlens"):
+    with pytest.raises(ValueError, match="backend must be one of native-gpt2, transformerlens"):
         load_model("random:tiny", backend="jax")
 
 
 def test_next_token_loss_matches_cross_entropy(lens: TransformerLensBackend) -> None:
-    result = lens.run(ForwardRequest(tokens=(tuple(PROMPTS[2]),), backward=LossSpec(LossKind.ZERO)))
+    result = lens.forward(
+        ForwardRequest(tokens=(tuple(PROMPTS[2]),), backward=LossSpec(kind=LossKind.ZERO))
+    )
     expected = F.cross_entropy(result.logits[0, :-1], torch.tensor(PROMPTS[2][1:]))
     assert float(result.next_token_loss[0]) == pytest.approx(float(expected), abs=1e-5)
     assert float(result.backward_loss[0]) == 0.0  # type: ignore[index]
@@ -512,7 +531,7 @@ async def test_both_backends_serve_the_demo_alike() -> None:
     from interpql.demo.artifacts import DEMO_DIR, load_demo_autoencoders
 
     registry = ModelRegistry()
-    for name, backend in (("native", "native"), ("lens", "transformerlens")):
+    for name, backend in (("native", "native-gpt2"), ("lens", "transformerlens")):
         entry = load_model(str(DEMO_DIR), name=name, backend=backend)
         for (reads, layer), ae in load_demo_autoencoders().items():
             entry.require_backend().attach_autoencoder(layer, AutoencoderInput(reads), ae)

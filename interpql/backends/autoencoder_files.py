@@ -7,11 +7,11 @@ the network allows.
 from __future__ import annotations
 
 import io
-from concurrent.futures import ThreadPoolExecutor
 
 import blobfile as bf
 import torch
 
+from interpql.backends import remote
 from interpql.backends.autoencoder import SparseAutoencoder
 from interpql.backends.base import AutoencoderInput
 from interpql.file_errors import FileProblem, reading
@@ -31,9 +31,11 @@ class AutoencoderFilesError(ValueError):
     pass
 
 
-def read_autoencoder(path: str) -> SparseAutoencoder:
+def read_autoencoder(path: str, data: bytes | None = None) -> SparseAutoencoder:
+    """The autoencoder in the file at `path` (from its bytes, when already read)."""
     with reading(path, "a sparse autoencoder's state dict (torch.save)"):
-        state = torch.load(io.BytesIO(bf.read_bytes(path)), map_location="cpu", weights_only=True)
+        data = bf.read_bytes(path) if data is None else data
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise FileProblem(path, "does not hold a state dict")
     try:
@@ -45,20 +47,24 @@ def read_autoencoder(path: str) -> SparseAutoencoder:
 def load_autoencoder_set(spec: str, n_layers: int) -> tuple[dict[int, SparseAutoencoder], str]:
     """Reads `<layer>.pt` for every layer present; returns them and the folder they came from."""
     folder = REGISTERED_AUTOENCODERS[spec][0] if spec in REGISTERED_AUTOENCODERS else spec
-    if not bf.isdir(folder):
+    if not remote.call(lambda: bf.isdir(folder), "autoencoders", folder):
         known = ", ".join(sorted(REGISTERED_AUTOENCODERS))
         raise AutoencoderFilesError(
             f"{spec!r} is neither a registered autoencoder set ({known}) nor a folder"
         )
+    present = set(remote.call(lambda: list(bf.listdir(folder)), "autoencoders", folder))
     paths = {
         layer: bf.join(folder, f"{layer}.pt")
         for layer in range(n_layers)
-        if bf.exists(bf.join(folder, f"{layer}.pt"))
+        if f"{layer}.pt" in present
     }
     if not paths:
         raise AutoencoderFilesError(f"{folder} has no <layer>.pt files for layers 0-{n_layers - 1}")
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        loaded = dict(zip(paths, pool.map(read_autoencoder, paths.values()), strict=True))
+    data = remote.read_files(list(paths.values()), "autoencoders")
+    loaded = {
+        layer: read_autoencoder(path, raw)
+        for (layer, path), raw in zip(paths.items(), data, strict=True)
+    }
     return loaded, folder
 
 

@@ -1,36 +1,67 @@
 """The Backend protocol: the one page a backend author reads.
 
-A backend owns one loaded model and answers batched requests. Everything that crosses this line
-is a plain dataclass or a tensor; no GraphQL type ever reaches a backend.
+A backend owns one loaded model and answers batched forward (and backward) passes over it.
+Everything that crosses this line is a frozen dataclass or a tensor; no GraphQL type, no node
+id and no request of a client ever reaches a backend: loaders turn those into the hook-level
+`ForwardRequest` below (through the node-kind table, `node_kinds.py`).
 
-What a backend must do
-----------------------
-1. Describe its model: `architecture` (an `Architecture`), `tokenizer` (a tiktoken-compatible
-   `encode`/`decode` object) and `locations` (the hook locations it can save or intervene on).
+Words: a *token* is an id in the vocabulary, a *position* a token's index in a prompt, a *row* a
+prompt's place in the batch, a *point* a `HookPoint` (layer, location).
 
-2. Run a batch of prompts: `run(request: ForwardRequest) -> ForwardResult`.
-   * `request.tokens` holds one token list per prompt; lengths differ. Pad on the right and use a
-     causal mask, so padding never changes a real token's computation. Results are padded to the
-     longest prompt; `ForwardResult.lengths` says which positions are real.
-   * At each `HookPoint` the model passes its activation through `HookSession.process` (see
-     `hooks.py`): that applies `request.interventions` (set part of an activation to a value),
-     saves what `request.save` names, and keeps gradients for what `request.save_grads` names.
-     Every saved activation is token-major: ``[batch, token, ...]`` with the shapes listed on
-     `Location`.
-   * When `request.backward` is set, compute the per-prompt loss it describes (`losses.py`),
-     backpropagate the sum over prompts (or, with `request.trace`, the traced value the hook
-     session computed: `HookSession.traced_value`), and return gradients of the saved points.
-     Otherwise run under `torch.inference_mode()`.
-   * Always return float32 logits ``[batch, token, vocab]`` and the next-token loss per prompt.
-   * Autoencoders attached with `attach_autoencoder` are spliced in by the hook session at
-     their input location: their latents become one more location to save or overwrite.
+Writing a backend
+-----------------
+Subclass `Backend` and set, in `__init__`:
 
-3. Expose weights in TransformerLens's naming (`weight`), shapes as listed on `WEIGHT_SHAPES`,
-   so loaders can compute write directions, direct effects and logit lenses without knowing the
-   implementation.
+    name           what users see in Model.backend, e.g. "native-gpt2"
+    architecture   an `Architecture`: layer count and widths, `n_kv_heads` where heads share
+                   keys and values (grouped-query attention), the context window, the vocabulary
+    tokenizer      an object with tiktoken's `encode`/`decode`/`decode_single_token_bytes`
+                   (`Tokenizer` below; `hf_tokenizer.HFTokenizer` wraps Hugging Face's)
+    device, dtype  where the weights live and their dtype (activations come back float32)
+    locations      the `Location`s it can save or intervene on; asking for another one must
+                   raise `errors.UnavailableError(code="UNSUPPORTED")` saying why
+    autoencoders   `{}` (filled by `attach_autoencoder`, which checks widths)
 
-A backend is called from one worker thread at a time (loaders serialise calls per model), so it
-need not be thread-safe, but it must not keep per-request state between calls.
+and implement two methods:
+
+`forward(request) -> ForwardResult`
+    Build one `hooks.HookSession(request, self.autoencoders)` and hand the work to
+    `runtime.execute(request, session, self.device, forward_fn)`, which pads the batch on the
+    right (a causal model needs no mask then), chooses grad or inference mode, computes the
+    losses (`losses.py`), runs the backward pass and collects the results. `forward_fn(tokens
+    [row, position], session, track_grad) -> logits [row, position, vocab]` is the only code
+    of your own: run the model, and pass every activation of every layer through
+    `session.process(point, activation)` (skip the call where `session.wants(point)` is
+    False), using what it returns downstream. Activations go in token-major, with the shapes
+    listed on `Location` (attention patterns [row, query, head, key]: transpose head-major
+    ones). The session applies interventions (ablations), additions (steering), splices
+    autoencoders in at their input location, saves what is asked and follows traces.
+
+    Rules the session relies on:
+    * the gradient leaf: with `track_grad`, make the residual stream after the embeddings a
+      leaf that requires grad (`x = x.detach().requires_grad_(True)`); weights stay frozen
+      (`requires_grad_(False)`), so gradients exist for activations alone;
+    * hook order: within a layer, call the points in the order `Location` lists them (a QK
+      trace reads attn_q before attn_k, a V trace attn_v before attn_probs; resid_mid is
+      resid_pre + attn_out, as the MLP reads it);
+    * never write an activation in place: autograd may still need the original;
+    * return float32 logits for every position; `runtime.execute` does the rest.
+
+`weight(name) -> Tensor`
+    Float32 weights by TransformerLens's names, shaped as `WEIGHT_SHAPES` says. With
+    grouped-query attention W_K and W_V have `n_kv_heads` heads: query head h reads key-value
+    head h // (n_heads // n_kv_heads). Raise KeyError for a weight the model does not have.
+
+Errors: raise `errors.InvalidInputError` for a request the model cannot take (a token outside
+the vocabulary), `errors.UnavailableError(code="UNSUPPORTED")` for a location or trace it does
+not offer; `loaders/out_of_memory.py` turns out-of-memory into RESOURCE_EXHAUSTED.
+
+Registering it: add a loader in `loaders/models.py` (`BACKENDS`), the one place that maps a
+`--backend` name to a class. tests/toy_backend.py is a worked example: a GPT-2 written from
+scratch on this page alone, run through the same GraphQL checks as the real backends.
+
+A backend is called from one worker thread at a time (the model's runner serialises calls),
+so it need not be thread-safe, but it must keep no per-request state between calls.
 """
 
 from __future__ import annotations
@@ -42,6 +73,8 @@ from enum import StrEnum
 from typing import Literal, Protocol
 
 import torch
+
+from interpql.specs import AttentionTrace, LossSpec
 
 
 class Location(StrEnum):
@@ -106,84 +139,62 @@ class Architecture:
     n_ctx: int
     n_vocab: int
     family: str = "gpt2"
+    # Heads of keys and values (grouped-query attention); None: one per query head.
+    n_kv_heads: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Intervention:
     """Overwrite part of an activation with `value` while the forward pass runs.
 
-    `token` None means every token; `index` indexes the trailing axes of the location's shape
-    (a neuron, a head, a head's key token, ...) and () means the whole vector; `prompt` None means
-    every prompt of the batch.
+    `position` None means every position; `index` indexes the trailing axes of the location's
+    shape (a neuron, a head, a head's key position, ...) and () means the whole vector; `row`
+    None means every row of the batch.
     """
 
     point: HookPoint
     value: float
-    token: int | None = None
+    position: int | None = None
     index: tuple[int, ...] = ()
-    prompt: int | None = None
+    row: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Addition:
     """Add `vector` to an activation's trailing axis while the forward pass runs (steering).
 
-    `token` None means every token; `prompt` None means every prompt of the batch.
+    `position` None means every position; `row` None means every row of the batch.
     """
 
     point: HookPoint
     vector: tuple[float, ...]
-    token: int | None = None
-    prompt: int | None = None
+    position: int | None = None
+    row: int | None = None
 
 
-class AttentionTrace(StrEnum):
-    """Which path of an attention score or write the gradient may flow through."""
-
-    Q = "q"
-    K = "k"
-    QK = "qk"
-    V = "v"
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Trace:
     """Start the backward pass at an upstream activation instead of at the loss.
 
-    Without `attention`: the activation at `point`, `token` and `index`. With Q, K or QK: the
-    attention score of head `index[0]` between query `token` and key `key_token` (`point` is
-    that layer's ATTN_Q), the other side detached for Q and K. With V: what the head writes at
-    query `token` from `key_token`, projected on `value_direction` (a d_head vector: W_O[h]
-    applied to the direction of interest), with the attention probability detached.
-    The value is summed over the prompts of the batch.
+    Without `attention`: the activation at `point`, `position` and `index`. With Q, K or QK:
+    the attention score of head `index[0]` between query `position` and key `key_position`
+    (`point` is that layer's ATTN_Q), the other side detached for Q and K. With V: what the head
+    writes at query `position` from `key_position`, projected on each row's
+    `value_directions[row]` (a d_head vector: W_O[h] applied to the direction of interest), with
+    the attention probability detached. The value is summed over the rows of the batch.
     """
 
     point: HookPoint
-    token: int
+    position: int
     index: tuple[int, ...]
     attention: AttentionTrace | None = None
-    key_token: int | None = None
-    value_direction: tuple[float, ...] | None = None
+    key_position: int | None = None
+    value_directions: tuple[tuple[float, ...], ...] | None = None
 
 
-class LossKind(StrEnum):
-    NEXT_TOKEN = "next_token"  # mean cross-entropy of each next token of the prompt
-    LOGIT_DIFF = "logit_diff"  # last token: mean target logits - mean distractor logits
-    LOGIT_MINUS_MEAN = "logit_minus_mean"  # last token: mean target logits - mean of all logits
-    PROBS = "probs"  # last token: summed probability of the targets
-    ZERO = "zero"  # a constant 0: gradients are all zero, useful as a baseline
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    kind: LossKind = LossKind.NEXT_TOKEN
-    target_tokens: tuple[int, ...] = ()
-    distractor_tokens: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ForwardRequest:
-    tokens: tuple[tuple[int, ...], ...]
+    tokens: tuple[tuple[int, ...], ...]  # one row of token ids per prompt
     save: frozenset[HookPoint] = frozenset()
     interventions: tuple[Intervention, ...] = ()
     additions: tuple[Addition, ...] = ()
@@ -302,7 +313,7 @@ class Backend(abc.ABC):
         return self.architecture.d_model
 
     @abc.abstractmethod
-    def run(self, request: ForwardRequest) -> ForwardResult:
+    def forward(self, request: ForwardRequest) -> ForwardResult:
         """Runs the batch forward (and backward when asked); see the module docstring."""
 
     @abc.abstractmethod

@@ -15,13 +15,13 @@ import torch
 from interpql.backends.base import (
     Addition,
     AttachedAutoencoder,
-    AttentionTrace,
     ForwardRequest,
     HookPoint,
     Intervention,
     Location,
     Trace,
 )
+from interpql.specs import AttentionTrace
 
 
 class HookSession:
@@ -66,7 +66,8 @@ class HookSession:
         return self._touches(point) or point in self._splices or point in self._trace_points
 
     def process(self, point: HookPoint, act: torch.Tensor) -> torch.Tensor:
-        """Takes a token-major activation [batch, token, ...]; returns the one to use downstream."""
+        """Takes a token-major activation [row, position, ...]; returns the one to use
+        downstream."""
         act = self._apply(point, act)
         attached = self._splices.get(point)
         return act if attached is None else self._splice(attached, act)
@@ -81,13 +82,13 @@ class HookSession:
         assert trace is not None
         head = trace.index[0] if trace.index else 0
         if trace.attention is None:
-            index: tuple[slice | int, ...] = (slice(None), trace.token, *trace.index)
+            index: tuple[slice | int, ...] = (slice(None), trace.position, *trace.index)
             self._trace_value = act[index].sum()
         elif point.location is Location.ATTN_Q:
             self._queries = act
         elif point.location is Location.ATTN_K:
-            q = self._queries[:, trace.token, head]  # type: ignore[index]
-            k = act[:, trace.key_token, head]
+            q = self._queries[:, trace.position, head]  # type: ignore[index]
+            k = act[:, trace.key_position, head]
             if trace.attention is AttentionTrace.Q:
                 k = k.detach()
             elif trace.attention is AttentionTrace.K:
@@ -95,12 +96,13 @@ class HookSession:
             if trace.attention is not AttentionTrace.V:
                 self._trace_value = (q * k).sum() / q.shape[-1] ** 0.5
         elif point.location is Location.ATTN_V:
-            direction = torch.tensor(
-                trace.value_direction or (), dtype=act.dtype, device=act.device
-            )
-            self._values = act[:, trace.key_token, head] @ direction  # [batch]
+            # Each row's own direction: rows differ in what they ablate, so in their gradient.
+            directions = torch.tensor(
+                trace.value_directions or (), dtype=act.dtype, device=act.device
+            )  # [row, d_head]
+            self._values = (act[:, trace.key_position, head] * directions).sum(-1)  # [row]
         elif point.location is Location.ATTN_PROBS and self._values is not None:
-            prob = act[:, trace.token, head, trace.key_token].detach()
+            prob = act[:, trace.position, head, trace.key_position].detach()
             self._trace_value = (prob * self._values).sum()
 
     def _splice(self, attached: AttachedAutoencoder, x: torch.Tensor) -> torch.Tensor:
@@ -120,17 +122,17 @@ class HookSession:
             # A copy, never an in-place write: autograd may still need the original.
             act = act.clone()
             for iv in interventions:
-                prompt = slice(None) if iv.prompt is None else iv.prompt
-                token = slice(None) if iv.token is None else iv.token
-                act[(prompt, token, *iv.index)] = iv.value
+                row = slice(None) if iv.row is None else iv.row
+                position = slice(None) if iv.position is None else iv.position
+                act[(row, position, *iv.index)] = iv.value
         additions = self._additions.get(point)
         if additions:
             act = act.clone()
             for add in additions:
-                prompt = slice(None) if add.prompt is None else add.prompt
-                token = slice(None) if add.token is None else add.token
+                row = slice(None) if add.row is None else add.row
+                position = slice(None) if add.position is None else add.position
                 vector = torch.tensor(add.vector, dtype=act.dtype, device=act.device)
-                act[prompt, token] += vector
+                act[row, position] += vector
         if point in self._save:
             if point in self._keep_grads and act.requires_grad:
                 act.retain_grad()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from interpql.backends.base import LossKind, LossSpec
+from interpql.specs import LossKind, LossSpec
 
 
 def next_token_loss(
@@ -33,11 +33,11 @@ def spec_loss(
     if spec.kind is LossKind.NEXT_TOKEN:
         return next_token_loss(logits, tokens, lengths)
     last = last_token_logits(logits, lengths).float()
-    targets = list(spec.target_tokens)
+    targets = list(spec.targets)
     if spec.kind is LossKind.ZERO:
         return last.sum(dim=-1) * 0.0
     if spec.kind is LossKind.LOGIT_DIFF:
-        distractors = list(spec.distractor_tokens)
+        distractors = list(spec.distractors)
         return last[:, targets].mean(dim=-1) - last[:, distractors].mean(dim=-1)
     if spec.kind is LossKind.LOGIT_MINUS_MEAN:
         return last[:, targets].mean(dim=-1) - last.mean(dim=-1)

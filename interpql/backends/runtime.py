@@ -14,13 +14,17 @@ from interpql.backends.base import ForwardRequest, ForwardResult
 from interpql.backends.hooks import HookSession
 from interpql.backends.losses import next_token_loss, spec_loss
 
-# (token ids [batch, token], hook session, whether autograd must follow) -> logits
+# (token ids [row, position], hook session, whether autograd must follow) -> logits
+# [row, position, vocab]
 Forward = Callable[[torch.Tensor, HookSession, bool], torch.Tensor]
 
 
-def run_request(
+def execute(
     request: ForwardRequest, session: HookSession, device: torch.device, forward: Forward
 ) -> ForwardResult:
+    """Runs `request` around a backend's own `forward` (see base.py): pads the rows, picks
+    grad or inference mode, computes the losses, runs the backward pass, times it and
+    collects what the session saved."""
     memory_before = memory_in_use(device)
     started = time.perf_counter()
     # Right padding in a causal model: no real token attends to a pad, so no mask is needed
@@ -57,7 +61,7 @@ def run_request(
 def right_padded(
     tokens: tuple[tuple[int, ...], ...], device: torch.device, pad_id: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ([batch, max_len] token ids, [batch] lengths); padding goes on the right."""
+    """Returns ([row, longest] token ids, [row] lengths); padding goes on the right."""
     lengths = torch.tensor([len(t) for t in tokens], dtype=torch.long)
     batch = torch.full((len(tokens), int(lengths.max())), pad_id, dtype=torch.long)
     for row, prompt in enumerate(tokens):

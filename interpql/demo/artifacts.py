@@ -1,12 +1,8 @@
-"""How the demo's artefacts lie on disk, and how they load.
+"""How the demo's artefacts lie on disk (interpql/data/tiny-stdlib/), and how they load.
 
     tiny-stdlib/
-      config.json          the model's shape, in Transformer Debugger's config keys
-      weights.safetensors  float16: every GPT-2 weight but the two embedding matrices, plus
-                           vocab.used_ids [n_used] (int32), vocab.embedding [n_used, d_model]
-                           (the input and output embedding of the tokens the corpus uses) and
-                           vocab.unused_unembed_row [d_model] (the output row of every other
-                           token; their input embedding is zero). See train_model.py for why.
+      config.json, weights.safetensors
+                           the model, a compact GPT-2 folder (backends/gpt2/compact.py)
       autoencoders/{mlp_post_act,resid_delta_attn}/{layer}.pt
                            float16 state dicts in the openai/sparse_autoencoder format
       metrics.json         corpus sizes, held-out losses, autoencoder quality, timings
@@ -23,27 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from interpql.backends.autoencoder import SparseAutoencoder
-from interpql.backends.gpt2.loading import (
-    StateDict,
-    read_json_config,
-    save_hf_folder,
-    save_tdb_folder,
-    tdb_config_from_json,
-    tdb_config_to_json,
-)
+from interpql.backends.gpt2.compact import is_compact_folder, load_compact, save_compact
+from interpql.backends.gpt2.loading import StateDict, save_hf_folder, save_tdb_folder
 from interpql.backends.gpt2.model import GPT2Config
+from interpql.embedded import EMBEDDED_DIR, EMBEDDED_NAME
 from interpql.file_errors import reading
 
-DEMO_NAME = "tiny-stdlib"
-DEMO_DIR = Path(__file__).with_name(DEMO_NAME)
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "weights.safetensors"
+DEMO_NAME = EMBEDDED_NAME
+DEMO_DIR = EMBEDDED_DIR
 METRICS_FILE = "metrics.json"
 AUTOENCODER_DIR = "autoencoders"
-_EMBEDDINGS = ("tok_embed.weight", "unembed.weight")
 
 
 class DemoArtifactsError(RuntimeError):
@@ -51,50 +38,14 @@ class DemoArtifactsError(RuntimeError):
 
 
 def save_demo_model(root: Path, cfg: GPT2Config, state: StateDict, used_ids: torch.Tensor) -> None:
-    """Writes the model compactly; refuses a state dict the compact layout cannot hold exactly."""
-    tok_embed, unembed = state["tok_embed.weight"], state["unembed.weight"]
-    used = torch.zeros(cfg.n_vocab, dtype=torch.bool)
-    used[used_ids] = True
-    unused_row = unembed[~used][:1] if bool((~used).any()) else torch.zeros(1, cfg.d_model)
-    if (
-        not torch.equal(tok_embed[used], unembed[used])
-        or bool(tok_embed[~used].any())
-        or not bool((unembed[~used] == unused_row).all())
-    ):
-        raise ValueError(
-            "the compact layout needs embeddings tied on used tokens, zero input embeddings "
-            "and one shared output row for the others"
-        )
-    tensors = {
-        key: value.to(torch.float16).contiguous()
-        for key, value in state.items()
-        if key not in _EMBEDDINGS
-    }
-    tensors["vocab.used_ids"] = used.nonzero().squeeze(1).to(torch.int32)
-    tensors["vocab.embedding"] = tok_embed[used].to(torch.float16).contiguous()
-    tensors["vocab.unused_unembed_row"] = unused_row.reshape(-1).to(torch.float16)
-    root.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(root / WEIGHTS_FILE), metadata={"format": "interpql-demo-model-1"})
-    (root / WEIGHTS_FILE).chmod(0o644)  # safetensors writes 0600; installed copies must be readable
-    (root / CONFIG_FILE).write_text(json.dumps(tdb_config_to_json(cfg), indent=2) + "\n")
+    save_compact(root, cfg, state, used_ids)
 
 
 def load_demo_model(root: Path = DEMO_DIR) -> tuple[GPT2Config, StateDict]:
     """The demo model's config and full-vocabulary float32 state dict."""
-    weights = root / WEIGHTS_FILE
-    if not weights.exists():
+    if not is_compact_folder(root):
         raise DemoArtifactsError(f"no demo model at {root}; run `interpql build-demo` first")
-    cfg = read_json_config(str(root / CONFIG_FILE), tdb_config_from_json)
-    with reading(weights, "the demo's weights (safetensors)"):
-        tensors = load_file(str(weights))
-    used = tensors.pop("vocab.used_ids").long()
-    embedding = tensors.pop("vocab.embedding").float()
-    tok_embed = torch.zeros(cfg.n_vocab, cfg.d_model)
-    tok_embed[used] = embedding
-    unembed = tensors.pop("vocab.unused_unembed_row").float().expand(cfg.n_vocab, -1).clone()
-    unembed[used] = embedding
-    state = {key: value.float() for key, value in tensors.items()}
-    return cfg, state | {"tok_embed.weight": tok_embed, "unembed.weight": unembed}
+    return load_compact(root)
 
 
 def autoencoder_path(root: Path, kind: str, layer: int) -> Path:

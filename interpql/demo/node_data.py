@@ -43,7 +43,7 @@ def activations_fn(build: DemoBuild) -> Callable[[torch.Tensor], Activations]:
     w_o = {layer: backend.weight(f"blocks.{layer}.attn.W_O") for layer in range(n_layers)}
 
     def activations(batch: torch.Tensor) -> Activations:
-        result = backend.run(
+        result = backend.forward(
             ForwardRequest(tokens=tuple(tuple(row) for row in batch.tolist()), save=frozenset(save))
         )
         acts = result.activations

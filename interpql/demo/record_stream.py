@@ -15,13 +15,6 @@ import torch
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-def quantile_probs(n_quantiles: int) -> tuple[float, ...]:
-    """Bucket boundaries as probabilities: (0.5, 0.9, 0.99, 0.999) for 5 buckets, as TDB."""
-    if n_quantiles < 2:
-        return ()
-    return (0.5, *(1 - 10.0**-i for i in range(1, n_quantiles - 1)))
-
-
 class BestWindows:
     """Per node, the k highest-keyed windows so far: keys, offsets [k, node], acts [k, W, node]."""
 

@@ -1,7 +1,7 @@
-"""From one forward (and backward) pass to numbers per node and token, on the worker thread.
+"""From one forward (and backward) pass to numbers per node and position, on the worker thread.
 
-For every node that writes to the residual stream — MLP neurons, attention heads, autoencoder
-latents — and each token, Transformer Debugger's four groups:
+For every node that writes to the residual stream, and each position, Transformer Debugger's
+four groups, as its kind computes them (backends/node_kinds.py):
 
     ACTIVATION      the node's activation (an attention head's: the norm of its write)
     WRITE_NORM      the norm of what the node writes into the residual stream
@@ -18,22 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from interpql.backends.base import AutoencoderInput, Backend, HookPoint, Location
-from interpql.loaders.nodes import NodeKind
-from interpql.loaders.registry import LATENT_LOCATIONS, ModelEntry
-
-# Which saved location a node kind's per-token activation is read from.
-KIND_LOCATION = {
-    NodeKind.MLP_NEURON: Location.MLP_POST,
-    NodeKind.ATTENTION_HEAD: Location.ATTN_Z,  # reduced to the norm of each head's write
-    NodeKind.RESIDUAL_CHANNEL: Location.RESID_POST,
-    **LATENT_LOCATIONS,
-}
+from interpql.backends.node_kinds import AttentionHeads
+from interpql.loaders.registry import ModelEntry
 
 
 @dataclass(frozen=True)
 class NodeScores:
-    """[token, node] arrays for the nodes of one kind in one layer."""
+    """[position, node] arrays for the nodes of one kind in one layer."""
 
     activation: np.ndarray
     write_norm: np.ndarray
@@ -41,71 +32,42 @@ class NodeScores:
     act_times_grad: np.ndarray | None = None
 
 
-def write_directions(entry: ModelEntry, layer: int, kind: NodeKind) -> torch.Tensor:
-    """What one unit of each node's activation adds to the residual stream: [node, d_model]
-    (attention heads: W_O, [head, d_head, d_model]). Computed once per model and layer."""
+def write_directions(entry: ModelEntry, layer: int, kind: str) -> torch.Tensor:
+    """What one unit of each node's activation adds to the residual stream (see the kind's
+    `directions`). Computed once per model, layer and kind."""
     key = ("write_directions", layer, kind)
     if key not in entry.derived:
-        entry.derived[key] = _directions(entry.require_backend(), layer, kind)
+        entry.derived[key] = entry.kind(kind).directions(entry.require_backend(), layer)
     directions: torch.Tensor = entry.derived[key]
     return directions
-
-
-def _directions(backend: Backend, layer: int, kind: NodeKind) -> torch.Tensor:
-    if kind is NodeKind.MLP_NEURON:
-        return backend.weight(f"blocks.{layer}.mlp.W_out")
-    if kind is NodeKind.ATTENTION_HEAD:
-        return backend.weight(f"blocks.{layer}.attn.W_O")
-    if kind is NodeKind.RESIDUAL_CHANNEL:
-        return torch.eye(backend.architecture.d_model, device=backend.device)
-    attached = backend.autoencoders[HookPoint(layer, LATENT_LOCATIONS[kind])]
-    ae = attached.autoencoder
-    n_latents = ae.n_latents
-    # decode(e_j) - decode(0) is latent j's decoder column, in the autoencoder's input space.
-    eye = torch.eye(n_latents, device=backend.device)
-    decoded = ae.decode(eye) - ae.decode(torch.zeros(1, n_latents, device=backend.device))
-    if attached.input is AutoencoderInput.MLP_POST_ACT:
-        return decoded.float() @ backend.weight(f"blocks.{layer}.mlp.W_out")
-    return decoded.float()
 
 
 def node_scores(
     entry: ModelEntry,
     layer: int,
-    kind: NodeKind,
+    kind: str,
     act: torch.Tensor,
     grad: torch.Tensor | None,
-    final_grad: torch.Tensor | None,
+    stream_grad: torch.Tensor | None,
 ) -> NodeScores:
-    """`act`/`grad`: one prompt's saved activation and its gradient, [token, ...];
-    `final_grad`: the loss's gradient at the last layer's residual output, [token, d_model]."""
-    directions = write_directions(entry, layer, kind)
-    act = act.float()
-    if kind is NodeKind.ATTENTION_HEAD:
-        write = torch.einsum("thd,hdm->thm", act, directions)  # [token, head, d_model]
-        activation = write_norm = write.norm(dim=-1)
-        direct = None if final_grad is None else torch.einsum("thm,tm->th", write, final_grad)
-        times_grad = None if grad is None else (act * grad.float()).sum(-1)
-    else:
-        activation = act
-        write_norm = act.abs() * directions.norm(dim=-1)
-        direct = None if final_grad is None else act * (final_grad @ directions.T)
-        times_grad = None if grad is None else act * grad.float()
+    """`act`/`grad`: one prompt's saved activation and its gradient, [position, ...];
+    `stream_grad`: the gradient where direct effects are read, [position, d_model]."""
+    values = entry.kind(kind).values(act, write_directions(entry, layer, kind), grad, stream_grad)
     return NodeScores(
-        activation=_numpy(activation),
-        write_norm=_numpy(write_norm),
-        direct_effect=None if direct is None else _numpy(direct),
-        act_times_grad=None if times_grad is None else _numpy(times_grad),
+        activation=_numpy(values.activation),
+        write_norm=_numpy(values.write_norm),
+        direct_effect=None if values.direct_effect is None else _numpy(values.direct_effect),
+        act_times_grad=None if values.act_times_grad is None else _numpy(values.act_times_grad),
     )
 
 
 def token_pair_attribution(
     entry: ModelEntry, layer: int, probs: torch.Tensor, values: torch.Tensor
 ) -> np.ndarray:
-    """How much of each head's write at a query token came from each key token:
+    """How much of each head's write at a query position came from each key position:
     probability(q, k) x norm(v_k W_O); probs [query, head, key], values [key, head, d_head]
     -> [query, head, key]."""
-    w_o = write_directions(entry, layer, NodeKind.ATTENTION_HEAD)
+    w_o = write_directions(entry, layer, AttentionHeads.name)
     value_writes = torch.einsum("khd,hdm->khm", values.float(), w_o).norm(dim=-1)  # [key, head]
     return _numpy(probs.float() * value_writes.T[None, :, :])
 

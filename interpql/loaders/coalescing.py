@@ -15,19 +15,26 @@ alone, so only the one too large for memory fails (RESOURCE_EXHAUSTED).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from interpql.errors import InterpqlError, inference_timeout
+from interpql.loaders.out_of_memory import out_of_memory_as_error
 from interpql.loaders.registry import ModelEntry
 
-# A per-request batch: opaque keys that each carry `.variant` (with `.tokens`).
+# A per-request batch: opaque keys that each carry `.spec` (an InferenceSpec); results come back
+# by the spec's pass_key.
 RunBatch = Callable[[ModelEntry, list[Any]], dict[Any, Any]]
-# Told of every pass that ran: (model, rows, seconds on the model's worker).
-PassObserver = Callable[[str, int, float], None]
+# Told of all work done with a model: (model, work, rows, seconds on the model's worker); work is
+# "pass" for batched inference passes, else what `compute` was asked to do.
+PassObserver = Callable[[str, str, int, float], None]
+T = TypeVar("T")
+# Work for `compute`: runs on the model's worker; long work stops early when the event is set.
+Work = Callable[[threading.Event], T]
 
 
 @dataclass
@@ -59,8 +66,10 @@ class InferenceRunner:
         self._tasks: set[asyncio.Task[None]] = set()
         self.pass_observers: list[PassObserver] = []
 
-    async def run(self, entry: ModelEntry, switches: Hashable, keys: list[Any]) -> dict[Any, Any]:
-        """Results by variant for `keys`; `switches` must be equal for batches to merge."""
+    async def submit(
+        self, entry: ModelEntry, switches: Hashable, keys: list[Any]
+    ) -> dict[Any, Any]:
+        """Results by pass key for `keys`; `switches` must be equal for batches to merge."""
         try:
             return await asyncio.wait_for(self._run(entry, switches, keys), self.timeout_s)
         except TimeoutError:
@@ -112,21 +121,48 @@ class InferenceRunner:
             return
         for w in chunk:
             if not w.future.done():
-                w.future.set_result({key.variant: results[key.variant] for key in w.keys})
+                w.future.set_result(
+                    {key.spec.pass_key(): results[key.spec.pass_key()] for key in w.keys}
+                )
 
     async def _execute(self, entry: ModelEntry, keys: list[Any]) -> dict[Any, Any]:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         results = await loop.run_in_executor(entry.executor, self._run_batch, entry, keys)
         for observe in self.pass_observers:
-            observe(entry.name, len(results), time.perf_counter() - started)
+            observe(entry.name, "pass", len(results), time.perf_counter() - started)
         return results
+
+    async def compute(self, entry: ModelEntry, work: str, fn: Work[T]) -> T:
+        """Every other computation with the model (generation, similar nodes, scored tokens):
+        on the model's worker thread, in turn with its passes, under the same timeout and
+        out-of-memory handling. `fn` gets an event that is set when the caller stops waiting
+        (timeout, cancellation): work of many steps checks it between steps."""
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+
+        def guarded() -> tuple[T, float]:
+            started = time.perf_counter()
+            with out_of_memory_as_error(work):
+                return fn(stop), time.perf_counter() - started
+
+        try:
+            result, seconds = await asyncio.wait_for(
+                loop.run_in_executor(entry.executor, guarded), self.timeout_s
+            )
+        except TimeoutError:
+            raise inference_timeout(self.timeout_s or 0) from None
+        finally:
+            stop.set()
+        for observe in self.pass_observers:
+            observe(entry.name, work, 1, seconds)
+        return result
 
     def _chunks(self, waiting: Sequence[_Waiting]) -> list[list[_Waiting]]:
         """Requests grouped so that each group's prompts are of similar length."""
 
         def lengths(w: _Waiting) -> list[int]:
-            return [len(key.variant.tokens) for key in w.keys]
+            return [len(key.spec.tokens) for key in w.keys]
 
         chunks: list[list[_Waiting]] = []
         shortest = rows = 0

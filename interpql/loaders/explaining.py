@@ -28,10 +28,10 @@ from interpql.backends.explanations.baseline import BaselineExplainer, BaselineS
 from interpql.backends.explanations.scoring import score_explanation
 from interpql.errors import InterpqlError, UnavailableError
 from interpql.loaders.jobs import Job, JobManager, Progress
-from interpql.loaders.nodes import NodeRef
 from interpql.loaders.registry import ModelEntry
 from interpql.loaders.search import SearchIndex
 from interpql.loaders.sources import Example, ExplanationStore, NodeRecordData, StoredExplanation
+from interpql.specs import NodeRef
 
 if TYPE_CHECKING:
     import openai

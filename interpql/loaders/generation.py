@@ -8,48 +8,18 @@ continuations interpretability work uses.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from interpql.backends.base import Addition, ForwardRequest, HookPoint, Location
+from interpql.backends.base import Addition, ForwardRequest, HookPoint
+from interpql.backends.node_kinds import AttentionHeads
 from interpql.backends.tokenizer import END_OF_TEXT_ID
 from interpql.loaders.analysis import write_directions
-from interpql.loaders.inference import Ablation, intervention_for
-from interpql.loaders.nodes import NodeKind, NodeRef
-from interpql.loaders.out_of_memory import out_of_memory_as_error
 from interpql.loaders.registry import ModelEntry
-
-# Where a node's write enters the residual stream.
-_WRITE_LOCATION = {
-    NodeKind.MLP_NEURON: Location.MLP_OUT,
-    NodeKind.MLP_AUTOENCODER_LATENT: Location.MLP_OUT,
-    NodeKind.ATTENTION_HEAD: Location.ATTN_OUT,
-    NodeKind.ATTENTION_AUTOENCODER_LATENT: Location.ATTN_OUT,
-    NodeKind.RESIDUAL_CHANNEL: Location.RESID_POST,
-}
-
-
-@dataclass(frozen=True)
-class Steering:
-    """Add `strength` x the node's unit write direction at `tokens` (None: every position,
-    generated ones included)."""
-
-    node: NodeRef
-    strength: float
-    tokens: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class GenerationSpec:
-    tokens: tuple[int, ...]
-    max_tokens: int
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int = 0
-    ablations: tuple[Ablation, ...] = ()
-    steering: tuple[Steering, ...] = ()
+from interpql.specs import GenerationSpec, NodeRef, Steering
 
 
 @dataclass(frozen=True)
@@ -70,7 +40,7 @@ def steering_direction(entry: ModelEntry, node: NodeRef) -> torch.Tensor:
     steering direction is the one it can write most strongly (W_O's top singular vector)."""
     directions = write_directions(entry, node.layer, node.kind)
     direction: torch.Tensor
-    if node.kind is NodeKind.ATTENTION_HEAD:
+    if isinstance(entry.kind(node.kind), AttentionHeads):
         direction = torch.linalg.svd(directions[node.index], full_matrices=False).Vh[0]
     else:
         direction = directions[node.index]
@@ -81,26 +51,26 @@ def steering_direction(entry: ModelEntry, node: NodeRef) -> torch.Tensor:
 def generate(
     entry: ModelEntry,
     spec: GenerationSpec,
+    stop: threading.Event,
     on_step: Callable[[GenerationStep], None] | None = None,
 ) -> Generated:
-    with out_of_memory_as_error("generation"):
-        return _generate(entry, spec, on_step)
-
-
-def _generate(
-    entry: ModelEntry,
-    spec: GenerationSpec,
-    on_step: Callable[[GenerationStep], None] | None,
-) -> Generated:
+    """Runs on the model's worker (through the runner's `compute`); stops between steps once
+    `stop` is set."""
     backend = entry.require_backend()
     rows = 2 if spec.steering else 1
     sequences = [list(spec.tokens) for _ in range(rows)]
     done = [False] * rows
     generators = [torch.Generator().manual_seed(spec.seed) for _ in range(rows)]
-    interventions = tuple(intervention_for(a, row) for row in range(rows) for a in spec.ablations)
+    interventions = tuple(
+        entry.kind(a.node.kind).ablation(a.node.layer, a.node.index, a.value, a.position, row)
+        for row in range(rows)
+        for a in spec.ablations
+    )
     additions = tuple(_additions(entry, spec.steering, row=1)) if spec.steering else ()
     for step in range(spec.max_tokens):
-        result = backend.run(
+        if stop.is_set():  # nobody waits for the rest
+            break
+        result = backend.forward(
             ForwardRequest(
                 tokens=tuple(tuple(s) for s in sequences),
                 interventions=interventions,
@@ -130,9 +100,9 @@ def _additions(entry: ModelEntry, steering: tuple[Steering, ...], row: int) -> l
     additions = []
     for steer in steering:
         vector = tuple((steer.strength * steering_direction(entry, steer.node)).tolist())
-        point = HookPoint(steer.node.layer, _WRITE_LOCATION[steer.node.kind])
-        for token in steer.tokens if steer.tokens is not None else (None,):
-            additions.append(Addition(point, vector, token=token, prompt=row))
+        point = HookPoint(steer.node.layer, entry.kind(steer.node.kind).side.writes)
+        for position in steer.positions if steer.positions is not None else (None,):
+            additions.append(Addition(point=point, vector=vector, position=position, row=row))
     return additions
 
 

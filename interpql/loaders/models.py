@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -10,14 +10,17 @@ from interpql.backends.autoencoder_files import load_autoencoder_set, registered
 from interpql.backends.base import AutoencoderInput, Backend
 from interpql.backends.gpt2.backend import NativeGPT2Backend
 from interpql.backends.gpt2.loading import REGISTERED_MODELS, read_config
+from interpql.backends.node_kinds import AUTOENCODER_KINDS
 from interpql.backends.transformerlens import TransformerLensBackend, read_architecture
-from interpql.loaders.nodes import NodeKind
 from interpql.loaders.registry import ModelEntry
+from interpql.loaders.sources import CompactSource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_MODEL = "random:tiny"
-DEFAULT_MODEL_NAME = "tiny-random"
-BACKENDS = ("native", "transformerlens")
+# The one place a --backend name maps to its class (each class's own `name`).
+BACKEND_CLASSES: dict[str, type[NativeGPT2Backend] | type[TransformerLensBackend]] = {
+    cls.name: cls for cls in (NativeGPT2Backend, TransformerLensBackend)
+}
+BACKENDS = tuple(BACKEND_CLASSES)
 
 
 def default_name(spec: str) -> str:
@@ -35,10 +38,10 @@ def load_model(
     device: str = "cpu",
     dtype: str = "float32",
     with_weights: bool = True,
-    backend: str = "native",
+    backend: str = NativeGPT2Backend.name,
 ) -> ModelEntry:
-    """`backend`: "native" (our GPT-2) or "transformerlens" (any model TransformerLens bridges;
-    ImportError naming the extra when it is not installed)."""
+    """`backend`: "native-gpt2" (our GPT-2) or "transformerlens" (any model TransformerLens
+    bridges; ImportError naming the extra when it is not installed)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if dtype not in DTYPES:
@@ -46,34 +49,52 @@ def load_model(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
     name = name or default_name(spec)
-    native = backend == "native"
+    cls = BACKEND_CLASSES[backend]
     if not with_weights:
+        native = cls is NativeGPT2Backend
         arch = read_config(spec).architecture if native else read_architecture(spec)
-        backend_name = NativeGPT2Backend.name if native else TransformerLensBackend.name
-        return ModelEntry(name, arch, None, backend_name, device, dtype)
-    loaded = (NativeGPT2Backend if native else TransformerLensBackend).load(
-        spec, device=device, dtype=DTYPES[dtype]
-    )
+        return ModelEntry(name, arch, None, cls.name, device, dtype)
+    loaded = cls.load(spec, device=device, dtype=DTYPES[dtype])
     return ModelEntry(name, loaded.architecture, loaded, loaded.name, str(loaded.device), dtype)
 
 
-def attach_autoencoders(entry: ModelEntry, spec: str, role: str) -> None:
+def attach_autoencoders(
+    entry: ModelEntry, spec: str, role: str, reads: AutoencoderInput | None = None
+) -> None:
     """Attaches a set of per-layer autoencoders; `role` is "mlp" or "attention".
 
-    The input an MLP set reads is known for registered names and otherwise read off its width
-    (d_mlp: mlp_post_act, d_model: resid_delta_mlp). Every mismatch is a ValueError here, at
-    start-up, never mid-request.
+    The input an MLP set reads is `reads`, or known for registered names, or read off its
+    width (d_mlp: mlp_post_act, d_model: resid_delta_mlp). Every mismatch is a ValueError here,
+    at start-up, never mid-request.
     """
     backend = entry.require_backend()
     loaded, source = load_autoencoder_set(spec, entry.architecture.n_layers)
-    kind = (
-        NodeKind.MLP_AUTOENCODER_LATENT if role == "mlp" else NodeKind.ATTENTION_AUTOENCODER_LATENT
-    )
+    kinds = set()
     for layer, autoencoder in loaded.items():
-        backend.attach_autoencoder(
-            layer, _input_of(backend, spec, role, autoencoder.n_inputs), autoencoder
-        )
-    entry.autoencoder_sources[kind] = source
+        input = reads or _input_of(backend, spec, role, autoencoder.n_inputs)
+        backend.attach_autoencoder(layer, input, autoencoder)
+        kinds.add(AUTOENCODER_KINDS[input].name)
+    for kind in kinds:
+        entry.autoencoder_sources[kind] = source
+
+
+def attach_folder_extras(entry: ModelEntry, folder: Path) -> None:
+    """What a model folder may carry besides its weights: `autoencoders/<input>/<layer>.pt`
+    (openai-format sets, named by what they read) and its node data (`add_folder_sources`)."""
+    if entry.backend is not None:
+        for input in AutoencoderInput:
+            sets = folder / "autoencoders" / input.value
+            if sets.is_dir():
+                role = "attention" if input is AutoencoderInput.RESID_DELTA_ATTN else "mlp"
+                attach_autoencoders(entry, str(sets), role, reads=input)
+    add_folder_sources(entry, folder)
+
+
+def add_folder_sources(entry: ModelEntry, folder: Path) -> None:
+    """A model folder's compact store of node data (`records/`, `explanations/`:
+    loaders/sources/compact_format.py), served as the model's first source."""
+    if (folder / "records").is_dir():
+        entry.sources.insert(0, CompactSource.open(entry.name, folder, entry.token_text))
 
 
 def _input_of(backend: Backend, spec: str, role: str, width: int) -> AutoencoderInput:

@@ -16,16 +16,19 @@ from typing import Any
 
 from strawberry.dataloader import DataLoader
 
+from interpql.backends.explanations.normalize import normalize_activations
 from interpql.loaders.cache import NodeDataCache
-from interpql.loaders.nodes import NodeRef
 from interpql.loaders.registry import ModelRegistry
 from interpql.loaders.sources import (
     Example,
     ExplanationData,
     NodeRecordData,
     NodeSource,
-    NodeStatistics,
+    Statistics,
 )
+from interpql.specs import NodeRef
+
+__all__ = ["NodeDataLoaders", "normalize_activations"]
 
 RecordResult = NodeRecordData | None | Exception
 ExplanationsResult = list[ExplanationData] | Exception
@@ -130,7 +133,7 @@ def _decode_record(raw: dict[str, Any] | None) -> NodeRecordData | None:
         source=raw["source"],
         top=examples(raw["top"]),
         random=examples(raw["random"]),
-        statistics=NodeStatistics(**stats),
+        statistics=Statistics(**stats),
     )
 
 

@@ -7,7 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from interpql.backends.base import Architecture, Backend, HookPoint, Location
+from interpql.backends.base import Architecture, Backend
+from interpql.backends.node_kinds import TABLE, NodeKind
+from interpql.backends.tokenizer import gpt2_encoding
 from interpql.errors import (
     NotFoundError,
     UnavailableError,
@@ -15,14 +17,10 @@ from interpql.errors import (
     invalid_node,
     model_not_found,
 )
-from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.search import SearchIndex, index_model
 from interpql.loaders.sources.base import NodeSource
+from interpql.specs import NodeRef
 
-LATENT_LOCATIONS = {
-    NodeKind.MLP_AUTOENCODER_LATENT: Location.MLP_AE_LATENTS,
-    NodeKind.ATTENTION_AUTOENCODER_LATENT: Location.ATTN_AE_LATENTS,
-}
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -34,8 +32,8 @@ class ModelEntry:
     backend_name: str
     device: str
     dtype: str
-    # Where each attached autoencoder set came from, by the kind of its latents.
-    autoencoder_sources: dict[NodeKind, str] = field(default_factory=dict)
+    # Where each attached dictionary came from, by the kind its latents are.
+    autoencoder_sources: dict[str, str] = field(default_factory=dict)
     # What is known about its nodes (records, explanations), first source first.
     sources: list[NodeSource] = field(default_factory=list)
     # Values derived once from the weights (write directions, ...), by the deriving module.
@@ -46,19 +44,28 @@ class ModelEntry:
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
     )
 
-    def node_count(self, kind: NodeKind, layer: int) -> int:
-        """Nodes of `kind` in `layer` (0 where there are none, e.g. no autoencoder there)."""
-        arch = self.architecture
-        if kind in LATENT_LOCATIONS:
-            attached = self.backend.autoencoders if self.backend is not None else {}
-            found = attached.get(HookPoint(layer, LATENT_LOCATIONS[kind]))
-            return 0 if found is None else found.autoencoder.n_latents
-        counts = {
-            NodeKind.MLP_NEURON: arch.d_mlp,
-            NodeKind.ATTENTION_HEAD: arch.n_heads,
-            NodeKind.RESIDUAL_CHANNEL: arch.d_model,
-        }
-        return counts[kind]
+    def kinds(self) -> list[NodeKind]:
+        """The kinds this model has nodes of (a dictionary's only where it is attached)."""
+        return [
+            kind
+            for kind in TABLE.values()
+            if any(self.node_count(kind.name, layer) for layer in range(self.architecture.n_layers))
+        ]
+
+    def kind(self, name: str) -> NodeKind:
+        """The table's entry for a kind name already checked (a parsed, resolved node's)."""
+        return TABLE[name]
+
+    def node_count(self, kind: str, layer: int) -> int:
+        """Nodes of `kind` in `layer` (0 where there are none, e.g. no dictionary there)."""
+        found = TABLE.get(kind)
+        return 0 if found is None else found.count(self.architecture, self.backend, layer)
+
+    def token_text(self, token: int) -> str:
+        """A token's text; bytes that are not valid UTF-8 alone show as U+FFFD."""
+        # Served without weights, a GPT-2 model still has its tokenizer.
+        tokenizer = self.backend.tokenizer if self.backend is not None else gpt2_encoding()
+        return tokenizer.decode_single_token_bytes(token).decode("utf-8", errors="replace")
 
     def require_backend(self) -> Backend:
         if self.backend is None:
@@ -71,16 +78,19 @@ class ModelEntry:
     def check_layer(self, layer: int) -> int:
         return check_range("layer", layer, 0, self.architecture.n_layers)
 
-    def node(self, kind: NodeKind, layer: int, index: int) -> NodeRef:
+    def node(self, kind: str, layer: int, index: int) -> NodeRef:
         """A reference to an existing node; INVALID_NODE when there is no such node."""
         ref = NodeRef(self.name, kind, layer, index)
+        if kind not in TABLE:
+            known = ", ".join(TABLE)
+            raise invalid_node(ref.id, f"unknown kind {kind!r} (known: {known})")
         if not 0 <= layer < self.architecture.n_layers:
             raise invalid_node(ref.id, f"layer must be in [0, {self.architecture.n_layers})")
         count = self.node_count(kind, layer)
         if count == 0:
-            raise invalid_node(ref.id, f"layer {layer} of {self.name!r} has no {kind.value} nodes")
+            raise invalid_node(ref.id, f"layer {layer} of {self.name!r} has no {kind} nodes")
         if not 0 <= index < count:
-            raise invalid_node(ref.id, f"index must be in [0, {count}) for {kind.value}")
+            raise invalid_node(ref.id, f"index must be in [0, {count}) for {kind}")
         return ref
 
 

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from interpql.backends.node_kinds import AttentionHeads, MlpNeurons
 from interpql.errors import UnavailableError
 from interpql.loaders.analysis import write_directions
-from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.registry import ModelEntry
+from interpql.specs import NodeRef
 
 
 @dataclass(frozen=True)
@@ -36,17 +37,17 @@ def _top(values: torch.Tensor, k: int, largest: bool = True) -> list[tuple[int, 
 
 def scored_tokens(entry: ModelEntry, node: NodeRef, k: int) -> TokenScores:
     backend = entry.require_backend()
+    kind = entry.kind(node.kind)
     w_e = backend.weight("W_E")  # [vocab, d_model]
-    if node.kind is NodeKind.ATTENTION_HEAD:
+    if isinstance(kind, AttentionHeads):
         queries = (w_e @ backend.weight(f"blocks.{node.layer}.attn.W_Q")[node.index]).norm(dim=-1)
         keys = (w_e @ backend.weight(f"blocks.{node.layer}.attn.W_K")[node.index]).norm(dim=-1)
         return TokenScores([], [], _top(queries, k), _top(keys, k))
-    if node.kind is NodeKind.RESIDUAL_CHANNEL:
-        raise UnavailableError("Residual channels have no scored tokens.")
+    if not kind.has_write_direction:
+        raise UnavailableError(f"Nodes of kind {kind.name} have no scored tokens.")
     direction = write_directions(entry, node.layer, node.kind)[node.index]  # [d_model]
     logits = direction @ backend.weight("W_U")  # [vocab]
     upvoting: list[tuple[int, float]] = []
-    if node.kind is NodeKind.MLP_NEURON:
-        w_in = backend.weight(f"blocks.{node.layer}.mlp.W_in")[:, node.index]
-        upvoting = _top(w_e @ w_in, k)
+    if isinstance(kind, MlpNeurons):
+        upvoting = _top(w_e @ kind.read_direction(backend, node.layer, node.index), k)
     return TokenScores(_top(logits, k), _top(logits, k, largest=False), upvoting, [])

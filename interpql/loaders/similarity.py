@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 
 from interpql.loaders.analysis import write_directions
-from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.registry import ModelEntry
+from interpql.specs import NodeRef
 
 
-def _unit_directions(entry: ModelEntry, kind: NodeKind) -> tuple[torch.Tensor, list[NodeRef]]:
+def _unit_directions(entry: ModelEntry, kind: str) -> tuple[torch.Tensor, list[NodeRef]]:
     key = ("unit_directions", kind)
     if key not in entry.derived:
         blocks: list[torch.Tensor] = []

@@ -1,129 +1,83 @@
 """Tracing: which activation a backward pass starts from, and where "direct" effects are read.
 
 Without a trace, direct effects are read at the final residual stream. With one, they are read
-where the traced node reads the residual stream (attention nodes: resid_pre of their layer; MLP
-nodes: resid_mid; residual channels: resid_post), and only writers upstream of that point have
-a direct effect at all.
+where the traced node reads the residual stream (its kind's side: attention nodes at resid_pre
+of their layer, MLP nodes at resid_mid, residual channels at resid_post), and only writers
+upstream of that point have a direct effect at all.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 
-from interpql.backends.base import (
-    AttentionTrace,
-    ForwardRequest,
-    HookPoint,
-    Location,
-    LossSpec,
-    Trace,
-)
-from interpql.errors import UnavailableError, invalid_argument
-from interpql.loaders.analysis import KIND_LOCATION, write_directions
-from interpql.loaders.nodes import NodeKind, NodeRef
+from interpql.backends.base import ForwardRequest, HookPoint, Location, Trace
+from interpql.backends.node_kinds import AttentionHeads
+from interpql.errors import UnavailableError
+from interpql.loaders.analysis import write_directions
 from interpql.loaders.registry import ModelEntry
+from interpql.specs import AttentionTrace, LossSpec, NodeRef, TraceSpec
 
 
-@dataclass(frozen=True)
-class TraceRequest:
-    """Gradients of an upstream node's activation instead of the loss (see backends' Trace).
-
-    Attention heads are traced through Q, K, QK (their score between `token` and
-    `key_token`) or V (their write from `key_token` at `token`, projected on `downstream`'s
-    read direction, or on the loss's gradient when there is no downstream node).
-    """
-
-    upstream: NodeRef
-    token: int
-    attention: AttentionTrace | None = None
-    key_token: int | None = None
-    downstream: NodeRef | None = None
+def read_point(entry: ModelEntry, node: NodeRef) -> HookPoint:
+    return entry.kind(node.kind).reads_at(node.layer)
 
 
-_ATTENTION_KINDS = (NodeKind.ATTENTION_HEAD, NodeKind.ATTENTION_AUTOENCODER_LATENT)
-_MLP_KINDS = (NodeKind.MLP_NEURON, NodeKind.MLP_AUTOENCODER_LATENT)
-# Order of the residual stream's points within a layer.
-_ORDER = {Location.RESID_PRE: 0, Location.RESID_MID: 1, Location.RESID_POST: 2}
-
-
-def read_point(node: NodeRef) -> HookPoint:
-    if node.kind in _ATTENTION_KINDS:
-        return HookPoint(node.layer, Location.RESID_PRE)
-    if node.kind in _MLP_KINDS:
-        return HookPoint(node.layer, Location.RESID_MID)
-    return HookPoint(node.layer, Location.RESID_POST)
-
-
-def writes_reach(layer: int, kind: NodeKind, point: HookPoint) -> bool:
+def writes_reach(entry: ModelEntry, layer: int, kind: str, point: HookPoint) -> bool:
     """Whether what nodes of `kind` in `layer` write is part of the residual stream at `point`."""
-    if kind is NodeKind.RESIDUAL_CHANNEL:
-        return (layer, 2) <= (point.layer, _ORDER[point.location])
-    written_at = 1 if kind in _ATTENTION_KINDS else 2  # attention before resid_mid, MLP after
-    return (layer, written_at) <= (point.layer, _ORDER[point.location])
+    return entry.kind(kind).reaches(layer, point)
 
 
-def backend_trace(entry: ModelEntry, request: ForwardRequest, trace: TraceRequest) -> Trace:
+def reads_after(entry: ModelEntry, upstream: NodeRef, downstream: NodeRef) -> bool:
+    """Whether `downstream` reads the residual stream after `upstream` has written to it."""
+    reads = entry.kind(downstream.kind).reads_at(downstream.layer)
+    return entry.kind(upstream.kind).reaches(upstream.layer, reads)
+
+
+def backend_trace(entry: ModelEntry, request: ForwardRequest, trace: TraceSpec) -> Trace:
+    """The backend's trace for `trace` over the rows of `request` (a V trace without a
+    downstream node projects each row on its own loss gradient, found by a probe pass)."""
     node = trace.upstream
-    if node.kind is NodeKind.ATTENTION_HEAD:
-        if trace.attention is None or trace.key_token is None:
-            raise invalid_argument(
-                "Tracing an attention head needs attentionTraceType (Q, K, QK or V) and "
-                "keyTokenIndex."
-            )
-        if trace.attention is not AttentionTrace.V:
-            return Trace(
-                HookPoint(node.layer, Location.ATTN_Q),
-                trace.token,
-                (node.index,),
-                trace.attention,
-                trace.key_token,
-            )
-        direction = _value_direction(entry, request, trace)
-        return Trace(
-            HookPoint(node.layer, Location.ATTN_V),
-            trace.token,
-            (node.index,),
-            AttentionTrace.V,
-            trace.key_token,
-            tuple(direction.tolist()),
-        )
-    if trace.attention is not None:
-        raise invalid_argument("attentionTraceType applies to attention heads only.")
-    return Trace(HookPoint(node.layer, KIND_LOCATION[node.kind]), trace.token, (node.index,))
+    kind = entry.kind(node.kind)
+    if not kind.attends or trace.attention is None:
+        return kind.trace(node.layer, node.index, trace.position)
+    assert trace.key_position is not None  # the resolvers require it for heads
+    directions = None
+    if trace.attention is AttentionTrace.V:
+        directions = tuple(tuple(d.tolist()) for d in _value_directions(entry, request, trace))
+    assert isinstance(kind, AttentionHeads)
+    return kind.trace_attention(
+        node.layer, node.index, trace.position, trace.attention, trace.key_position, directions
+    )
 
 
-def _value_direction(
-    entry: ModelEntry, request: ForwardRequest, trace: TraceRequest
-) -> torch.Tensor:
-    """W_O[h] @ d: d the downstream node's read direction, or the loss's gradient w.r.t. the
-    attention output at the query token (one extra backward pass to find it)."""
+def _value_directions(entry: ModelEntry, request: ForwardRequest, trace: TraceSpec) -> torch.Tensor:
+    """[row, d_head]: W_O[h] @ d, d the downstream node's read direction, or each row's loss
+    gradient with respect to the attention output at the query position (one probe pass over
+    every row, each with its own interventions)."""
     node, backend = trace.upstream, entry.require_backend()
-    w_o = write_directions(entry, node.layer, NodeKind.ATTENTION_HEAD)[
-        node.index
-    ]  # [d_head, d_model]
+    w_o = write_directions(entry, node.layer, node.kind)[node.index]  # [d_head, d_model]
+    rows = len(request.tokens)
     downstream = trace.downstream
     if downstream is None:
         point = HookPoint(node.layer, Location.ATTN_OUT)
-        probe = backend.run(
-            ForwardRequest(
-                tokens=request.tokens[:1],
+        probe = backend.forward(
+            replace(
+                request,
                 save=frozenset({point}),
-                interventions=request.interventions,
-                backward=request.backward or LossSpec(),
                 save_grads=frozenset({point}),
-                autoencoder_error_term=request.autoencoder_error_term,
+                backward=request.backward or LossSpec(),
+                trace=None,
             )
         )
-        direction = probe.gradients[point][0, trace.token].float()
-    elif downstream.kind is NodeKind.MLP_NEURON:
-        direction = backend.weight(f"blocks.{downstream.layer}.mlp.W_in")[:, downstream.index]
-    elif downstream.kind is NodeKind.RESIDUAL_CHANNEL:
-        direction = torch.zeros(entry.architecture.d_model, device=backend.device)
-        direction[downstream.index] = 1.0
-    else:
+        gradients = probe.gradients[point][:, trace.position].float()  # [row, d_model]
+        return gradients.to(w_o.device) @ w_o.T
+    direction = entry.kind(downstream.kind).read_direction(
+        backend, downstream.layer, downstream.index
+    )
+    if direction is None:
         raise UnavailableError(
             "A downstream node of a V trace must be an MLP neuron or a residual channel."
         )
-    return w_o @ direction.to(w_o.device)
+    return (w_o @ direction.to(w_o.device)).expand(rows, -1)

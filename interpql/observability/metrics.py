@@ -73,6 +73,14 @@ class Metrics:
             buckets=ROWS_BUCKETS,
             registry=registry,
         )
+        self.work_seconds = Histogram(
+            "interpql_model_work_duration_seconds",
+            "Time on the model's worker per piece of work: batched passes (work=pass), and "
+            "generation, similar nodes and scored tokens.",
+            ["model", "work"],
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
         self.coalesced_rows = Counter(
             "interpql_inference_coalesced_rows",
             "Prompts that ran in one pass with other requests' prompts.",
@@ -89,9 +97,11 @@ class Metrics:
         if services.runner is not None:
             services.runner.pass_observers.append(self.observe_pass)
 
-    def observe_pass(self, model: str, rows: int, seconds: float) -> None:
-        self.pass_seconds.labels(model).observe(seconds)
-        self.pass_rows.labels(model).observe(rows)
+    def observe_pass(self, model: str, work: str, rows: int, seconds: float) -> None:
+        self.work_seconds.labels(model, work).observe(seconds)
+        if work == "pass":
+            self.pass_seconds.labels(model).observe(seconds)
+            self.pass_rows.labels(model).observe(rows)
 
     def observe_request(
         self, operation_type: str, error_codes: list[str], seconds: float, stats: InferenceStats

@@ -9,7 +9,7 @@ from interpql.loaders.auth import ApiKeys
 from interpql.loaders.cache import NodeDataCache
 from interpql.loaders.coalescing import InferenceRunner
 from interpql.loaders.explaining import ExplanationService
-from interpql.loaders.inference import InferenceLoader, RunCache, default_runner
+from interpql.loaders.inference import InferenceLoader, ResultCache, default_runner
 from interpql.loaders.jobs import JobManager
 from interpql.loaders.node_data import NodeDataLoaders
 from interpql.loaders.rate_limits import RateLimiter
@@ -31,25 +31,31 @@ class Services:
     api_keys: ApiKeys = field(default_factory=ApiKeys)
     # Gathers concurrent requests' forward passes (window from settings).
     runner: InferenceRunner | None = None
-    # Earlier requests' runs, for identical inputs.
-    runs: RunCache | None = None
+    # Earlier requests' results, for identical inputs.
+    results: ResultCache | None = None
     # Requests and estimated cost per client per minute (limits from settings).
     rate_limiter: RateLimiter | None = None
     # An OpenTelemetry TracerProvider (--otel): operations and resolvers are traced to it.
     tracer_provider: Any = None
 
+    @property
+    def model_runner(self) -> InferenceRunner:
+        """Where every computation with a model goes (set in __post_init__)."""
+        assert self.runner is not None
+        return self.runner
+
     def __post_init__(self) -> None:
         if self.runner is None:
             self.runner = default_runner(
-                self.settings.coalesce_window_ms / 1000, self.settings.inference_timeout_s
+                self.settings.coalesce_window_s, self.settings.inference_timeout_s
             )
         if self.rate_limiter is None:
             self.rate_limiter = RateLimiter(
                 self.settings.rate_limit_requests_per_minute,
                 self.settings.rate_limit_cost_per_minute,
             )
-        if self.runs is None and self.settings.cached_runs > 0:
-            self.runs = RunCache(self.settings.cached_runs)
+        if self.results is None and self.settings.cached_runs > 0:
+            self.results = ResultCache(self.settings.cached_runs)
         if self.explaining is None:
             # A store in memory: explanations generated while the server runs.
             self.explaining = ExplanationService(
@@ -118,7 +124,7 @@ class RequestContext:
             services = Services(services, settings or Settings())
         return cls(
             services,
-            InferenceLoader(services.registry, services.runner, services.runs),
+            InferenceLoader(services.registry, services.runner, services.results),
             NodeDataLoaders(services.registry, services.cache),
             request,
             response,

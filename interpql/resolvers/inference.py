@@ -1,75 +1,41 @@
-"""Live inference: a prompt's tokens, loss, predictions and activations."""
+"""Live inference: an input checked into its spec, and what its pass computes."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 import numpy as np
 
-from interpql.backends.base import AttentionTrace, LossSpec
-from interpql.errors import check_range, invalid_argument, invalid_node
-from interpql.loaders.inference import Ablation, ActivationNeeds, PromptRun, Variant
-from interpql.loaders.nodes import NodeKind, NodeRef
+from interpql.errors import InvalidInputError, check_range, invalid_argument, invalid_node
+from interpql.loaders.inference import Needs, RowResult
 from interpql.loaders.registry import ModelEntry
-from interpql.loaders.tracing import TraceRequest
+from interpql.loaders.tracing import reads_after
 from interpql.resolvers.context import RequestContext
-from interpql.resolvers.models import encode_prompt, node_from_id
+from interpql.resolvers.inputs import AblationArgs, InferenceArgs, LossArgs, TraceArgs
+from interpql.resolvers.models import encode, encode_prompt, node_from_id
+from interpql.specs import (
+    Ablation,
+    AttentionTrace,
+    InferenceSpec,
+    LossKind,
+    LossSpec,
+    NodeRef,
+    TraceSpec,
+)
 
 # Far beyond any activation a model produces; larger ablation or steering values only overflow
 # the forward pass (inf, then nan in every later layer), or even the weights' dtype.
 MAX_INTERVENTION_MAGNITUDE = 1e6
 
-
-class MlpComponent(Enum):
-    """The unit of analysis in MLP layers, as in Transformer Debugger's requests."""
-
-    NEURON = "neuron"
-    AUTOENCODER_LATENT = "autoencoder_latent"
-
-
-class AttentionComponent(Enum):
-    """The unit of analysis in attention layers."""
-
-    HEAD = "head"
-    AUTOENCODER_LATENT = "autoencoder_latent"
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A validated prompt of one model, with what to change while running it."""
-
-    entry: ModelEntry
-    text: str
-    variant: Variant
-    mlp_component: MlpComponent = MlpComponent.NEURON
-    attention_component: AttentionComponent = AttentionComponent.HEAD
-    hide_early_layers_when_ablating: bool = False
-
-    @property
-    def tokens(self) -> tuple[int, ...]:
-        return self.variant.tokens
-
-
-@dataclass(frozen=True)
-class TraceSpec:
-    upstream_node_id: str
-    token: int
-    attention: AttentionTrace | None
-    key_token: int | None
-    downstream_node_id: str | None
-
-
-@dataclass(frozen=True)
-class AblationRequest:
-    node_id: str
-    value: float
-    token: int | None
+# The analysis units InferenceInput's mlpComponent and attentionComponent name, by enum value.
+MLP_KINDS = {"neuron": "mlp_neuron", "autoencoder_latent": "mlp_autoencoder_latent"}
+ATTENTION_KINDS = {"head": "attention_head", "autoencoder_latent": "attention_autoencoder_latent"}
 
 
 @dataclass(frozen=True)
 class Prediction:
-    token_id: int
+    token: int
     logit: float
     probability: float
 
@@ -77,122 +43,217 @@ class Prediction:
 @dataclass(frozen=True)
 class NodeValues:
     node: NodeRef
-    prompt: Prompt
-    values: np.ndarray  # [token]
+    tokens: tuple[int, ...]
+    values: np.ndarray  # [position]
     pattern: np.ndarray | None  # [query, key] for attention heads
     pair_attribution: np.ndarray | None  # [query, key] for attention heads
 
 
-def prepare(
-    ctx: RequestContext,
-    entry: ModelEntry,
-    text: str,
-    ablations: list[AblationRequest] | None = None,
-    autoencoder_error_term: bool = True,
-    loss: LossSpec | None = None,
-    mlp_component: MlpComponent = MlpComponent.NEURON,
-    attention_component: AttentionComponent = AttentionComponent.HEAD,
-    trace: TraceSpec | None = None,
-    hide_early_layers_when_ablating: bool = False,
-) -> Prompt:
+@dataclass(frozen=True)
+class PassFigures:
+    """What the pass that served an input measured (zeros when it came from the cache)."""
+
+    elapsed_ms: float
+    batch_size: int
+    memory_before_bytes: int
+    memory_after_bytes: int
+    from_cache: bool
+
+
+def inference_spec(ctx: RequestContext, model_name: str, args: InferenceArgs) -> InferenceSpec:
+    """The one spec of an `infer` input: its prompt tokenized, every node id resolved (within
+    the model), every position and token checked."""
+    entry = ctx.registry.get(model_name)
     entry.require_backend()
-    tokens = encode_prompt(ctx, entry, text)
-    checked = []
-    for request in ablations or []:
-        node = _own_node(ctx, entry, request.node_id)
-        if request.token is not None:
-            check_range("ablation tokenIndex", request.token, 0, len(tokens))
-        if not abs(request.value) <= MAX_INTERVENTION_MAGNITUDE:  # nan too
-            raise invalid_argument(
-                f"Ablation value of {node.id} must be a number within "
-                f"±{MAX_INTERVENTION_MAGNITUDE:g}, got {request.value}."
-            )
-        checked.append(Ablation(node, request.value, request.token))
-    traced = None if trace is None else _trace(ctx, entry, tokens, trace)
-    variant = Variant(tokens, tuple(checked), autoencoder_error_term, loss or LossSpec(), traced)
-    return Prompt(
-        entry,
-        text,
-        variant,
-        mlp_component,
-        attention_component,
-        hide_early_layers_when_ablating,
+    tokens = encode_prompt(ctx, entry, args.prompt)
+    return InferenceSpec(
+        model=entry.name,
+        prompt=args.prompt,
+        tokens=tokens,
+        ablations=ablations(ctx, entry, args.ablations, len(tokens)),
+        loss=LossSpec() if args.loss is None else loss_spec(ctx, entry, args.loss),
+        trace=None if args.trace is None else _trace(ctx, entry, args.trace, len(tokens)),
+        keep_error_term=args.autoencoder_error_term,
+        mlp_kind=MLP_KINDS[args.mlp_component.value],
+        attention_kind=ATTENTION_KINDS[args.attention_component.value],
+        hide_early_layers_when_ablating=args.hide_early_layers_when_ablating,
     )
 
 
-def _trace(
-    ctx: RequestContext, entry: ModelEntry, tokens: tuple[int, ...], spec: TraceSpec
-) -> TraceRequest:
-    upstream = _own_node(ctx, entry, spec.upstream_node_id)
-    check_range("trace tokenIndex", spec.token, 0, len(tokens))
-    if spec.key_token is not None:
-        check_range("trace keyTokenIndex", spec.key_token, 0, spec.token + 1)
+def plain_spec(ctx: RequestContext, node: NodeRef, prompt: str) -> InferenceSpec:
+    """A prompt run as it is, for a node's activations on it (Node.activations)."""
+    entry = ctx.registry.get(node.model)
+    entry.require_backend()
+    return InferenceSpec(model=entry.name, prompt=prompt, tokens=encode_prompt(ctx, entry, prompt))
+
+
+def ablations(
+    ctx: RequestContext, entry: ModelEntry, given: Sequence[AblationArgs], n_tokens: int
+) -> tuple[Ablation, ...]:
+    checked = []
+    for args in given:
+        node = own_node(ctx, entry, str(args.node_id))
+        if args.token_index is not None:
+            check_range("ablation tokenIndex", args.token_index, 0, n_tokens)
+        check_magnitude(f"Ablation value of {node.id}", args.value)
+        checked.append(Ablation(node=node, value=args.value, position=args.token_index))
+    return tuple(checked)
+
+
+def check_magnitude(what: str, value: float) -> None:
+    if not abs(value) <= MAX_INTERVENTION_MAGNITUDE:  # nan too
+        raise invalid_argument(
+            f"{what} must be a number within ±{MAX_INTERVENTION_MAGNITUDE:g}, got {value}."
+        )
+
+
+def loss_spec(ctx: RequestContext, entry: ModelEntry, args: LossArgs) -> LossSpec:
+    kind = LossKind(args.kind.value)
+    targets = _token_ids(ctx, entry, args.target_tokens, args.target_token_ids)
+    distractors = _token_ids(ctx, entry, args.distractor_tokens, args.distractor_token_ids)
+    if kind is LossKind.LOGIT_DIFF and not (targets and distractors):
+        raise invalid_argument("LOGIT_DIFF needs target and distractor tokens.")
+    if kind in (LossKind.LOGIT_MINUS_MEAN, LossKind.PROBS) and not targets:
+        raise invalid_argument(f"{kind.name} needs target tokens.")
+    return LossSpec(kind=kind, targets=targets, distractors=distractors)
+
+
+def _token_ids(
+    ctx: RequestContext, entry: ModelEntry, texts: Sequence[str], ids: Sequence[int]
+) -> tuple[int, ...]:
+    found = []
+    for text in texts:
+        encoded = encode(ctx, entry, text)
+        if len(encoded) != 1:
+            raise InvalidInputError(
+                f"{text!r} is {len(encoded)} tokens, not one: {list(encoded)}.",
+                code="INVALID_TOKEN",
+            )
+        found.append(encoded[0])
+    for token in ids:
+        if not 0 <= token < entry.architecture.n_vocab:
+            raise InvalidInputError(
+                f"Token id {token} is not in [0, {entry.architecture.n_vocab}).",
+                code="INVALID_TOKEN",
+            )
+        found.append(token)
+    return tuple(found)
+
+
+def _trace(ctx: RequestContext, entry: ModelEntry, args: TraceArgs, n_tokens: int) -> TraceSpec:
+    upstream = own_node(ctx, entry, str(args.upstream_node_id))
+    check_range("trace tokenIndex", args.token_index, 0, n_tokens)
+    if args.key_token_index is not None:
+        check_range("trace keyTokenIndex", args.key_token_index, 0, args.token_index + 1)
+    attention = (
+        None
+        if args.attention_trace_type is None
+        else AttentionTrace(args.attention_trace_type.value)
+    )
+    if entry.kind(upstream.kind).attends:
+        if attention is None or args.key_token_index is None:
+            raise invalid_argument(
+                "Tracing an attention head needs attentionTraceType (Q, K, QK or V) and "
+                "keyTokenIndex."
+            )
+    elif attention is not None:
+        raise invalid_argument("attentionTraceType applies to attention heads only.")
     downstream = None
-    if spec.downstream_node_id is not None:
-        downstream = _own_node(ctx, entry, spec.downstream_node_id)
-        if downstream.layer <= upstream.layer and downstream.kind is not NodeKind.RESIDUAL_CHANNEL:
-            raise invalid_argument("The downstream node must be in a later layer.")
-    return TraceRequest(upstream, spec.token, spec.attention, spec.key_token, downstream)
+    if args.downstream_node_id is not None:
+        downstream = own_node(ctx, entry, str(args.downstream_node_id))
+        if not reads_after(entry, upstream, downstream):
+            raise invalid_argument(
+                "The downstream node must read the residual stream after the upstream node "
+                "writes to it."
+            )
+    return TraceSpec(
+        upstream=upstream,
+        position=args.token_index,
+        attention=attention,
+        key_position=args.key_token_index,
+        downstream=downstream,
+    )
 
 
-def _own_node(ctx: RequestContext, entry: ModelEntry, node_id: str) -> NodeRef:
+def own_node(ctx: RequestContext, entry: ModelEntry, node_id: str) -> NodeRef:
     node = node_from_id(ctx, node_id)
     if node.model != entry.name:
         raise invalid_node(node_id, f"it belongs to another model than {entry.name!r}")
     return node
 
 
-async def run(ctx: RequestContext, prompt: Prompt, needs: ActivationNeeds) -> PromptRun:
-    return await ctx.inference.load(prompt.entry.name, prompt.variant, needs)
+async def result(ctx: RequestContext, spec: InferenceSpec, needs: Needs | None = None) -> RowResult:
+    return await ctx.inference.load(spec, needs or Needs())
 
 
-def _node_needs(nodes: list[NodeRef]) -> ActivationNeeds:
-    return ActivationNeeds(
+async def next_token_loss(ctx: RequestContext, spec: InferenceSpec) -> float | None:
+    return (await result(ctx, spec)).next_token_loss
+
+
+async def objective(ctx: RequestContext, spec: InferenceSpec) -> float:
+    return (await result(ctx, spec)).objective
+
+
+async def pass_figures(ctx: RequestContext, spec: InferenceSpec) -> PassFigures:
+    done = await result(ctx, spec)
+    return PassFigures(
+        elapsed_ms=done.elapsed_s * 1000.0,
+        batch_size=done.batch_size,
+        memory_before_bytes=done.memory_before_bytes,
+        memory_after_bytes=done.memory_after_bytes,
+        from_cache=done.from_cache,
+    )
+
+
+def _node_needs(entry: ModelEntry, nodes: list[NodeRef]) -> Needs:
+    return Needs(
         layer_kinds=frozenset((n.layer, n.kind) for n in nodes),
-        pattern_layers=frozenset(n.layer for n in nodes if n.kind is NodeKind.ATTENTION_HEAD),
+        pattern_layers=frozenset(n.layer for n in nodes if entry.kind(n.kind).attends),
     )
 
 
 async def node_values(
-    ctx: RequestContext, prompt: Prompt, nodes: list[NodeRef]
+    ctx: RequestContext, spec: InferenceSpec, nodes: list[NodeRef]
 ) -> list[NodeValues]:
-    result = await run(ctx, prompt, _node_needs(nodes))
+    entry = ctx.registry.get(spec.model)
+    done = await result(ctx, spec, _node_needs(entry, nodes))
     out = []
     for node in nodes:
-        values = result.activations(node.layer, node.kind)[:, node.index]
+        values = done.activations(node.layer, node.kind)[:, node.index]
         pattern = pairs = None
-        if node.kind is NodeKind.ATTENTION_HEAD:
-            pattern = result.patterns[node.layer][:, node.index, :]
-            found = result.pair_attributions.get(node.layer)
+        if entry.kind(node.kind).attends:
+            pattern = done.patterns[node.layer][:, node.index, :]
+            found = done.pair_attributions.get(node.layer)
             pairs = None if found is None else found[:, node.index, :]
-        out.append(NodeValues(node, prompt, values, pattern, pairs))
+        out.append(NodeValues(node, spec.tokens, values, pattern, pairs))
     return out
 
 
 async def activations_of_ids(
-    ctx: RequestContext, prompt: Prompt, node_ids: list[str]
+    ctx: RequestContext, spec: InferenceSpec, node_ids: list[str]
 ) -> list[NodeValues]:
     check_range("number of ids", len(node_ids), 0, ctx.settings.max_nodes_per_request + 1)
-    nodes = [_own_node(ctx, prompt.entry, node_id) for node_id in node_ids]
-    return await node_values(ctx, prompt, nodes)
+    entry = ctx.registry.get(spec.model)
+    nodes = [own_node(ctx, entry, node_id) for node_id in node_ids]
+    return await node_values(ctx, spec, nodes)
 
 
 async def layer_values(
-    ctx: RequestContext, prompt: Prompt, layer: int, kind: NodeKind
+    ctx: RequestContext, spec: InferenceSpec, layer: int, kind: str
 ) -> np.ndarray:
-    """[token, node] activations of every node of one kind in one layer."""
-    entry = prompt.entry
+    """[position, node] activations of every node of one kind in one layer."""
+    entry = ctx.registry.get(spec.model)
     entry.check_layer(layer)
     entry.node(kind, layer, 0)  # raises when the model has no such nodes
-    result = await run(ctx, prompt, ActivationNeeds(layer_kinds=frozenset({(layer, kind)})))
-    return result.activations(layer, kind)
+    done = await result(ctx, spec, Needs(layer_kinds=frozenset({(layer, kind)})))
+    return done.activations(layer, kind)
 
 
-def top_predictions(
-    ctx: RequestContext, result: PromptRun, k: int, bottom: bool = False
+async def top_predictions(
+    ctx: RequestContext, spec: InferenceSpec, k: int, bottom: bool = False
 ) -> list[Prediction]:
     check_range("k", k, 1, ctx.settings.max_top_k + 1)
-    logits = result.last_logits.astype(np.float64)
+    logits = (await result(ctx, spec)).last_logits.astype(np.float64)
     k = min(k, logits.shape[0])
     ranked = logits if bottom else -logits
     top = np.argpartition(ranked, k - 1)[:k]

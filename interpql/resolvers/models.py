@@ -2,49 +2,98 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from interpql.backends.tokenizer import gpt2_encoding
 from interpql.errors import InvalidInputError, check_range
-from interpql.loaders.nodes import NodeKind, NodeRef, parse_node_id
-from interpql.loaders.registry import LATENT_LOCATIONS, ModelEntry
+from interpql.loaders.registry import ModelEntry
 from interpql.resolvers.context import RequestContext
 from interpql.resolvers.search import offset_of, ordered_indices
+from interpql.specs import NodeRef, parse_node_id
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What the schema shows of a model, as plain values."""
+
+    name: str
+    backend: str
+    loaded: bool
+    device: str
+    dtype: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_head: int
+    d_mlp: int
+    n_ctx: int
+    n_vocab: int
 
 
 @dataclass(frozen=True)
 class AutoencoderSummary:
-    kind: NodeKind
+    kind: str
     layer: int
     input: str
     n_latents: int
     source: str
 
 
-def autoencoders(entry: ModelEntry) -> list[AutoencoderSummary]:
-    if entry.backend is None:
-        return []
-    kinds = {location: kind for kind, location in LATENT_LOCATIONS.items()}
-    summaries = []
-    for point, attached in sorted(entry.backend.autoencoders.items()):
-        kind = kinds[point.location]
-        summaries.append(
-            AutoencoderSummary(
-                kind=kind,
-                layer=point.layer,
-                input=attached.input.value,
-                n_latents=attached.autoencoder.n_latents,
-                source=entry.autoencoder_sources.get(kind, ""),
-            )
-        )
-    return summaries
-
-
 @dataclass(frozen=True)
 class TokenInfo:
-    index: int
+    index: int  # its position
     id: int
     text: str
+
+
+def view(entry: ModelEntry) -> ModelView:
+    arch = entry.architecture
+    return ModelView(
+        name=entry.name,
+        backend=entry.backend_name,
+        loaded=entry.backend is not None,
+        device=entry.device,
+        dtype=entry.dtype,
+        n_layers=arch.n_layers,
+        d_model=arch.d_model,
+        n_heads=arch.n_heads,
+        d_head=arch.d_head,
+        d_mlp=arch.d_mlp,
+        n_ctx=arch.n_ctx,
+        n_vocab=arch.n_vocab,
+    )
+
+
+def models(ctx: RequestContext) -> list[ModelView]:
+    return [view(entry) for entry in ctx.registry.all()]
+
+
+def model(ctx: RequestContext, name: str) -> ModelView:
+    return view(ctx.registry.get(name))
+
+
+def check_layer(ctx: RequestContext, model_name: str, layer: int) -> int:
+    return ctx.registry.get(model_name).check_layer(layer)
+
+
+def autoencoders(ctx: RequestContext, model_name: str) -> list[AutoencoderSummary]:
+    entry = ctx.registry.get(model_name)
+    summaries = []
+    for kind in entry.kinds():
+        for layer in range(entry.architecture.n_layers):
+            attached = entry.backend.autoencoders.get(kind.point(layer)) if entry.backend else None
+            if attached is None:
+                continue
+            summaries.append(
+                AutoencoderSummary(
+                    kind=kind.name,
+                    layer=layer,
+                    input=attached.input.value,
+                    n_latents=attached.autoencoder.n_latents,
+                    source=entry.autoencoder_sources.get(kind.name, ""),
+                )
+            )
+    return sorted(summaries, key=lambda s: (s.layer, s.kind))
 
 
 def node_from_id(ctx: RequestContext, node_id: str) -> NodeRef:
@@ -56,17 +105,32 @@ def nodes_from_ids(ctx: RequestContext, node_ids: list[str]) -> list[NodeRef]:
     return [node_from_id(ctx, node_id) for node_id in node_ids]
 
 
-def node_kind_counts(entry: ModelEntry, layer: int | None = None) -> list[tuple[NodeKind, int]]:
+def node(ctx: RequestContext, model_name: str, kind: str, layer: int, index: int) -> NodeRef:
+    return ctx.registry.get(model_name).node(kind, layer, index)
+
+
+def node_kind_counts(
+    ctx: RequestContext, model_name: str, layer: int | None = None
+) -> list[tuple[str, int]]:
     """Counts per kind in one layer, or summed over all layers; kinds with none are left out."""
+    entry = ctx.registry.get(model_name)
     layers = range(entry.architecture.n_layers) if layer is None else [layer]
-    counts = [(kind, sum(entry.node_count(kind, i) for i in layers)) for kind in NodeKind]
+    counts = [(k.name, sum(entry.node_count(k.name, i) for i in layers)) for k in entry.kinds()]
     return [(kind, n) for kind, n in counts if n > 0]
 
 
 def layer_nodes(
-    entry: ModelEntry, layer: int, kind: NodeKind, first: int, after: str | None, order: str
+    ctx: RequestContext,
+    model_name: str,
+    *,
+    layer: int,
+    kind: str,
+    first: int,
+    after: str | None,
+    order: str,
 ) -> tuple[list[tuple[int, NodeRef]], int]:
     """One page of a layer's nodes of one kind, as (position, node), and the total count."""
+    entry = ctx.registry.get(model_name)
     check_range("first", first, 0, 1001)
     start = offset_of(after)
     indices = ordered_indices(entry, layer, kind, order)[start : start + first]
@@ -75,10 +139,8 @@ def layer_nodes(
     ], entry.node_count(kind, layer)
 
 
-def token_text(entry: ModelEntry, token_id: int) -> str:
-    # Served without weights, a GPT-2 model still has its tokenizer.
-    tokenizer = entry.backend.tokenizer if entry.backend is not None else gpt2_encoding()
-    return tokenizer.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
+def token_text(ctx: RequestContext, model_name: str, token: int) -> str:
+    return ctx.registry.get(model_name).token_text(token)
 
 
 def encode(ctx: RequestContext, entry: ModelEntry, text: str) -> tuple[int, ...]:
@@ -93,11 +155,13 @@ def encode(ctx: RequestContext, entry: ModelEntry, text: str) -> tuple[int, ...]
     return tuple(tokenizer.encode(text, allowed_special="all"))
 
 
-def tokenize(ctx: RequestContext, entry: ModelEntry, text: str) -> list[TokenInfo]:
-    return [
-        TokenInfo(index=i, id=t, text=token_text(entry, t))
-        for i, t in enumerate(encode(ctx, entry, text))
-    ]
+def tokenize(ctx: RequestContext, model_name: str, text: str) -> list[TokenInfo]:
+    entry = ctx.registry.get(model_name)
+    return tokens_of(entry, encode(ctx, entry, text))
+
+
+def tokens_of(entry: ModelEntry, tokens: tuple[int, ...] | list[int]) -> list[TokenInfo]:
+    return [TokenInfo(index=i, id=t, text=entry.token_text(t)) for i, t in enumerate(tokens)]
 
 
 def encode_prompt(ctx: RequestContext, entry: ModelEntry, prompt: str) -> tuple[int, ...]:
@@ -111,3 +175,22 @@ def encode_prompt(ctx: RequestContext, entry: ModelEntry, prompt: str) -> tuple[
             code="PROMPT_TOO_LONG",
         )
     return tokens
+
+
+def prompt_token_counter(ctx: RequestContext) -> Callable[[str], int]:
+    """Counts a prompt's tokens with every served model's tokenizer (the largest count),
+    capped at the longest context window: what the cost estimate charges. A text too long for
+    any context is not tokenized: it is refused for its length before anything runs."""
+    entries = ctx.registry.all()
+    most = max((e.architecture.n_ctx for e in entries), default=1)
+    tokenizers = list({id(b.tokenizer): b.tokenizer for e in entries if (b := e.backend)}.values())
+    max_chars = most * ctx.settings.max_chars_per_token
+
+    def count(text: str) -> int:
+        if len(text) > max_chars:
+            return most
+        if not tokenizers:  # metadata only: byte-level BPE makes at most a token per byte
+            return min(most, len(text.encode("utf-8", errors="replace")))
+        return min(most, max(len(t.encode(text, allowed_special="all")) for t in tokenizers))
+
+    return count

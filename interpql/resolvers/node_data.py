@@ -4,11 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from interpql.backends.explanations.normalize import normalize_activations
 from interpql.errors import check_range
-from interpql.loaders.nodes import NodeRef
-from interpql.loaders.sources import Example, ExplanationData, NodeRecordData, NodeStatistics
+from interpql.loaders.node_data import normalize_activations
+from interpql.loaders.sources import Example, ExplanationData, NodeRecordData, Statistics
 from interpql.resolvers.context import RequestContext
+from interpql.specs import NodeRef
+
+# Plain values the schema reads: the loaders' own, passed through.
+__all__ = [
+    "ExampleView",
+    "ExplanationData",
+    "Statistics",
+    "best_explanation",
+    "explanations",
+    "random_sample",
+    "statistics",
+    "top_activations",
+]
 
 MAX_EXAMPLES = 1000
 
@@ -53,7 +65,7 @@ async def random_sample(ctx: RequestContext, node: NodeRef, first: int) -> list[
     return [] if record is None else _views(record, record.random, first)
 
 
-async def statistics(ctx: RequestContext, node: NodeRef) -> NodeStatistics | None:
+async def statistics(ctx: RequestContext, node: NodeRef) -> Statistics | None:
     record = await _record(ctx, node)
     return None if record is None else record.statistics
 

@@ -3,17 +3,16 @@ layers sorted by what is known about their nodes."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from interpql.errors import UnavailableError, check_range, invalid_argument
-from interpql.loaders.nodes import NodeKind, NodeRef, parse_node_id
 from interpql.loaders.registry import ModelEntry
 from interpql.loaders.similarity import similar_nodes as similar
 from interpql.resolvers.context import RequestContext
+from interpql.specs import NodeRef, parse_node_id
 
 MAX_PAGE = 1000
 
@@ -63,14 +62,15 @@ async def similar_nodes(
 ) -> list[tuple[NodeRef, float]]:
     check_range("first", first, 0, MAX_PAGE + 1)
     entry = ctx.registry.get(node.model)
-    if node.kind is NodeKind.RESIDUAL_CHANNEL:
-        raise UnavailableError("Residual channels have no write direction to compare.")
+    if not entry.kind(node.kind).has_write_direction:
+        raise UnavailableError(f"Nodes of kind {node.kind} have no write direction to compare.")
     entry.require_backend()
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(entry.executor, similar, entry, node, first)
+    return await ctx.services.model_runner.compute(
+        entry, "similar_nodes", lambda stop: similar(entry, node, first)
+    )
 
 
-def ordered_indices(entry: ModelEntry, layer: int, kind: NodeKind, order: str) -> np.ndarray:
+def ordered_indices(entry: ModelEntry, layer: int, kind: str, order: str) -> np.ndarray:
     """The layer's node indices in the asked order (highest first; unknown values last)."""
     count = entry.node_count(kind, layer)
     if order == "index":

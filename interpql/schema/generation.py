@@ -6,10 +6,8 @@ from collections.abc import AsyncGenerator
 
 import strawberry
 
-from interpql.loaders.generation import Generated, GenerationStep
-from interpql.loaders.registry import ModelEntry
 from interpql.resolvers import generation as generation_resolvers
-from interpql.resolvers.inference import AblationRequest
+from interpql.resolvers.generation import Generated, GenerationStep
 from interpql.resolvers.models import token_text
 from interpql.schema.inputs import GenerateInput
 from interpql.schema.jobs import JobEvent, job_updates
@@ -41,40 +39,27 @@ class GenerationEvent:
     )
 
 
-def _request(input: GenerateInput) -> generation_resolvers.GenerationRequest:
-    return generation_resolvers.GenerationRequest(
-        prompt=input.prompt,
-        max_tokens=input.max_tokens,
-        temperature=input.temperature,
-        top_p=input.top_p,
-        seed=input.seed,
-        ablations=[
-            AblationRequest(str(a.node_id), a.value, a.token_index) for a in input.ablations
-        ],
-        steering=[
-            generation_resolvers.SteeringRequest(str(s.node_id), s.strength, s.token_indices)
-            for s in input.steering
-        ],
-    )
-
-
-def _continuation(entry: ModelEntry, ids: list[int]) -> Continuation:
-    tokens = [Token(index=i, id=t, text=token_text(entry, t)) for i, t in enumerate(ids)]
+def _continuation(info: Info, model: str, ids: list[int]) -> Continuation:
+    tokens = [
+        Token(index=i, id=t, text=token_text(info.context, model, t)) for i, t in enumerate(ids)
+    ]
     return Continuation(text="".join(t.text for t in tokens), tokens=tokens)
 
 
-def _result(entry: ModelEntry, prompt: str, generated: Generated) -> GenerationResult:
+def _result(info: Info, model: str, prompt: str, generated: Generated) -> GenerationResult:
     return GenerationResult(
         prompt=prompt,
-        unsteered=_continuation(entry, generated.unsteered),
-        steered=None if generated.steered is None else _continuation(entry, generated.steered),
+        unsteered=_continuation(info, model, generated.unsteered),
+        steered=None
+        if generated.steered is None
+        else _continuation(info, model, generated.steered),
     )
 
 
-async def generate(info: Info, entry: ModelEntry, input: GenerateInput) -> GenerationResult:
-    spec = generation_resolvers.prepare_generation(info.context, entry, _request(input))
-    generated = await generation_resolvers.run_generation(entry, spec)
-    return _result(entry, input.prompt, generated)
+async def generate(info: Info, model: str, input: GenerateInput) -> GenerationResult:
+    spec = generation_resolvers.generation_spec(info.context, model, input)
+    generated = await generation_resolvers.run_generation(info.context, spec)
+    return _result(info, model, input.prompt, generated)
 
 
 @strawberry.type(description="Streams: generation token by token, and jobs' progress.")
@@ -93,15 +78,17 @@ class Subscription:
     async def generate(
         self, info: Info, model: str, input: GenerateInput
     ) -> AsyncGenerator[GenerationEvent, None]:
-        entry = info.context.registry.get(model)
-        spec = generation_resolvers.prepare_generation(info.context, entry, _request(input))
+        spec = generation_resolvers.generation_spec(info.context, model, input)
+        model = spec.model
         last_step = 0
-        async for event in generation_resolvers.stream_generation(entry, spec):
+        async for event in generation_resolvers.stream_generation(info.context, spec):
             if isinstance(event, GenerationStep):
                 last_step = event.step
 
                 def token(t: int | None, step: int = event.step) -> Token | None:
-                    return None if t is None else Token(index=step, id=t, text=token_text(entry, t))
+                    if t is None:
+                        return None
+                    return Token(index=step, id=t, text=token_text(info.context, model, t))
 
                 yield GenerationEvent(
                     step=event.step,
@@ -114,5 +101,5 @@ class Subscription:
                     step=last_step,
                     unsteered_token=None,
                     steered_token=None,
-                    result=_result(entry, input.prompt, event),
+                    result=_result(info, model, input.prompt, event),
                 )

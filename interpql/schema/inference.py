@@ -9,13 +9,10 @@ from typing import Any
 import numpy as np
 import strawberry
 
-from interpql.loaders.inference import ActivationNeeds
-from interpql.loaders.nodes import NodeKind
 from interpql.resolvers import analysis as analysis_resolvers
 from interpql.resolvers import inference as inference_resolvers
-from interpql.resolvers.analysis import Group
-from interpql.resolvers.inference import Prompt
 from interpql.resolvers.models import token_text
+from interpql.schema.enums import Group, NodeKind
 from interpql.schema.scalars import FloatArray
 from interpql.schema.types import (
     Info,
@@ -25,6 +22,7 @@ from interpql.schema.types import (
     node_activations,
     tokens_of,
 )
+from interpql.specs import InferenceSpec
 
 
 @strawberry.type(description="A predicted next token.")
@@ -91,29 +89,27 @@ class LayerActivations:
 
 @strawberry.type(description="The result of running a model on a prompt.")
 class InferenceResult:
-    prompt: strawberry.Private[Prompt]
+    spec: strawberry.Private[InferenceSpec]
 
     @strawberry.field(name="prompt", description="The prompt as given.")
     def prompt_text(self) -> str:
-        return self.prompt.text
+        return self.spec.prompt
 
     @strawberry.field(description="The prompt's tokens.")
     def tokens(self, info: Info) -> list[Token]:
-        return tokens_of(info.context, self.prompt.entry, self.prompt.tokens)
+        return tokens_of(info.context, self.spec.model, self.spec.tokens)
 
     @strawberry.field(
         description="Mean cross-entropy of each next token of the prompt (null for one token)."
     )
     async def loss(self, info: Info) -> float | None:
-        return (
-            await inference_resolvers.run(info.context, self.prompt, ActivationNeeds())
-        ).next_token_loss
+        return await inference_resolvers.next_token_loss(info.context, self.spec)
 
     @strawberry.field(
         description="The value of the input's loss (default NEXT_TOKEN, then equal to loss)."
     )
     async def objective(self, info: Info) -> float:
-        return await analysis_resolvers.objective(info.context, self.prompt)
+        return await inference_resolvers.objective(info.context, self.spec)
 
     @strawberry.field(
         description=(
@@ -126,10 +122,10 @@ class InferenceResult:
         self, info: Info, group: Group, k: int = 10, token_index: int | None = None
     ) -> NodeRanking:
         ranking = await analysis_resolvers.top_nodes(
-            info.context, self.prompt, group, k, token_index
+            info.context, self.spec, analysis_resolvers.Group(group.value), k, token_index
         )
 
-        def scored(items: list[analysis_resolvers.ScoredNode]) -> list[ScoredNode]:
+        def scored(items: list[analysis_resolvers.RankedNode]) -> list[ScoredNode]:
             return [ScoredNode(node=Node(ref=s.node), value=s.value) for s in items]
 
         return NodeRanking(
@@ -148,52 +144,66 @@ class InferenceResult:
         return await self._predictions(info, k, bottom=False)
 
     async def _predictions(self, info: Info, k: int, bottom: bool) -> list[TokenPrediction]:
-        result = await inference_resolvers.run(info.context, self.prompt, ActivationNeeds())
-        predictions = inference_resolvers.top_predictions(info.context, result, k, bottom)
+        ctx, model = info.context, self.spec.model
+        predictions = await inference_resolvers.top_predictions(ctx, self.spec, k, bottom)
         return [
             TokenPrediction(
-                token=Token(
-                    index=rank, id=p.token_id, text=token_text(self.prompt.entry, p.token_id)
-                ),
+                token=Token(index=rank, id=p.token, text=token_text(ctx, model, p.token)),
                 logit=p.logit,
                 probability=p.probability,
             )
             for rank, p in enumerate(predictions)
         ]
 
-    @strawberry.field(description="Wall time of the forward pass that served this result, in ms.")
+    @strawberry.field(
+        description=(
+            "Wall time of the forward pass that served this result, in ms (0 when it came "
+            "from the cache of an earlier identical input: no pass ran for it)."
+        )
+    )
     async def inference_time_ms(self, info: Info) -> float:
-        result = await inference_resolvers.run(info.context, self.prompt, ActivationNeeds())
-        return result.elapsed_s * 1000.0
-
-    @strawberry.field(description="Prompts run together in that forward pass.")
-    async def batch_size(self, info: Info) -> int:
-        return (
-            await inference_resolvers.run(info.context, self.prompt, ActivationNeeds())
-        ).batch_size
+        return (await inference_resolvers.pass_figures(info.context, self.spec)).elapsed_ms
 
     @strawberry.field(
-        description="Memory in use before the pass, in bytes (CUDA allocated, or process RSS)."
+        description="Prompts run together in that forward pass (0 when it came from the cache)."
+    )
+    async def batch_size(self, info: Info) -> int:
+        return (await inference_resolvers.pass_figures(info.context, self.spec)).batch_size
+
+    @strawberry.field(
+        description=(
+            "Whether an earlier request's identical input answered it (the server keeps "
+            "--cached-runs results): no forward pass ran for it in this request."
+        )
+    )
+    async def from_cache(self, info: Info) -> bool:
+        return (await inference_resolvers.pass_figures(info.context, self.spec)).from_cache
+
+    @strawberry.field(
+        description=(
+            "Memory in use before the pass, in bytes (CUDA allocated, or process RSS; 0 when "
+            "it came from the cache)."
+        )
     )
     async def memory_before_bytes(self, info: Info) -> float:
-        result = await inference_resolvers.run(info.context, self.prompt, ActivationNeeds())
-        return float(result.memory_before_bytes)
+        figures = await inference_resolvers.pass_figures(info.context, self.spec)
+        return float(figures.memory_before_bytes)
 
     @strawberry.field(description="Memory in use after the pass, in bytes.")
     async def memory_after_bytes(self, info: Info) -> float:
-        result = await inference_resolvers.run(info.context, self.prompt, ActivationNeeds())
-        return float(result.memory_after_bytes)
+        figures = await inference_resolvers.pass_figures(info.context, self.spec)
+        return float(figures.memory_after_bytes)
 
     @strawberry.field(description="Activations of the given nodes (ids) on every token.")
     async def activations(self, info: Info, node_ids: list[strawberry.ID]) -> list[NodeActivations]:
         values = await inference_resolvers.activations_of_ids(
-            info.context, self.prompt, [str(i) for i in node_ids]
+            info.context, self.spec, [str(i) for i in node_ids]
         )
         return [node_activations(info.context, v) for v in values]
 
     @strawberry.field(description="Activations of every node of one kind in one layer.")
     async def layer_activations(self, info: Info, layer: int, kind: NodeKind) -> LayerActivations:
-        values = await inference_resolvers.layer_values(info.context, self.prompt, layer, kind)
+        values = await inference_resolvers.layer_values(info.context, self.spec, layer, kind.value)
         return LayerActivations(
             layer=layer, kind=kind, shape=list(values.shape), values=FloatArray(values)
         )

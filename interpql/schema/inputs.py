@@ -2,47 +2,9 @@
 
 from __future__ import annotations
 
-from enum import Enum
-
 import strawberry
 
-from interpql.backends.base import AttentionTrace, LossKind
-from interpql.resolvers.analysis import Group
-from interpql.resolvers.inference import AttentionComponent, MlpComponent
-
-strawberry.enum(
-    LossKind,
-    description=(
-        "What a backward pass differentiates. NEXT_TOKEN: mean cross-entropy of the prompt's "
-        "next tokens; LOGIT_DIFF: at the last token, mean target logit minus mean distractor "
-        "logit; LOGIT_MINUS_MEAN: mean target logit minus the mean of all logits; PROBS: summed "
-        "probability of the targets; ZERO: a constant 0."
-    ),
-)
-strawberry.enum(
-    AttentionTrace,
-    name="AttentionTraceType",
-    description="Which path of an attention head a trace's gradient flows through.",
-)
-strawberry.enum(MlpComponent, description="The unit of analysis in MLP layers.")
-strawberry.enum(AttentionComponent, description="The unit of analysis in attention layers.")
-strawberry.enum(
-    Group,
-    description=(
-        "What to rank nodes by, per token. ACTIVATION: the node's activation (an attention "
-        "head's: the norm of its write); WRITE_NORM: the norm of what it writes to the residual "
-        "stream; DIRECT_EFFECT: that write projected on the loss's gradient at the final "
-        "residual stream; ACT_TIMES_GRAD: activation times the loss's gradient, a first-order "
-        "estimate of the node's total effect."
-    ),
-)
-
-
-@strawberry.enum(description="How to order a layer's nodes.")
-class NodeOrder(Enum):
-    INDEX = "index"
-    MAX_ACTIVATION = "max_activation"
-    EXPLANATION_SCORE = "explanation_score"
+from interpql.schema.enums import AttentionComponent, AttentionTraceType, LossKind, MlpComponent
 
 
 @strawberry.input(description="The loss that gradients and attributions are taken of.")
@@ -88,7 +50,7 @@ class AblationInput:
 class TraceInput:
     upstream_node_id: strawberry.ID = strawberry.field(description="The node to trace from.")
     token_index: int = strawberry.field(description="Its token (an attention head's query).")
-    attention_trace_type: AttentionTrace | None = strawberry.field(
+    attention_trace_type: AttentionTraceType | None = strawberry.field(
         default=None, description="Attention heads: Q, K, QK or V."
     )
     key_token_index: int | None = strawberry.field(

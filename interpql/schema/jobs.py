@@ -6,16 +6,12 @@ from collections.abc import AsyncGenerator
 
 import strawberry
 
-from interpql.loaders.explaining import ExplainOptions, ScoreOptions
-from interpql.loaders.jobs import Job as JobData
-from interpql.loaders.jobs import JobStatus
-from interpql.loaders.sources import StoredExplanation
 from interpql.resolvers import jobs as job_resolvers
+from interpql.resolvers.jobs import JobView
 from interpql.resolvers.models import node_from_id
+from interpql.schema.enums import JobStatus
 from interpql.schema.node_data import Explanation
 from interpql.schema.types import Info, Node
-
-strawberry.enum(JobStatus, description="Where a job is.")
 
 
 @strawberry.input(description="How to explain a node.")
@@ -50,7 +46,7 @@ class JobEvent:
 
 @strawberry.type(description="A long-running job: explaining or scoring a node.")
 class Job:
-    data: strawberry.Private[JobData]
+    data: strawberry.Private[JobView]
 
     @strawberry.field(description="The job's id, for Query.job and Subscription.jobUpdates.")
     def id(self) -> strawberry.ID:
@@ -62,7 +58,7 @@ class Job:
 
     @strawberry.field(description="Where it is.")
     def status(self) -> JobStatus:
-        return self.data.status
+        return JobStatus(self.data.status)
 
     @strawberry.field(description="From 0 to 1.")
     def progress(self) -> float:
@@ -78,8 +74,7 @@ class Job:
 
     @strawberry.field(description="The explanations it stored (on success).")
     def result(self) -> list[Explanation]:
-        stored: list[StoredExplanation] = self.data.result or []
-        return [Explanation(data=s.data) for s in stored]
+        return [Explanation(data=e) for e in self.data.result]
 
     @strawberry.field(
         description="True when an identical earlier request answered it from the store."
@@ -109,10 +104,7 @@ class Mutation:
         self, info: Info, node_id: strawberry.ID, options: ExplainOptionsInput | None = None
     ) -> Job:
         given = options or ExplainOptionsInput()
-        parsed = ExplainOptions(
-            given.method, given.examples, given.explanations, given.held_out_random
-        )
-        return Job(data=await job_resolvers.explain_node(info.context, str(node_id), parsed))
+        return Job(data=await job_resolvers.explain_node(info.context, str(node_id), given))
 
     @strawberry.mutation(
         description=(
@@ -128,8 +120,7 @@ class Mutation:
         options: ScoreOptionsInput | None = None,
     ) -> Job:
         given = options or ScoreOptionsInput()
-        parsed = ScoreOptions(given.method, given.held_out_random)
-        data = await job_resolvers.score_explanation(info.context, str(node_id), text, parsed)
+        data = await job_resolvers.score_explanation(info.context, str(node_id), text, given)
         return Job(data=data)
 
 
@@ -141,7 +132,7 @@ async def job_updates(info: Info, id: strawberry.ID) -> AsyncGenerator[JobEvent,
     async for event in job_resolvers.follow(info.context, str(id)):
         yield JobEvent(
             sequence=event.sequence,
-            status=event.status,
+            status=JobStatus(event.status),
             progress=event.progress,
             message=event.message,
         )

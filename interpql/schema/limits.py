@@ -8,7 +8,7 @@ only event. Every result carries `extensions.cost`, so clients can see what they
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 from graphql import (
@@ -21,7 +21,8 @@ from graphql import (
 from strawberry.extensions import SchemaExtension
 
 from interpql.errors import InterpqlError, QueryTooComplexError, UnauthenticatedError
-from interpql.schema.cost import TokenCounter, estimate_cost
+from interpql.resolvers.models import prompt_token_counter
+from interpql.schema.cost import estimate_cost
 
 
 class OperationLimits(SchemaExtension):
@@ -74,7 +75,7 @@ class OperationLimits(SchemaExtension):
             operation,
             fragments,
             variables,
-            token_counter(ctx.registry.all(), settings.max_chars_per_token),
+            prompt_token_counter(ctx),
         )
         if 0 < settings.max_query_cost < self.cost:
             raise QueryTooComplexError(
@@ -96,23 +97,6 @@ class OperationLimits(SchemaExtension):
 
     def get_results(self) -> dict[str, Any]:
         return {} if self.cost is None else {"cost": self.cost}
-
-
-def token_counter(entries: Sequence[Any], max_chars_per_token: int) -> TokenCounter:
-    """Counts a prompt's tokens with every served model's tokenizer (the largest count),
-    capped at the longest context window. A text too long for any context is not tokenized:
-    it is refused for its length before anything runs."""
-    most = max((e.architecture.n_ctx for e in entries), default=1)
-    tokenizers = list({id(b.tokenizer): b.tokenizer for e in entries if (b := e.backend)}.values())
-
-    def count(text: str) -> int:
-        if len(text) > most * max_chars_per_token:
-            return most
-        if not tokenizers:  # metadata only: byte-level BPE makes at most a token per byte
-            return min(most, len(text.encode("utf-8", errors="replace")))
-        return min(most, max(len(t.encode(text, allowed_special="all")) for t in tokenizers))
-
-    return count
 
 
 def _operation(document: Any, name: str | None) -> OperationDefinitionNode | None:

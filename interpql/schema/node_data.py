@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import strawberry
 
-from interpql.loaders.sources import ExplanationData
-from interpql.loaders.sources import NodeStatistics as NodeStatisticsData
-from interpql.resolvers.node_data import ExampleView
+from interpql.resolvers.node_data import ExampleView, ExplanationData, Statistics
 from interpql.schema.scalars import FloatArray, StringArray
 
 
@@ -47,7 +45,7 @@ class ActivationRecord:
 
 @strawberry.type(description="Statistics of a node's activation over a dataset's tokens.")
 class NodeStatistics:
-    data: strawberry.Private[NodeStatisticsData]
+    data: strawberry.Private[Statistics]
 
     @strawberry.field(description="The largest activation.")
     def max(self) -> float:

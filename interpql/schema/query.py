@@ -33,11 +33,11 @@ class SearchConnection:
 class Query:
     @strawberry.field(description="Every model this server serves.")
     def models(self, info: Info) -> list[Model]:
-        return [Model(entry=entry) for entry in info.context.registry.all()]
+        return [Model(view=view) for view in model_resolvers.models(info.context)]
 
     @strawberry.field(description="One model by name; MODEL_NOT_FOUND when none has that name.")
     def model(self, info: Info, name: str) -> Model:
-        return Model(entry=info.context.registry.get(name))
+        return Model(view=model_resolvers.model(info.context, name))
 
     @strawberry.field(description="One node by id (<model>/<kind>/<layer>/<index>).")
     def node(self, info: Info, id: strawberry.ID) -> Node:

@@ -7,17 +7,18 @@ from typing import TYPE_CHECKING, Annotated
 import strawberry
 
 from interpql.errors import check_range, invalid_argument
-from interpql.loaders.nodes import NodeKind, NodeRef
-from interpql.loaders.registry import ModelEntry
 from interpql.resolvers import analysis as analysis_resolvers
 from interpql.resolvers import inference as inference_resolvers
 from interpql.resolvers import models as model_resolvers
 from interpql.resolvers import node_data as node_data_resolvers
 from interpql.resolvers import search as search_resolvers
 from interpql.resolvers.context import RequestContext
-from interpql.schema.inputs import GenerateInput, InferenceInput, NodeOrder, TraceInput
+from interpql.resolvers.models import ModelView
+from interpql.schema.enums import NodeKind, NodeOrder
+from interpql.schema.inputs import GenerateInput, InferenceInput
 from interpql.schema.node_data import ActivationRecord, Explanation, NodeStatistics
 from interpql.schema.scalars import FloatArray
+from interpql.specs import NodeRef
 
 if TYPE_CHECKING:
     from interpql.schema.generation import GenerationResult
@@ -33,10 +34,6 @@ def _key_field(type_name: str, key: str, representation: dict[str, object]) -> s
     if not isinstance(value, str):
         raise invalid_argument(f"A {type_name} representation needs its key {key!r}, a string.")
     return value
-
-
-# Registers the loaders' enum as a GraphQL enum (in place: annotations keep using the class).
-strawberry.enum(NodeKind, description="What a node is: a unit of analysis inside a layer.")
 
 
 @strawberry.type(description="A token of a tokenized text.")
@@ -69,92 +66,99 @@ class AutoencoderInfo:
     keys=["name"], description="A transformer language model served by interpql."
 )
 class Model:
-    entry: strawberry.Private[ModelEntry]
+    view: strawberry.Private[ModelView]
 
     @classmethod
     def resolve_reference(cls, info: Info, **representation: object) -> Model:
-        return cls(entry=info.context.registry.get(_key_field("Model", "name", representation)))
+        name = _key_field("Model", "name", representation)
+        return cls(view=model_resolvers.model(info.context, name))
 
     @strawberry.field(description="The model's name, unique on this server.")
     def name(self) -> str:
-        return self.entry.name
+        return self.view.name
 
     @strawberry.field(description="The backend that runs it, e.g. native-gpt2.")
     def backend(self) -> str:
-        return self.entry.backend_name
+        return self.view.backend
 
     @strawberry.field(description="Whether weights are loaded (false with --no-model).")
     def loaded(self) -> bool:
-        return self.entry.backend is not None
+        return self.view.loaded
 
     @strawberry.field(description="Device the weights live on, e.g. cpu or cuda:0.")
     def device(self) -> str:
-        return self.entry.device
+        return self.view.device
 
     @strawberry.field(description="Weight dtype, e.g. float32 or bfloat16.")
     def dtype(self) -> str:
-        return self.entry.dtype
+        return self.view.dtype
 
     @strawberry.field(description="Number of transformer layers.")
     def n_layers(self) -> int:
-        return self.entry.architecture.n_layers
+        return self.view.n_layers
 
     @strawberry.field(description="Width of the residual stream.")
     def d_model(self) -> int:
-        return self.entry.architecture.d_model
+        return self.view.d_model
 
     @strawberry.field(description="Attention heads per layer.")
     def n_heads(self) -> int:
-        return self.entry.architecture.n_heads
+        return self.view.n_heads
 
     @strawberry.field(description="Width of one attention head.")
     def d_head(self) -> int:
-        return self.entry.architecture.d_head
+        return self.view.d_head
 
     @strawberry.field(description="Neurons per MLP layer.")
     def d_mlp(self) -> int:
-        return self.entry.architecture.d_mlp
+        return self.view.d_mlp
 
     @strawberry.field(description="Context window in tokens: the longest prompt accepted.")
     def n_ctx(self) -> int:
-        return self.entry.architecture.n_ctx
+        return self.view.n_ctx
 
     @strawberry.field(description="Vocabulary size.")
     def n_vocab(self) -> int:
-        return self.entry.architecture.n_vocab
+        return self.view.n_vocab
 
     @strawberry.field(description="Node kinds of the model, with their counts over all layers.")
-    def node_kinds(self) -> list[NodeKindCount]:
-        return [
-            NodeKindCount(kind=k, count=n) for k, n in model_resolvers.node_kind_counts(self.entry)
-        ]
+    def node_kinds(self, info: Info) -> list[NodeKindCount]:
+        counts = model_resolvers.node_kind_counts(info.context, self.view.name)
+        return [NodeKindCount(kind=NodeKind(k), count=n) for k, n in counts]
 
     @strawberry.field(description="Sparse autoencoders attached to the model, one per layer.")
-    def autoencoders(self) -> list[AutoencoderInfo]:
+    def autoencoders(self, info: Info) -> list[AutoencoderInfo]:
         return [
             AutoencoderInfo(
-                kind=a.kind, layer=a.layer, input=a.input, n_latents=a.n_latents, source=a.source
+                kind=NodeKind(a.kind),
+                layer=a.layer,
+                input=a.input,
+                n_latents=a.n_latents,
+                source=a.source,
             )
-            for a in model_resolvers.autoencoders(self.entry)
+            for a in model_resolvers.autoencoders(info.context, self.view.name)
         ]
 
     @strawberry.field(description="All layers, from the embedding side.")
     def layers(self) -> list[Layer]:
-        return [Layer(entry=self.entry, index=i) for i in range(self.entry.architecture.n_layers)]
+        return [Layer(model_name=self.view.name, index=i) for i in range(self.view.n_layers)]
 
     @strawberry.field(description="One layer by index (from 0).")
-    def layer(self, index: int) -> Layer:
-        return Layer(entry=self.entry, index=self.entry.check_layer(index))
+    def layer(self, info: Info, index: int) -> Layer:
+        checked = model_resolvers.check_layer(info.context, self.view.name, index)
+        return Layer(model_name=self.view.name, index=checked)
 
     @strawberry.field(description="One node by layer, kind and index.")
-    def node(self, layer: int, kind: NodeKind, index: int) -> Node:
-        return Node(ref=self.entry.node(kind, layer, index))
+    def node(self, info: Info, layer: int, kind: NodeKind, index: int) -> Node:
+        return Node(
+            ref=model_resolvers.node(info.context, self.view.name, kind.value, layer, index)
+        )
 
     @strawberry.field(description="Tokenize a text with the model's tokenizer.")
     def tokenize(self, info: Info, text: str) -> list[Token]:
         return [
             Token(index=t.index, id=t.id, text=t.text)
-            for t in model_resolvers.tokenize(info.context, self.entry, text)
+            for t in model_resolvers.tokenize(info.context, self.view.name, text)
         ]
 
     @strawberry.field(
@@ -169,7 +173,8 @@ class Model:
         # Imported here: inference.py builds on this module's types.
         from interpql.schema.inference import InferenceResult
 
-        return InferenceResult(prompt=prepared(info, self.entry, input))
+        spec = inference_resolvers.inference_spec(info.context, self.view.name, input)
+        return InferenceResult(spec=spec)
 
     @strawberry.field(
         description=(
@@ -185,7 +190,7 @@ class Model:
         # Imported here: generation.py builds on this module's types.
         from interpql.schema import generation
 
-        return await generation.generate(info, self.entry, input)
+        return await generation.generate(info, self.view.name, input)
 
     @strawberry.field(
         description=(
@@ -200,7 +205,12 @@ class Model:
         from interpql.schema.inference import InferenceResult
 
         check_range("number of inputs", len(inputs), 1, info.context.settings.max_batch + 1)
-        return [InferenceResult(prompt=prepared(info, self.entry, i)) for i in inputs]
+        return [
+            InferenceResult(
+                spec=inference_resolvers.inference_spec(info.context, self.view.name, i)
+            )
+            for i in inputs
+        ]
 
 
 @strawberry.type(description="An edge of a node connection.")
@@ -232,17 +242,17 @@ class NodeConnection:
 
 @strawberry.type(description="One transformer layer (an attention block and an MLP block).")
 class Layer:
-    entry: strawberry.Private[ModelEntry]
+    model_name: strawberry.Private[str]
     index: int = strawberry.field(description="Layer index, from 0.")
 
     @strawberry.field(description="The model this layer belongs to.")
-    def model(self) -> Model:
-        return Model(entry=self.entry)
+    def model(self, info: Info) -> Model:
+        return Model(view=model_resolvers.model(info.context, self.model_name))
 
     @strawberry.field(description="Node kinds present in this layer, with their counts.")
-    def node_kinds(self) -> list[NodeKindCount]:
-        counts = model_resolvers.node_kind_counts(self.entry, self.index)
-        return [NodeKindCount(kind=k, count=n) for k, n in counts]
+    def node_kinds(self, info: Info) -> list[NodeKindCount]:
+        counts = model_resolvers.node_kind_counts(info.context, self.model_name, self.index)
+        return [NodeKindCount(kind=NodeKind(k), count=n) for k, n in counts]
 
     @strawberry.field(
         description=(
@@ -252,13 +262,20 @@ class Layer:
     )
     def nodes(
         self,
+        info: Info,
         kind: NodeKind,
         first: int = 20,
         after: str | None = None,
         order_by: NodeOrder = NodeOrder.INDEX,
     ) -> NodeConnection:
         page, total = model_resolvers.layer_nodes(
-            self.entry, self.index, kind, first, after, order_by.value
+            info.context,
+            self.model_name,
+            layer=self.index,
+            kind=kind.value,
+            first=first,
+            after=after,
+            order=order_by.value,
         )
         edges = [NodeEdge(cursor=str(position), node=Node(ref=r)) for position, r in page]
         last = page[-1][0] if page else None
@@ -341,7 +358,7 @@ class Node:
 
     @strawberry.field(description="The node's kind.")
     def kind(self) -> NodeKind:
-        return self.ref.kind
+        return NodeKind(self.ref.kind)
 
     @strawberry.field(description="Layer index.")
     def layer_index(self) -> int:
@@ -353,11 +370,11 @@ class Node:
 
     @strawberry.field(description="The model this node belongs to.")
     def model(self, info: Info) -> Model:
-        return Model(entry=info.context.registry.get(self.ref.model))
+        return Model(view=model_resolvers.model(info.context, self.ref.model))
 
     @strawberry.field(description="The layer this node belongs to.")
     def layer(self, info: Info) -> Layer:
-        return Layer(entry=info.context.registry.get(self.ref.model), index=self.ref.layer)
+        return Layer(model_name=self.ref.model, index=self.ref.layer)
 
     @strawberry.field(description="Dataset examples where this node activates most, highest first.")
     async def top_activations(self, info: Info, first: int = 10) -> list[ActivationRecord]:
@@ -402,12 +419,12 @@ class Node:
     )
     async def scored_tokens(self, info: Info, k: int = 10) -> ScoredTokens:
         scores = await analysis_resolvers.node_scored_tokens(info.context, self.ref, k)
-        entry = info.context.registry.get(self.ref.model)
+        ctx, model = info.context, self.ref.model
 
         def listed(pairs: list[tuple[int, float]]) -> list[TokenScore]:
             return [
                 TokenScore(
-                    token=Token(index=rank, id=t, text=model_resolvers.token_text(entry, t)),
+                    token=Token(index=rank, id=t, text=model_resolvers.token_text(ctx, model, t)),
                     value=v,
                 )
                 for rank, (t, v) in enumerate(pairs)
@@ -422,9 +439,8 @@ class Node:
 
     @strawberry.field(description="This node's activation on every token of a prompt.")
     async def activations(self, info: Info, prompt: str) -> NodeActivations:
-        entry = info.context.registry.get(self.ref.model)
-        ready = inference_resolvers.prepare(info.context, entry, prompt)
-        [values] = await inference_resolvers.node_values(info.context, ready, [self.ref])
+        spec = inference_resolvers.plain_spec(info.context, self.ref, prompt)
+        [values] = await inference_resolvers.node_values(info.context, spec, [self.ref])
         return node_activations(info.context, values)
 
 
@@ -432,48 +448,10 @@ def _record(view: node_data_resolvers.ExampleView) -> ActivationRecord:
     return ActivationRecord(view=view)
 
 
-def prepared(info: Info, entry: ModelEntry, input: InferenceInput) -> inference_resolvers.Prompt:
-    ablations = [
-        inference_resolvers.AblationRequest(str(a.node_id), a.value, a.token_index)
-        for a in input.ablations
-    ]
-    loss = None
-    if input.loss is not None:
-        request = analysis_resolvers.LossRequest(
-            input.loss.kind,
-            input.loss.target_tokens,
-            input.loss.distractor_tokens,
-            input.loss.target_token_ids,
-            input.loss.distractor_token_ids,
-        )
-        loss = analysis_resolvers.loss_spec(info.context, entry, request)
-    return inference_resolvers.prepare(
-        info.context,
-        entry,
-        input.prompt,
-        ablations,
-        input.autoencoder_error_term,
-        loss,
-        input.mlp_component,
-        input.attention_component,
-        None if input.trace is None else _trace(input.trace),
-        input.hide_early_layers_when_ablating,
-    )
-
-
-def _trace(trace: TraceInput) -> inference_resolvers.TraceSpec:
-    return inference_resolvers.TraceSpec(
-        str(trace.upstream_node_id),
-        trace.token_index,
-        trace.attention_trace_type,
-        trace.key_token_index,
-        None if trace.downstream_node_id is None else str(trace.downstream_node_id),
-    )
-
-
-def tokens_of(ctx: RequestContext, entry: ModelEntry, ids: tuple[int, ...]) -> list[Token]:
+def tokens_of(ctx: RequestContext, model: str, ids: tuple[int, ...]) -> list[Token]:
     return [
-        Token(index=i, id=t, text=model_resolvers.token_text(entry, t)) for i, t in enumerate(ids)
+        Token(index=i, id=t, text=model_resolvers.token_text(ctx, model, t))
+        for i, t in enumerate(ids)
     ]
 
 
@@ -483,7 +461,7 @@ def node_activations(
     best = int(values.values.argmax())
     return NodeActivations(
         node=Node(ref=values.node),
-        tokens=tokens_of(ctx, values.prompt.entry, values.prompt.tokens),
+        tokens=tokens_of(ctx, values.node.model, values.tokens),
         values=values.values.tolist(),
         max_value=float(values.values[best]),
         max_token_index=best,

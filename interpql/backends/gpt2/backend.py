@@ -15,7 +15,7 @@ from interpql.backends.base import (
 from interpql.backends.gpt2.loading import build_model, load_weights
 from interpql.backends.gpt2.model import GPT2, GPT2Config
 from interpql.backends.hooks import HookSession
-from interpql.backends.runtime import run_request
+from interpql.backends.runtime import execute
 from interpql.backends.tokenizer import gpt2_encoding
 
 
@@ -44,8 +44,8 @@ class NativeGPT2Backend(Backend):
         cfg, state = load_weights(spec)
         return cls(build_model(cfg, state), device=device, dtype=dtype)
 
-    def run(self, request: ForwardRequest) -> ForwardResult:
-        return run_request(
+    def forward(self, request: ForwardRequest) -> ForwardResult:
+        return execute(
             request,
             HookSession(request, self.autoencoders),
             self.device,

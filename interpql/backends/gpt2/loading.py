@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import blobfile as bf
 import torch
 from safetensors.torch import load_file, save_file
 
+from interpql.backends import remote
 from interpql.backends.gpt2.model import GPT2, PRESETS, GPT2Config, init_random
 from interpql.file_errors import FileProblem, reading
 
@@ -58,8 +58,9 @@ def random_model(cfg: GPT2Config, seed: int = 0) -> GPT2:
 def read_json_config(path: str, reader: Any) -> GPT2Config:
     """A config.json read through `reader` (tdb_ or hf_config_from_json); any problem with it
     names the file."""
+    [data] = remote.read_files([path], "the model's config")
     with reading(path, "a model's config.json"):
-        raw = json.loads(bf.read_bytes(path))
+        raw = json.loads(data)
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
         cfg: GPT2Config = reader(raw)
@@ -83,7 +84,18 @@ def tdb_config_from_json(raw: dict[str, Any]) -> GPT2Config:
     )
 
 
+# The keys Transformer Debugger's TransformerConfig takes: its loader refuses any other (an
+# n_vocab among them: the vocabulary is the encoding's).
+TDB_CONFIG_KEYS = ("enc", "ctx_window", "d_model", "n_layers", "m_attn", "n_heads", "m_mlp")
+
+
 def tdb_config_to_json(cfg: GPT2Config) -> dict[str, Any]:
+    vocab = {size: name for name, size in _VOCAB_SIZES.items()}
+    if cfg.n_vocab not in vocab:
+        raise ValueError(
+            f"a Transformer Debugger folder's vocabulary is its encoding's (gpt2: 50257 "
+            f"tokens); this model has {cfg.n_vocab}"
+        )
     return {
         "enc": "gpt2",
         "ctx_window": cfg.n_ctx,
@@ -92,30 +104,23 @@ def tdb_config_to_json(cfg: GPT2Config) -> dict[str, Any]:
         "m_attn": cfg.n_heads * cfg.d_head / cfg.d_model,
         "n_heads": cfg.n_heads,
         "m_mlp": cfg.d_mlp / cfg.d_model,
-        "n_vocab": cfg.n_vocab,
     }
 
 
 def load_tdb_folder(location: str) -> tuple[GPT2Config, StateDict]:
     """Reads a Transformer Debugger model folder from a path or a blobfile URL."""
     config_path = bf.join(location, "config.json")
-    if not bf.exists(config_path):
+    if not remote.call(lambda: bf.exists(config_path), "the model", config_path):
         raise WeightsFormatError(f"{location} has no config.json")
     cfg = read_json_config(config_path, tdb_config_from_json)
     pieces_dir = bf.join(location, "model_pieces")
-    names = [name for name in bf.listdir(pieces_dir) if name.endswith(".pt")]
-
-    def read_piece(name: str) -> tuple[str, torch.Tensor]:
-        path = bf.join(pieces_dir, name)
+    listed = remote.call(lambda: list(bf.listdir(pieces_dir)), "the model", pieces_dir)
+    paths = [bf.join(pieces_dir, name) for name in listed if name.endswith(".pt")]
+    state = {}
+    for path, data in zip(paths, remote.read_files(paths, "the model's weights"), strict=True):
         with reading(path, "a tensor saved by torch.save"):
-            tensor = torch.load(
-                io.BytesIO(bf.read_bytes(path)), map_location="cpu", weights_only=True
-            )
-            return name.removesuffix(".pt"), tensor.float()
-
-    # Remote stores answer one small file at a time slowly; read them concurrently.
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        state = dict(pool.map(read_piece, names))
+            tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state[path.rsplit("/", 1)[-1].removesuffix(".pt")] = tensor.float()
     return cfg, state
 
 
@@ -258,7 +263,7 @@ def read_config(spec: str) -> GPT2Config:
         return read_json_config(config_path, tdb_config_from_json)
     if "://" not in location and (Path(location) / "model.safetensors").exists():
         return read_json_config(config_path, hf_config_from_json)
-    if not bf.exists(config_path):
+    if not remote.call(lambda: bf.exists(config_path), "the model", config_path):
         raise WeightsFormatError(f"{spec!r} has no config.json")
     return read_json_config(config_path, tdb_config_from_json)
 
@@ -283,11 +288,10 @@ def load_weights(spec: str) -> tuple[GPT2Config, StateDict]:
     if (root / "model.safetensors").exists():
         return load_hf_folder(root)
     if (root / "weights.safetensors").exists():
-        # The demo's compact format (interpql/demo/artifacts.py), imported here only: the demo
-        # package builds on this module.
-        from interpql.demo.artifacts import load_demo_model
+        # The compact format (compact.py), which builds on this module.
+        from interpql.backends.gpt2.compact import load_compact
 
-        return load_demo_model(root)
+        return load_compact(root)
     if (root / "model_pieces").is_dir():
         return load_tdb_folder(str(root))
     raise WeightsFormatError(

@@ -112,8 +112,8 @@ class RayBackend(Backend):
             "--mlp-autoencoder/--attn-autoencoder to `interpql deploy`, not to `interpql serve`"
         )
 
-    def run(self, request: ForwardRequest) -> ForwardResult:
-        result: ForwardResult = self.call("run", RemoteCall(self._caller, request))
+    def forward(self, request: ForwardRequest) -> ForwardResult:
+        result: ForwardResult = self.call("forward", RemoteCall(self._caller, request))
         return result
 
     def weight(self, name: str) -> torch.Tensor:

@@ -65,21 +65,21 @@ class BackendReplica:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replica")
         self._recent: deque[PassRecord] = deque(maxlen=_RECENT_PASSES)
         self._passes = self._calls = self._rows = 0
-        batching: Any = self.run_batch  # serve.batch's setters are not part of its type
+        batching: Any = self.forward_batch  # serve.batch's setters are not part of its type
         batching.set_max_batch_size(max_batch_size)
         batching.set_batch_wait_timeout_s(batch_wait_s)
 
     async def describe(self) -> Description:
         return self._description
 
-    async def run(self, call: RemoteCall) -> ForwardResult:
-        outcome = await self.run_batch(call)
+    async def forward(self, call: RemoteCall) -> ForwardResult:
+        outcome = await self.forward_batch(call)
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def run_batch(self, calls: list[RemoteCall]) -> list[ForwardResult | Exception]:
+    async def forward_batch(self, calls: list[RemoteCall]) -> list[ForwardResult | Exception]:
         return await self._on_worker(self._run_calls, calls)
 
     async def weight(self, name: str) -> torch.Tensor:
@@ -134,7 +134,7 @@ class BackendReplica:
 
     def _forward(self, callers: tuple[str, ...], request: ForwardRequest) -> ForwardResult:
         started = time.perf_counter()
-        result = self._backend.run(request)
+        result = self._backend.forward(request)
         self._passes += 1
         self._rows += len(request.tokens)
         self._recent.append(PassRecord(callers, len(request.tokens), time.perf_counter() - started))

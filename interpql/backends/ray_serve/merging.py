@@ -76,24 +76,33 @@ def merge(requests: Sequence[ForwardRequest]) -> ForwardRequest:
     for request in requests:
         rows = len(request.tokens)
         interventions += [
-            replace(iv, prompt=offset + row)
+            replace(iv, row=offset + row)
             for iv in request.interventions
-            for row in _rows(iv.prompt, rows)
+            for row in _rows(iv.row, rows)
         ]
         additions += [
-            replace(add, prompt=offset + row)
+            replace(add, row=offset + row)
             for add in request.additions
-            for row in _rows(add.prompt, rows)
+            for row in _rows(add.row, rows)
         ]
         offset += rows
     first = requests[0]
+    trace = first.trace
+    if trace is not None and trace.value_directions is not None:
+        # A V trace projects each row on its own direction: the rows' directions, in order.
+        trace = replace(
+            trace,
+            value_directions=tuple(
+                d for r in requests if r.trace for d in r.trace.value_directions or ()
+            ),
+        )
     return ForwardRequest(
         tokens=tuple(prompt for request in requests for prompt in request.tokens),
         save=frozenset().union(*(r.save for r in requests)),
         interventions=tuple(interventions),
         additions=tuple(additions),
         backward=first.backward,
-        trace=first.trace,
+        trace=trace,
         save_grads=frozenset().union(*(r.save_grads for r in requests)),
         autoencoder_error_term=first.autoencoder_error_term,
     )
@@ -162,8 +171,8 @@ def _trim(point: HookPoint, tensor: torch.Tensor, longest: int) -> torch.Tensor:
     return tensor[..., :longest] if point.location in _KEY_AXIS else tensor
 
 
-def _rows(prompt: int | None, rows: int) -> Iterable[int]:
-    return range(rows) if prompt is None else (prompt,)
+def _rows(row: int | None, rows: int) -> Iterable[int]:
+    return range(rows) if row is None else (row,)
 
 
 def _longest(request: ForwardRequest) -> int:
@@ -171,15 +180,15 @@ def _longest(request: ForwardRequest) -> int:
 
 
 def _fits(request: ForwardRequest) -> bool:
-    """Whether every prompt and token index of `request` points inside its own rows."""
+    """Whether every row and position of `request` points inside its own rows."""
     rows, longest = len(request.tokens), _longest(request)
     if rows == 0 or longest == 0:
         return False
     changes: list[Intervention | Addition] = [*request.interventions, *request.additions]
-    prompts = [c.prompt for c in changes if c.prompt is not None]
-    tokens = [c.token for c in changes if c.token is not None]
+    row_indices = [c.row for c in changes if c.row is not None]
+    positions = [c.position for c in changes if c.position is not None]
     if request.trace is not None:
-        tokens.append(request.trace.token)
-        if request.trace.key_token is not None:
-            tokens.append(request.trace.key_token)
-    return all(0 <= p < rows for p in prompts) and all(0 <= t < longest for t in tokens)
+        positions.append(request.trace.position)
+        if request.trace.key_position is not None:
+            positions.append(request.trace.key_position)
+    return all(0 <= r < rows for r in row_indices) and all(0 <= p < longest for p in positions)

@@ -27,7 +27,6 @@ import torch
 
 from interpql.backends.base import (
     Architecture,
-    AttentionTrace,
     Autoencoder,
     AutoencoderInput,
     Backend,
@@ -38,7 +37,7 @@ from interpql.backends.base import (
     Tokenizer,
 )
 from interpql.backends.hooks import HookSession
-from interpql.backends.runtime import run_request
+from interpql.backends.runtime import execute
 from interpql.backends.transformerlens.loading import boot, boot_hf_model
 from interpql.backends.transformerlens.locations import (
     HEAD_MAJOR,
@@ -47,6 +46,7 @@ from interpql.backends.transformerlens.locations import (
     find_unsupported,
 )
 from interpql.errors import UnavailableError, invalid_argument
+from interpql.specs import AttentionTrace
 
 _BLOCK_WEIGHT = re.compile(
     r"blocks\.(?P<layer>\d+)\.(?P<part>attn|mlp)\.(?P<name>W_([QKVO]|in|out))"
@@ -108,7 +108,7 @@ class TransformerLensBackend(Backend):
 
     # --- running ---------------------------------------------------------------------------
 
-    def run(self, request: ForwardRequest) -> ForwardResult:
+    def forward(self, request: ForwardRequest) -> ForwardResult:
         session = HookSession(request, self.autoencoders)
         self._check(request, session)
 
@@ -117,7 +117,7 @@ class TransformerLensBackend(Backend):
                 logits: torch.Tensor = self.bridge(tokens, return_type="logits")
             return logits
 
-        return run_request(request, session, self.device, forward)
+        return execute(request, session, self.device, forward)
 
     def _check(self, request: ForwardRequest, session: HookSession) -> None:
         # Asking the session covers every way a request reaches a point: saves, writes,

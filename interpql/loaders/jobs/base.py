@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from interpql.errors import InterpqlError, UnavailableError
-from interpql.loaders.nodes import parse_node_id
 from interpql.loaders.sources import ExplanationData, StoredExplanation
+from interpql.specs import parse_node_id
 
 # Said of every job a stopping server leaves unfinished, by that server or, when it was killed,
 # by the next one to look: the work is lost, the request is not.

@@ -5,8 +5,8 @@ from interpql.loaders.sources.base import (
     ExplanationData,
     NodeRecordData,
     NodeSource,
-    NodeStatistics,
     RecordAnswer,
+    Statistics,
 )
 from interpql.loaders.sources.compact import CompactSource
 from interpql.loaders.sources.store import ExplanationStore, StoredExplanation
@@ -20,8 +20,8 @@ __all__ = [
     "ExplanationStore",
     "NodeRecordData",
     "NodeSource",
-    "NodeStatistics",
     "RecordAnswer",
+    "Statistics",
     "StoredExplanation",
     "TdbFolderSource",
 ]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from interpql.loaders.nodes import NodeKind, NodeRef
+from interpql.specs import NodeRef
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Example:
 
 
 @dataclass(frozen=True)
-class NodeStatistics:
+class Statistics:
     max: float
     mean: float | None
     variance: float | None
@@ -47,7 +47,7 @@ class NodeRecordData:
     source: str
     top: tuple[Example, ...]  # highest first
     random: tuple[Example, ...]
-    statistics: NodeStatistics
+    statistics: Statistics
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class NodeSource(abc.ABC):
         """(node id, token text, activation) where each node's top example peaks."""
         return ()
 
-    def layer_values(self, model: str, kind: NodeKind, layer: int, what: str) -> np.ndarray | None:
+    def layer_values(self, model: str, kind: str, layer: int, what: str) -> np.ndarray | None:
         """One value per node of a layer (`what`: "max_activation" or "explanation_score";
         nan where unknown), for sorting; None when this source cannot tell."""
         return None

@@ -8,18 +8,17 @@ from pathlib import Path
 
 import numpy as np
 
-from interpql.demo.explanations import ExplanationTable
-from interpql.demo.records import NodeRecord, RecordStore
-from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.sources.base import (
     Example,
     ExplanationData,
     NodeRecordData,
     NodeSource,
-    NodeStatistics,
     RecordAnswer,
+    Statistics,
     finite,
 )
+from interpql.loaders.sources.compact_format import ExplanationTable, NodeRecord, RecordStore
+from interpql.specs import NodeRef
 
 
 class CompactSource(NodeSource):
@@ -47,7 +46,7 @@ class CompactSource(NodeSource):
         return [self._record(node) for node in nodes]
 
     def _record(self, node: NodeRef) -> NodeRecordData | None:
-        kind = node.kind.value
+        kind = node.kind
         if not 0 <= node.index < self.records.count(kind, node.layer):
             return None
         record = self.records.node_record(kind, node.layer, node.index)
@@ -55,7 +54,7 @@ class CompactSource(NodeSource):
             source=self.name,
             top=self._examples(record, "top"),
             random=self._examples(record, "random"),
-            statistics=NodeStatistics(
+            statistics=Statistics(
                 max=record.stats.max,
                 mean=record.stats.mean,
                 variance=record.stats.variance,
@@ -77,7 +76,7 @@ class CompactSource(NodeSource):
                 ExplanationData(
                     self.name, row.text, finite(row.score), row.simulator, row.explainer
                 )
-                for row in table.for_node(node.kind.value, node.layer, node.index)
+                for row in table.for_node(node.kind, node.layer, node.index)
             ]
             for node in nodes
         ]
@@ -95,7 +94,7 @@ class CompactSource(NodeSource):
         if self.explanations is None:
             return
         for row in self.explanations.rows:
-            node = NodeRef(model, NodeKind(row.kind), row.layer, row.index)
+            node = NodeRef(model, row.kind, row.layer, row.index)
             yield node.id, row.text, finite(row.score)
 
     def list_peaks(self, model: str) -> Iterable[tuple[str, str, float]]:
@@ -109,20 +108,20 @@ class CompactSource(NodeSource):
                 position = int(offsets[index]) + int(peaks[index])
                 if position >= len(self.records.tokens) or peaks[index] >= window:
                     continue
-                node = NodeRef(model, NodeKind(group.kind), group.layer, int(index))
+                node = NodeRef(model, group.kind, group.layer, int(index))
                 token = self._decode(int(self.records.tokens[position]))
                 yield node.id, token, float(acts[index, peaks[index]])
 
-    def layer_values(self, model: str, kind: NodeKind, layer: int, what: str) -> np.ndarray | None:
-        count = self.records.count(kind.value, layer)
+    def layer_values(self, model: str, kind: str, layer: int, what: str) -> np.ndarray | None:
+        count = self.records.count(kind, layer)
         if count == 0:
             return None
         if what == "max_activation":
-            return self.records.arrays(kind.value, layer)["max"].astype(np.float64)
+            return self.records.arrays(kind, layer)["max"].astype(np.float64)
         scores = np.full(count, np.nan)
         if self.explanations is not None:
             for index in range(count):
-                found = self.explanations.for_node(kind.value, layer, index)
+                found = self.explanations.for_node(kind, layer, index)
                 if found and math.isfinite(found[0].score):
                     scores[index] = found[0].score
         return scores

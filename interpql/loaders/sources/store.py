@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from interpql.file_errors import open_sqlite, reading
-from interpql.loaders.nodes import NodeRef, parse_node_id
 from interpql.loaders.sources.base import ExplanationData, NodeSource, RecordAnswer
+from interpql.specs import NodeRef, parse_node_id
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS explanations (

@@ -19,16 +19,16 @@ from typing import Any, TypeVar
 import blobfile as bf
 
 from interpql.errors import UnavailableError
-from interpql.loaders.nodes import NodeKind, NodeRef
 from interpql.loaders.sources.base import (
     Example,
     ExplanationData,
     NodeRecordData,
     NodeSource,
-    NodeStatistics,
     RecordAnswer,
+    Statistics,
     finite,
 )
+from interpql.specs import NodeRef
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,7 +44,7 @@ class TdbFolderSource(NodeSource):
     def __init__(
         self,
         name: str,
-        kind: NodeKind,
+        kind: str,
         records: str | None = None,
         explanations: str | None = None,
         max_concurrency: int = 16,
@@ -65,7 +65,7 @@ class TdbFolderSource(NodeSource):
         self, nodes: Sequence[NodeRef], read: Callable[[NodeRef], T], empty: T
     ) -> list[T | Exception]:
         def guarded(node: NodeRef) -> T | Exception:
-            if node.kind is not self.kind:
+            if node.kind != self.kind:
                 return empty
             try:
                 return read(node)
@@ -93,7 +93,7 @@ class TdbFolderSource(NodeSource):
             source=self.name,
             top=top,
             random=random,
-            statistics=NodeStatistics(
+            statistics=Statistics(
                 max=peak,
                 mean=finite(raw.get("mean")),
                 variance=finite(raw.get("variance")),

@@ -1,0 +1,163 @@
+"""What a request asks for, once checked: the frozen specs that every layer below the schema
+reads, and the identity of a node.
+
+The schema maps each GraphQL input to one of these once, at the resolver boundary (after the
+resolvers have checked it against the model); the spec then travels down unchanged, and only
+where the model runs (loaders/inference.py, loaders/generation.py) are its node-level parts
+turned into hook-level interventions, through the node-kind table (backends/node_kinds.py).
+
+Words used throughout, with one meaning each:
+
+    prompt     the text a request runs (never a dataclass, never a row index)
+    token      a token id in the model's vocabulary
+    position   a token's place in the prompt, from 0 (GraphQL calls it tokenIndex)
+    row        a prompt's place in one batched pass
+    pass       one forward (and maybe backward) computation of the model over a batch of rows
+    kind       the second part of a node id: a structural kind (mlp_neuron, attention_head,
+               residual_channel) or the name of an attached dictionary of latents
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from interpql.errors import invalid_node
+
+
+@dataclass(frozen=True, order=True)
+class NodeRef:
+    """A node: `<model>/<kind>/<layer>/<index>`. Whether it exists is the model's question."""
+
+    model: str
+    kind: str
+    layer: int
+    index: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}/{self.kind}/{self.layer}/{self.index}"
+
+
+MAX_ID_LENGTH = 512
+
+
+def parse_node_id(node_id: str) -> NodeRef:
+    """The parts of an id (its syntax only; `kind` is checked against the model's table)."""
+    if len(node_id) > MAX_ID_LENGTH:
+        raise invalid_node(node_id[:64] + "...", f"ids are at most {MAX_ID_LENGTH} characters")
+    parts = node_id.rsplit("/", 3)
+    if len(parts) != 4 or not parts[0] or not parts[1]:
+        raise invalid_node(node_id, "expected <model>/<kind>/<layer>/<index>")
+    model, kind, layer_text, index_text = parts
+    if not (layer_text.isascii() and layer_text.isdigit()) or len(layer_text) > 6:
+        raise invalid_node(node_id, f"layer {layer_text!r} is not a non-negative integer")
+    if not (index_text.isascii() and index_text.isdigit()) or len(index_text) > 12:
+        raise invalid_node(node_id, f"index {index_text!r} is not a non-negative integer")
+    return NodeRef(model=model, kind=kind, layer=int(layer_text), index=int(index_text))
+
+
+class LossKind(StrEnum):
+    NEXT_TOKEN = "next_token"  # mean cross-entropy of each next token of the prompt
+    LOGIT_DIFF = "logit_diff"  # last position: mean target logits - mean distractor logits
+    LOGIT_MINUS_MEAN = "logit_minus_mean"  # last position: mean target logits - mean logit
+    PROBS = "probs"  # last position: summed probability of the targets
+    ZERO = "zero"  # a constant 0: gradients are all zero, useful as a baseline
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossSpec:
+    """The objective a backward pass differentiates (tokens are ids)."""
+
+    kind: LossKind = LossKind.NEXT_TOKEN
+    targets: tuple[int, ...] = ()
+    distractors: tuple[int, ...] = ()
+
+
+class AttentionTrace(StrEnum):
+    """Which path of an attention score or write a trace's gradient may flow through."""
+
+    Q = "q"
+    K = "k"
+    QK = "qk"
+    V = "v"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ablation:
+    """Set a node's activation to `value` at one position (None: every position). An
+    attention head's activation is its output vector (z): 0 removes what it writes."""
+
+    node: NodeRef
+    value: float
+    position: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TraceSpec:
+    """Start the backward pass at an upstream node instead of at the loss. Attention heads are
+    traced through Q, K or QK (their score between `position` and `key_position`) or V (their
+    write from `key_position` at `position`, projected on the downstream node's read direction,
+    or on the loss's gradient without one)."""
+
+    upstream: NodeRef
+    position: int
+    attention: AttentionTrace | None = None
+    key_position: int | None = None
+    downstream: NodeRef | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class InferenceSpec:
+    """One `infer` input (or one of `inferBatch`'s), checked against its model."""
+
+    model: str
+    prompt: str
+    tokens: tuple[int, ...]
+    ablations: tuple[Ablation, ...] = ()
+    loss: LossSpec = field(default_factory=LossSpec)
+    trace: TraceSpec | None = None
+    # Where dictionary latents are used, keep each dictionary's error term, so that untouched
+    # latents leave the model exactly as it was; False runs on the reconstructions alone.
+    keep_error_term: bool = True
+    # The kinds ranked on the attention and MLP side (topNodes): a structural kind or a
+    # dictionary's name.
+    attention_kind: str = "attention_head"
+    mlp_kind: str = "mlp_neuron"
+    hide_early_layers_when_ablating: bool = False
+
+    def pass_key(self) -> tuple[Any, ...]:
+        """What decides the numbers a pass computes for this input: equal keys share a pass
+        (within a request) and a cached result (across requests)."""
+        return (
+            self.model,
+            self.tokens,
+            self.ablations,
+            self.loss,
+            self.trace,
+            self.keep_error_term,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Steering:
+    """Add `strength` x the node's unit write direction at `positions` (None: every position,
+    generated ones included)."""
+
+    node: NodeRef
+    strength: float
+    positions: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationSpec:
+    model: str
+    prompt: str
+    tokens: tuple[int, ...]
+    max_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    ablations: tuple[Ablation, ...] = ()
+    steering: tuple[Steering, ...] = ()
