@@ -10,8 +10,8 @@ GRAPHIQL_ASSETS := interpql/static/node_modules/.interpql-installed
 NPM_STAMPS := $(GRAPHIQL_ASSETS) tests/federation/node_modules/.interpql-installed \
 	clients/typescript/node_modules/.interpql-installed
 
-.PHONY: setup serve test lint typecheck schema check-schema pytest bench clean system-deps \
-	npm-deps node-tools graphiql-assets clients
+.PHONY: setup serve test lint typecheck imports schema check-schema pytest bench clean \
+	system-deps npm-deps node-tools graphiql-assets clients
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ graphiql-assets:
 			|| echo "GraphiQL assets not installed: /graphql serves the CDN page"; \
 	else echo "npm not found: /graphql serves GraphiQL's CDN page"; fi
 
-test: $(STAMP) system-deps npm-deps lint typecheck check-schema pytest
+test: $(STAMP) system-deps npm-deps lint typecheck imports check-schema pytest
 
 # Services the tests start for real (Debian packages); installed only where missing.
 # chromium: the browser tests drive Debian's build (/usr/bin/chromium) through Playwright.
@@ -65,6 +65,10 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy interpql
+
+# The layering contracts of pyproject.toml ([tool.importlinter]).
+imports: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 
 schema: $(STAMP)
 	$(BIN)/interpql export-schema --output schema.graphql
