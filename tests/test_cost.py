@@ -1,0 +1,78 @@
+"""The cost estimate (schema/cost.py) of documents, computed here by hand: fields, list sizes
+from their arguments or their parent's, fragments where they are spread, prompt tokens times
+the passes they need, and generation step by step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from graphql import FragmentDefinitionNode, OperationDefinitionNode, parse
+
+from interpql.schema.build import build_schema
+from interpql.schema.cost import UNKNOWN_LIST_SIZE, estimate_cost
+
+SCHEMA = build_schema()._schema
+
+
+def tokens(text: str) -> int:
+    """A stand-in tokenizer: one token per character, capped at 64 (the context)."""
+    return min(64, len(text))
+
+
+def cost(document: str, variables: dict[str, Any] | None = None) -> int:
+    parsed = parse(document)
+    [operation] = [d for d in parsed.definitions if isinstance(d, OperationDefinitionNode)]
+    fragments = {
+        d.name.value: d for d in parsed.definitions if isinstance(d, FragmentDefinitionNode)
+    }
+    return estimate_cost(SCHEMA, operation, fragments, variables or {}, tokens)
+
+
+def test_fields_and_lists() -> None:
+    assert cost("{ models { name } }") == 1 + UNKNOWN_LIST_SIZE * 1
+    # nodes: its ids' count; each node: id and topActivations (first: 3) x tokens.
+    ids = ["m/mlp_neuron/0/1", "m/mlp_neuron/0/2"]
+    assert cost(
+        "query($i: [ID!]!) { nodes(ids: $i) { id topActivations(first: 3) { tokens } } }",
+        {"i": ids},
+    ) == 1 + 2 * (1 + (1 + 3 * 1))
+
+
+def test_a_parents_size_counts_for_its_list_children() -> None:
+    # topNodes(k: 4) { top { value } }: top has no size of its own, so k's 4 items.
+    document = (
+        '{ model(name: "m") { infer(input: {prompt: "abcde"}) { '
+        "topNodes(group: WRITE_NORM, k: 4) { top { value } } } } }"
+    )
+    assert cost(document) == 1 + 1 + 5 + 1 + (1 + 4 * 1)
+
+
+def test_backward_passes_cost_three_times_their_tokens() -> None:
+    forward = '{ model(name: "m") { infer(input: {prompt: "abcdef"}) { loss } } }'
+    backward = (
+        '{ model(name: "m") { infer(input: {prompt: "abcdef"}) { '
+        "topNodes(group: ACT_TIMES_GRAD, k: 1) { top { value } } } } }"
+    )
+    assert cost(forward) == 3 + 6
+    assert cost(backward) == 1 + 1 + 3 * 6 + 1 + (1 + 1)
+
+
+def test_fragments_count_where_they_are_spread() -> None:
+    document = (
+        'query { model(name: "m") { a: infer(input: {prompt: "ab"}) { ...L } '
+        'b: infer(input: {prompt: "abc"}) { ...L } } } fragment L on InferenceResult { loss }'
+    )
+    assert cost(document) == 1 + (1 + 2 + 1) + (1 + 3 + 1)
+
+
+@pytest.mark.parametrize(("steps", "steered"), [(3, False), (5, True)])
+def test_generation_runs_a_pass_per_new_token(steps: int, steered: bool) -> None:
+    steering = ', steering: [{nodeId: "m/mlp_neuron/0/0", strength: 1}]' if steered else ""
+    document = (
+        f'{{ model(name: "m") {{ generate(input: {{prompt: "abcd", maxTokens: {steps}{steering}}}) '
+        "{ prompt } } }"
+    )
+    rows = 2 if steered else 1
+    passes = sum(4 + step for step in range(steps))  # step s runs the prompt and s new tokens
+    assert cost(document) == 1 + 1 + rows * passes + 1
