@@ -84,6 +84,17 @@ class AttentionTrace(StrEnum):
     V = "v"
 
 
+class LayerNormScale(StrEnum):
+    """How gradients treat LayerNorm's scale (its 1/sqrt(var + eps)). FROZEN holds it at its
+    forward value, so that the gradient at the final residual stream is linear in the writes
+    and direct effects add up to the logit difference (Transformer Debugger's convention and
+    standard direct logit attribution): the final LayerNorm's, and with a trace the one the
+    traced node reads through. LIVE differentiates through every scale."""
+
+    FROZEN = "frozen"
+    LIVE = "live"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Ablation:
     """Set a node's activation to `value` at one position (None: every position). An
@@ -121,6 +132,7 @@ class InferenceSpec:
     # Where dictionary latents are used, keep each dictionary's error term, so that untouched
     # latents leave the model exactly as it was; False runs on the reconstructions alone.
     keep_error_term: bool = True
+    layer_norm_scale: LayerNormScale = LayerNormScale.FROZEN
     # The kinds ranked on the attention and MLP side (topNodes): a structural kind or a
     # dictionary's name.
     attention_kind: str = "attention_head"

@@ -21,25 +21,31 @@ def reference_forward(
     overwrite_mlp_post: tuple[int, int, int, float] | None = None,
     edit: Callable[[int, str, torch.Tensor], torch.Tensor] | None = None,
     attention: dict[tuple[int, str], torch.Tensor] | None = None,
+    frozen_norms: frozenset[str] = frozenset(),
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One prompt -> (logits [T, V], mlp post-activations per layer [T, F]).
 
     `overwrite_mlp_post` = (layer, token, neuron, value) sets one post-activation; `edit`, if
-    given, maps (layer, "attn_out" | "mlp_post" | "mlp_out" | "resid_final", activation) to the activation
-    to use instead ("resid_final": the last residual stream, before the final LayerNorm).
-    `attention`, if given, receives each layer's (layer, "probs") [query, head, key] and
+    given, maps (layer, "embedding" | "attn_out" | "mlp_post" | "mlp_out" | "resid_final",
+    activation) to the activation to use instead ("embedding": token plus position embeddings,
+    layer 0; "resid_final": the last residual stream, before the final LayerNorm).
+    `frozen_norms` names the LayerNorms ("final_ln", "xf_layers.2.ln_2") whose scale the backward
+    pass holds constant (interpql's default LayerNormScale, FROZEN, holds "final_ln"'s, and a
+    trace's also that of the norm its node reads through). `attention`, if given, receives each layer's (layer, "probs") [query, head, key] and
     (layer, "z") and (layer, "v") [position, head, d_head] (v still attached to the graph).
     """
     edit = edit or (lambda layer, name, act: act)
     s = {k: v.double() for k, v in state.items()}
     n = len(tokens)
-    x = s["tok_embed.weight"][tokens] + s["pos_embed.weight"][:n]
+    x = edit(0, "embedding", s["tok_embed.weight"][tokens] + s["pos_embed.weight"][:n])
     mlp_posts = []
 
     def layer_norm(h: torch.Tensor, prefix: str) -> torch.Tensor:
         mu = h.mean(-1, keepdim=True)
-        var = ((h - mu) ** 2).mean(-1, keepdim=True)
-        return (h - mu) / torch.sqrt(var + cfg.ln_eps) * s[prefix + ".weight"] + s[prefix + ".bias"]
+        scale = torch.sqrt(((h - mu) ** 2).mean(-1, keepdim=True) + cfg.ln_eps)
+        if prefix in frozen_norms:  # the backward pass sees the scale as a constant
+            scale = scale.detach()
+        return (h - mu) / scale * s[prefix + ".weight"] + s[prefix + ".bias"]
 
     def linear(h: torch.Tensor, prefix: str) -> torch.Tensor:
         return h @ s[prefix + ".weight"].T + s[prefix + ".bias"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -33,6 +34,76 @@ class Reference:
     stream_gradient: torch.Tensor  # [position, d_model] at the final residual stream
     bias_terms: dict[str, float]  # direct effects of the biases at the last position
     final_scale: torch.Tensor  # [position]: the final LayerNorm's scale
+    mid_scales: torch.Tensor  # [layer, position]: each MLP LayerNorm's scale
+
+
+def attention(
+    cfg: GPT2Config, h: torch.Tensor, linear: Any, prefix: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's causal attention pattern [query, head, key] and values [key, head, d_head]
+    from its LayerNorm's output `h` [position, d_model]."""
+    n = h.shape[0]
+    shape = (n, cfg.n_heads, cfg.d_head)
+    q = linear(h, prefix + "attn.q_proj").view(shape)
+    k = linear(h, prefix + "attn.k_proj").view(shape)
+    v = linear(h, prefix + "attn.v_proj").view(shape)
+    scores = torch.einsum("qhd,khd->qhk", q, k) / math.sqrt(cfg.d_head)
+    causal = torch.triu(torch.ones(n, n), 1).bool()
+    return torch.softmax(scores.masked_fill(causal[:, None, :], -math.inf), dim=-1), v
+
+
+# An element to move by a small amount in `logit_difference`: ("embedding", position),
+# ("post", layer, position, neuron) or ("probs", layer, query, key, head).
+Nudge = tuple[Any, ...]
+
+
+def logit_difference(
+    cfg: GPT2Config,
+    state: dict[str, torch.Tensor],
+    tokens: list[int],
+    targets: list[int],
+    distractors: list[int],
+    final_scale: torch.Tensor,
+    nudge: Nudge,
+    delta: float,
+) -> float:
+    """The loss with one element moved by `delta` (an embedding row scaled by 1 + delta; a
+    probability without renormalising the others) and the final LayerNorm's scale
+    fixed at `final_scale` [position]: for finite differences of the FROZEN convention."""
+    s = {k: v.double() for k, v in state.items()}
+    n, heads, d_head = len(tokens), cfg.n_heads, cfg.d_head
+    where, *at = nudge
+    x = s["tok_embed.weight"][tokens] + s["pos_embed.weight"][:n]
+    if where == "embedding":  # the row scaled by 1 + delta: d/d(delta) is e . dL/de
+        x = x.clone()
+        x[at[0]] *= 1 + delta
+
+    def norm(h: torch.Tensor, prefix: str, scale: torch.Tensor | None = None) -> torch.Tensor:
+        centred = h - h.mean(-1, keepdim=True)
+        if scale is None:
+            scale = torch.sqrt((centred**2).mean(-1, keepdim=True) + cfg.ln_eps)
+        return centred / scale * s[prefix + ".weight"] + s[prefix + ".bias"]
+
+    def linear(h: torch.Tensor, prefix: str) -> torch.Tensor:
+        return h @ s[prefix + ".weight"].T + s[prefix + ".bias"]
+
+    for layer in range(cfg.n_layers):
+        p = f"xf_layers.{layer}."
+        pattern, v = attention(cfg, norm(x, p + "ln_1"), linear, p)
+        if where == "probs" and at[0] == layer:
+            pattern = pattern.clone()
+            pattern[at[1], at[3], at[2]] += delta  # [query, head, key]
+        z = torch.einsum("qhk,khd->qhd", pattern, v)
+        x = x + linear(z.reshape(n, heads * d_head), p + "attn.out_proj")
+        post = torch.nn.functional.gelu(
+            linear(norm(x, p + "ln_2"), p + "mlp.in_layer"), approximate="tanh"
+        )
+        if where == "post" and at[0] == layer:
+            post = post.clone()
+            post[at[1], at[2]] += delta
+        x = x + linear(post, p + "mlp.out_layer")
+    logits = norm(x, "final_ln", final_scale[:, None]) @ s["unembed.weight"].T
+    return float(logits[-1, targets].mean() - logits[-1, distractors].mean())
 
 
 def tdb_reference(
@@ -58,19 +129,14 @@ def tdb_reference(
 
     embedding = (s["tok_embed.weight"][tokens] + s["pos_embed.weight"][:n]).requires_grad_(True)
     x = embedding
-    posts, probs, values, zs = [], [], [], []
-    causal = torch.triu(torch.ones(n, n), 1).bool()
+    posts, probs, values, zs, mids = [], [], [], [], []
     for layer in range(cfg.n_layers):
         p = f"xf_layers.{layer}."
-        h = norm(x, p + "ln_1")
-        q = linear(h, p + "attn.q_proj").view(n, heads, d_head)
-        k = linear(h, p + "attn.k_proj").view(n, heads, d_head)
-        v = linear(h, p + "attn.v_proj").view(n, heads, d_head)
-        scores = torch.einsum("qhd,khd->qhk", q, k) / math.sqrt(d_head)
-        pattern = torch.softmax(scores.masked_fill(causal[:, None, :], -math.inf), dim=-1)
+        pattern, v = attention(cfg, norm(x, p + "ln_1"), linear, p)
         z = torch.einsum("qhk,khd->qhd", pattern, v)
         z.retain_grad()
         x = x + linear(z.reshape(n, heads * d_head), p + "attn.out_proj")
+        mids.append(torch.sqrt(x.detach().var(-1, unbiased=False) + cfg.ln_eps))
         post = torch.nn.functional.gelu(
             linear(norm(x, p + "ln_2"), p + "mlp.in_layer"), approximate="tanh"
         )
@@ -119,10 +185,14 @@ def tdb_reference(
         pairs["direct_effect"].append(pattern * torch.einsum("khm,qm->qkh", value_writes, g))
         pairs["act_times_grad"].append(pattern * torch.einsum("khd,qhd->qkh", v, z_grad))
     last = g[-1]
-    unembed_direction = s["unembed.weight"][targets].mean(0) - s["unembed.weight"][distractors].mean(0)
+    unembed_direction = s["unembed.weight"][targets].mean(0) - s["unembed.weight"][
+        distractors
+    ].mean(0)
     bias_terms = {
         **{
-            f"attention output bias {layer}": float(s[f"xf_layers.{layer}.attn.out_proj.bias"] @ last)
+            f"attention output bias {layer}": float(
+                s[f"xf_layers.{layer}.attn.out_proj.bias"] @ last
+            )
             for layer in range(cfg.n_layers)
         },
         **{
@@ -139,4 +209,5 @@ def tdb_reference(
         stream_gradient=g.detach(),
         bias_terms=bias_terms,
         final_scale=final_scale.detach(),
+        mid_scales=torch.stack(mids),
     )

@@ -17,6 +17,7 @@ from tests.reference import reference_forward
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 TOKENS = gpt2_encoding().encode(PROMPT)
+FINAL = frozenset({"final_ln"})
 TARGET, DISTRACTOR = " Mary", " John"
 LOSS = f'loss: {{kind: LOGIT_DIFF, targetTokens: ["{TARGET}"], distractorTokens: ["{DISTRACTOR}"]}}'
 
@@ -31,9 +32,10 @@ def logit_diff(logits: torch.Tensor) -> torch.Tensor:
     return logits[-1, target] - logits[-1, distractor]
 
 
-def reference_with_grads(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+def reference_with_grads(state: dict[str, torch.Tensor], frozen: bool = True) -> dict[str, Any]:
     """Autograd on the reference: every MLP post-activation and the final residual stream,
-    with their gradients of the logit difference."""
+    with their gradients of the logit difference (the final LayerNorm's scale held, as the
+    default FROZEN convention does, unless `frozen` is False)."""
     state = dict(state)
     state["pos_embed.weight"] = state["pos_embed.weight"].clone().requires_grad_(True)
     kept: dict[tuple[int, str], torch.Tensor] = {}
@@ -43,7 +45,9 @@ def reference_with_grads(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         kept[(layer, name)] = act
         return act
 
-    logits, _ = reference_forward(SMALL, state, TOKENS, edit=keep)
+    logits, _ = reference_forward(
+        SMALL, state, TOKENS, edit=keep, frozen_norms=FINAL if frozen else frozenset()
+    )
     loss = logit_diff(logits)
     loss.backward()
     return {"logits": logits.detach(), "loss": float(loss.detach()), "kept": kept}
@@ -143,6 +147,10 @@ async def test_direct_effect_and_write_norm_by_hand(
                 act = reference["kept"][(layer, "mlp_post")].detach()[7, index]
                 w_out = state[p + "mlp.out_layer.weight"][:, index].double()  # [d_model]
                 write = act * w_out
+            elif kind == "token_embedding":
+                write = (
+                    state["tok_embed.weight"][TOKENS[7]] + state["pos_embed.weight"][7]
+                ).double()
             else:
                 assert kind == "attention_head"
                 # The head's output at token 7, from the reference's z.
@@ -293,7 +301,9 @@ def traced_reference(state: dict[str, torch.Tensor], layer: int, token: int, neu
         kept[(at, name)] = act
         return act
 
-    reference_forward(SMALL, state, TOKENS, edit=keep)
+    # FROZEN holds the scale of the norm the traced neuron reads through, as for a loss.
+    frozen = frozenset({f"xf_layers.{layer}.ln_2"})
+    reference_forward(SMALL, state, TOKENS, edit=keep, frozen_norms=frozen)
     kept[(layer, "mlp_post")][token, neuron].backward()
     return kept
 
@@ -379,3 +389,28 @@ async def test_hide_early_layers_when_ablating(client: httpx.AsyncClient) -> Non
     hidden = await infer(client, fields, extra=ablation + ", hideEarlyLayersWhenAblating: true")
     assert {n["node"]["layerIndex"] for n in shown["topNodes"]["top"]} == {0, 1, 2}
     assert {n["node"]["layerIndex"] for n in hidden["topNodes"]["top"]} == {1, 2}
+
+
+async def test_packed_patterns_are_the_lower_triangles(client: httpx.AsyncClient) -> None:
+    import base64
+
+    result = await infer(
+        client,
+        'activations(nodeIds: ["small/attention_head/1/2"]) { attentionPattern '
+        "tokenPairAttribution packedAttentionPattern(dtype: FLOAT32) { dtype shape base64 } "
+        "packedTokenPairAttribution { dtype shape base64 } }",
+    )
+    [head] = result["activations"]
+    n = len(TOKENS)
+    for full, packed, tolerance in (
+        ("attentionPattern", "packedAttentionPattern", 0),
+        ("tokenPairAttribution", "packedTokenPairAttribution", 1e-3),  # float16
+    ):
+        found = head[packed]
+        assert found["shape"] == [n * (n + 1) // 2]
+        dtype = np.float32 if found["dtype"] == "FLOAT32" else np.float16
+        values = np.frombuffer(base64.b64decode(found["base64"]), dtype=dtype)
+        square = np.asarray(head[full])
+        expected = [square[q, k] for q in range(n) for k in range(q + 1)]
+        np.testing.assert_allclose(values, expected, atol=tolerance, rtol=tolerance)
+        assert np.all(np.triu(square, 1) == 0)  # nothing is lost above the diagonal

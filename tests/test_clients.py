@@ -46,7 +46,8 @@ def test_python_example_queries_a_server(graphql_url: str, model: dict[str, Any]
     lines = output.splitlines()
     neurons = next(k["count"] for k in model["nodeKinds"] if k["kind"] == "MLP_NEURON")
     assert lines[0].startswith(
-        f"{model['name']} ({model['backend']}, {model['nLayers']} layers): {neurons} mlp_neuron"
+        f"{model['name']} ({model['backend']}, {model['nLayers']} layers): "
+        f"1 token_embedding, {neurons} mlp_neuron"
     )
     assert f"{model['name']}/mlp_neuron/0/0 (mlp_neuron, layer 0)" in output
     tokens = [json.loads(line.rsplit(maxsplit=1)[0]) for line in lines if line.startswith("  ")]

@@ -58,6 +58,17 @@ def test_backward_passes_cost_three_times_their_tokens() -> None:
     assert cost(backward) == 1 + 1 + 3 * 6 + 1 + (1 + 1)
 
 
+def test_a_node_table_runs_backward_and_has_24_rows_per_k() -> None:
+    document = (
+        '{ model(name: "m") { infer(input: {prompt: "abcdef"}) { '
+        "nodeTable(k: 2) { rows { activation } } } } }"
+    )
+    # model, infer + 3 x 6 tokens, nodeTable, rows: 24 x 2 items of one field.
+    assert cost(document) == 1 + (1 + 3 * 6) + 1 + (1 + 48 * 1)
+    terms = '{ model(name: "m") { infer(input: {prompt: "abc"}) { directEffectTerms { value } } } }'
+    assert cost(terms) == 1 + (1 + 3 * 3) + (1 + UNKNOWN_LIST_SIZE * 1)
+
+
 def test_fragments_count_where_they_are_spread() -> None:
     document = (
         'query { model(name: "m") { a: infer(input: {prompt: "ab"}) { ...L } '

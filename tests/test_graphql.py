@@ -46,6 +46,7 @@ async def test_models_and_architecture(client: httpx.AsyncClient) -> None:
         "nCtx": 64,
         "nVocab": 50257,
         "nodeKinds": [
+            {"kind": "TOKEN_EMBEDDING", "count": 1},
             {"kind": "MLP_NEURON", "count": 3 * 80},
             {"kind": "ATTENTION_HEAD", "count": 3 * 3},
             {"kind": "RESIDUAL_CHANNEL", "count": 3 * 48},

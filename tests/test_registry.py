@@ -33,6 +33,7 @@ def test_node_counts_per_kind_and_layer(entry: ModelEntry) -> None:
         assert counts[("mlp_neuron", layer)] == SMALL.d_mlp
         assert counts[("attention_head", layer)] == SMALL.n_heads
         assert counts[("residual_channel", layer)] == SMALL.d_model
+        assert counts[("token_embedding", layer)] == (1 if layer == 0 else 0)
     assert [counts[("mlp_autoencoder_latent", layer)] for layer in range(3)] == [0, 30, 0]
     assert [counts[("attention_autoencoder_latent", layer)] for layer in range(3)] == [0, 0, 12]
     assert entry.node_count("no_such_kind", 0) == 0
@@ -40,7 +41,12 @@ def test_node_counts_per_kind_and_layer(entry: ModelEntry) -> None:
 
 def test_a_model_without_dictionaries_lists_only_its_structural_kinds() -> None:
     bare = ModelEntry("b", SMALL.architecture, None, "native-gpt2", "cpu", "float32")
-    assert [k.name for k in bare.kinds()] == ["mlp_neuron", "attention_head", "residual_channel"]
+    assert [k.name for k in bare.kinds()] == [
+        "token_embedding",
+        "mlp_neuron",
+        "attention_head",
+        "residual_channel",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -78,3 +84,12 @@ def test_names_are_checked_and_unique(entry: ModelEntry) -> None:
     bad = ModelEntry("bad name/x", SMALL.architecture, None, "native-gpt2", "cpu", "float32")
     with pytest.raises(ValueError, match="must be 1-64 letters"):
         registry.add(bad)
+
+
+def test_every_kind_in_the_table_is_in_the_schema() -> None:
+    """The schema's NodeKind enum maps kinds by name: one missing answers any field that lists
+    that kind (`nodeKinds`, `topNodes`) with an internal error."""
+    from interpql.backends.node_kinds import TABLE
+    from interpql.schema.enums import NodeKind
+
+    assert {member.value for member in NodeKind} == set(TABLE)

@@ -60,7 +60,9 @@ def v_trace_reference(
     the next-token loss at the head's layer's attention output at query 3, with neuron 0/5
     ablated everywhere when `ablate`."""
 
-    def run(keep: dict[Any, torch.Tensor]) -> tuple[torch.Tensor, dict[Any, torch.Tensor]]:
+    def run(
+        keep: dict[Any, torch.Tensor], frozen: frozenset[str]
+    ) -> tuple[torch.Tensor, dict[Any, torch.Tensor]]:
         attention: dict[tuple[int, str], torch.Tensor] = {}
 
         def edit(at: int, name: str, act: torch.Tensor) -> torch.Tensor:
@@ -74,17 +76,21 @@ def v_trace_reference(
 
         leaf = dict(state)
         leaf["pos_embed.weight"] = state["pos_embed.weight"].clone().requires_grad_(True)
-        logits, _ = reference_forward(SMALL, leaf, TOKENS, edit=edit, attention=attention)
+        logits, _ = reference_forward(
+            SMALL, leaf, TOKENS, edit=edit, attention=attention, frozen_norms=frozen
+        )
         return logits, attention
 
     first: dict[Any, torch.Tensor] = {}
-    logits, _ = run(first)
+    # FROZEN (the default): the loss's gradient with the final LayerNorm's scale held, and the
+    # trace with that of the LayerNorm the head reads through.
+    logits, _ = run(first, frozenset({"final_ln"}))
     log_probs = torch.log_softmax(logits, -1)
     loss = -log_probs[torch.arange(len(TOKENS) - 1), torch.tensor(TOKENS[1:])].mean()
     loss.backward()
     gradient = first[(layer, "attn_out")].grad[3]  # [d_model]
     second: dict[Any, torch.Tensor] = {}
-    _, attention = run(second)
+    _, attention = run(second, frozenset({f"xf_layers.{layer}.ln_1"}))
     cols = slice(head * SMALL.d_head, (head + 1) * SMALL.d_head)
     w_o = state[f"xf_layers.{layer}.attn.out_proj.weight"][:, cols].double()  # [d_model, d_head]
     probability = attention[(layer, "probs")][3, head, 0].detach()

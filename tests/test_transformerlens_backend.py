@@ -220,6 +220,36 @@ def test_traces_match_native(
         assert max_difference(a, b, point, grads=True) < TOLERANCE * scale, point
 
 
+@pytest.mark.parametrize(
+    "frozen",
+    [
+        frozenset({HookPoint(SMALL.n_layers - 1, Location.RESID_POST)}),
+        frozenset({HookPoint(1, Location.RESID_PRE), HookPoint(2, Location.RESID_MID)}),
+    ],
+    ids=["final", "inner"],
+)
+def test_frozen_layer_norm_scales_match_native(
+    native: NativeGPT2Backend, lens: TransformerLensBackend, frozen: frozenset[HookPoint]
+) -> None:
+    """Both backends hold the same LayerNorms' scales, and that changes the gradients."""
+    points = frozenset(
+        {
+            HookPoint(0, Location.MLP_POST),
+            HookPoint(1, Location.RESID_PRE),
+            HookPoint(2, Location.RESID_POST),
+        }
+    )
+    loss = LossSpec(kind=LossKind.LOGIT_DIFF, targets=(262,), distractors=(13,))
+    kwargs: dict[str, Any] = dict(save=points, save_grads=points, backward=loss)
+    a, b = run_both(native, lens, frozen_norm_inputs=frozen, **kwargs)
+    live, _ = run_both(native, lens, **kwargs)
+    for point in points:
+        scale = float(a.gradients[point].abs().max())
+        assert scale > 0
+        assert max_difference(a, b, point, grads=True) < TOLERANCE * scale, point
+    assert max(max_difference(a, live, point, grads=True) for point in points) > 1e-3
+
+
 def test_a_write_to_a_masked_score_changes_nothing(lens: TransformerLensBackend) -> None:
     future = Intervention(
         point=HookPoint(1, Location.ATTN_SCORES), value=5.0, position=1, index=(0, 4)
@@ -242,11 +272,18 @@ def test_batched_prompts_run_as_they_would_alone(lens: TransformerLensBackend) -
 
 
 def test_weights_match_native(native: NativeGPT2Backend, lens: TransformerLensBackend) -> None:
-    names = ["W_E", "W_pos", "W_U"] + [
-        f"blocks.{layer}.{name}"
-        for layer in range(SMALL.n_layers)
-        for name in ("attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O", "mlp.W_in", "mlp.W_out")
-    ]
+    names = (
+        ["W_E", "W_pos", "W_U"]
+        + [
+            f"blocks.{layer}.{name}"
+            for layer in range(SMALL.n_layers)
+            for name in (
+                *("attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O", "mlp.W_in", "mlp.W_out"),
+                *("attn.b_O", "mlp.b_out", "ln1.w", "ln2.w"),
+            )
+        ]
+        + ["ln_final.w", "ln_final.b"]
+    )
     for name in names:
         assert torch.equal(lens.weight(name), native.weight(name)), name
     for bad in ("blocks.3.mlp.W_in", "blocks.0.attn.nope", "W_nope"):
@@ -282,6 +319,19 @@ PARITY_QUERY = """query($m: String!, $p: String!, $head: ID!, $latent: ID!, $neu
     }
     ablated: infer(input: {prompt: $p, ablations: [{nodeId: $latent, tokenIndex: 3, value: 0}]}) {
       loss latents: layerActivations(layer: 1, kind: MLP_AUTOENCODER_LATENT) { values } }
+    table: infer(input: {prompt: $p,
+                  loss: {kind: LOGIT_DIFF, targetTokens: [" Mary"], distractorTokens: [" John"]}}) {
+      nodeTable(k: 4, scoredTokens: 3) {
+        rows { node { id } tokenIndex keyTokenIndex activation writeNorm directEffect actTimesGrad
+               upvotedOutputTokens { token { id } value } upvotingInputTokens { token { id } value } }
+        tokenSums { embedding mlp attentionFrom attentionTo } }
+      directEffectTerms { name layerIndex value }
+    }
+    live: infer(input: {prompt: $p, layerNormScale: LIVE,
+                  loss: {kind: LOGIT_DIFF, targetTokens: [" Mary"], distractorTokens: [" John"]}}) {
+      topNodes(group: DIRECT_EFFECT, k: 6) { top { node { id } value } }
+      nodeTable(k: 2) { rows { node { id } directEffect actTimesGrad } }
+    }
     node(layer: 1, kind: MLP_NEURON, index: 3) {
       scoredTokens(k: 3) { upvotedOutputTokens { token { id } value } } }
   }
@@ -302,6 +352,39 @@ async def pair_client(
     async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         yield client
     registry.close()
+
+
+def assert_same_answers(a: dict[str, Any], b: dict[str, Any], abs_tolerance: float = 1e-6) -> None:
+    """Identical JSON, but the node tables' rows as sets: elements whose values tie within
+    float32 noise (a trained model's many neurons at GELU's minimum) may swap places."""
+    for answer in (a, b):
+        model = answer["data"]["model"]
+        model["tableRows"] = model["table"]["nodeTable"].pop("rows")
+        model["liveRows"] = model["live"]["nodeTable"].pop("rows")
+    for key in ("tableRows", "liveRows"):
+        assert_same_rows(a["data"]["model"].pop(key), b["data"]["model"].pop(key), abs_tolerance)
+    assert_same_json(a, b, abs_tolerance=abs_tolerance)
+
+
+def assert_same_rows(
+    a: list[dict[str, Any]], b: list[dict[str, Any]], abs_tolerance: float
+) -> None:
+    def by_element(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, Any]]:
+        return {(r["node"]["id"], r.get("tokenIndex"), r.get("keyTokenIndex")): r for r in rows}
+
+    left, right = by_element(a), by_element(b)
+    for element in left.keys() & right.keys():
+        assert_same_json(left[element], right[element], str(element), abs_tolerance)
+    only_left, only_right = left.keys() - right.keys(), right.keys() - left.keys()
+    assert len(only_left) == len(only_right) <= max(2, len(a) // 50)
+    for element in only_left:
+        row = left[element]
+        assert any(
+            abs(row[g] - other[g]) < abs_tolerance
+            for other in (right[e] for e in only_right)
+            for g in row
+            if isinstance(row[g], float)
+        ), element
 
 
 def assert_same_json(a: Any, b: Any, where: str = "", abs_tolerance: float = 1e-6) -> None:
@@ -339,7 +422,7 @@ async def test_the_same_query_gives_the_same_answers_over_graphql(
         assert "errors" not in body, body
         # Node ids name their model; the rest must be identical.
         answers.append(json.loads(re.sub(rf'"{model}/', '"', json.dumps(body))))
-    assert_same_json(answers[0], answers[1])
+    assert_same_answers(answers[0], answers[1])
 
 
 # --- other architectures -------------------------------------------------------------------------
@@ -555,4 +638,4 @@ async def test_both_backends_serve_the_demo_alike() -> None:
             answers.append(json.loads(re.sub(rf'"{model}/', '"', json.dumps(body))))
     registry.close()
     # The issue's 1e-4 (fp32): a trained model's activations are larger than random ones'.
-    assert_same_json(answers[0], answers[1], abs_tolerance=1e-4)
+    assert_same_answers(answers[0], answers[1], abs_tolerance=1e-4)

@@ -53,8 +53,12 @@ class ToyBackend(Backend):
             point = HookPoint(layer, location)
             return session.process(point, act) if session.wants(point) else act
 
-        def norm(x: torch.Tensor, name: str) -> torch.Tensor:
-            return F.layer_norm(x, (arch.d_model,), s[name + ".weight"], s[name + ".bias"])
+        def norm(x: torch.Tensor, name: str, reads: HookPoint) -> torch.Tensor:
+            centred = x - x.mean(-1, keepdim=True)
+            scale = (centred.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()  # GPT-2's epsilon
+            if session.freezes_norm(reads):  # LayerNormScale.FROZEN: a constant to autograd
+                scale = scale.detach()
+            return centred / scale * s[name + ".weight"] + s[name + ".bias"]
 
         def linear(x: torch.Tensor, name: str) -> torch.Tensor:
             return x @ s[name + ".weight"].T + s[name + ".bias"]
@@ -68,7 +72,7 @@ class ToyBackend(Backend):
         for layer in range(arch.n_layers):
             p = f"xf_layers.{layer}."
             x = hook(layer, Location.RESID_PRE, x)
-            h = norm(x, p + "ln_1")
+            h = norm(x, p + "ln_1", HookPoint(layer, Location.RESID_PRE))
             q = hook(layer, Location.ATTN_Q, linear(h, p + "attn.q_proj").view(heads))
             k = hook(layer, Location.ATTN_K, linear(h, p + "attn.k_proj").view(heads))
             v = hook(layer, Location.ATTN_V, linear(h, p + "attn.v_proj").view(heads))
@@ -81,11 +85,18 @@ class ToyBackend(Backend):
                 layer, Location.ATTN_OUT, linear(z.reshape(rows, n, -1), p + "attn.out_proj")
             )
             x = hook(layer, Location.RESID_MID, x + attn_out)
-            pre = hook(layer, Location.MLP_PRE, linear(norm(x, p + "ln_2"), p + "mlp.in_layer"))
+            pre = hook(
+                layer,
+                Location.MLP_PRE,
+                linear(
+                    norm(x, p + "ln_2", HookPoint(layer, Location.RESID_MID)), p + "mlp.in_layer"
+                ),
+            )
             post = hook(layer, Location.MLP_POST, F.gelu(pre, approximate="tanh"))
             mlp_out = hook(layer, Location.MLP_OUT, linear(post, p + "mlp.out_layer"))
             x = hook(layer, Location.RESID_POST, x + mlp_out)
-        logits: torch.Tensor = norm(x, "final_ln") @ s["unembed.weight"].T
+        last = HookPoint(arch.n_layers - 1, Location.RESID_POST)
+        logits: torch.Tensor = norm(x, "final_ln", last) @ s["unembed.weight"].T
         return logits
 
     def weight(self, name: str) -> torch.Tensor:
@@ -94,6 +105,8 @@ class ToyBackend(Backend):
             "W_E": lambda: s["tok_embed.weight"],
             "W_pos": lambda: s["pos_embed.weight"],
             "W_U": lambda: s["unembed.weight"].T,
+            "ln_final.w": lambda: s["final_ln.weight"],
+            "ln_final.b": lambda: s["final_ln.bias"],
         }
         if name in fixed:
             return fixed[name]().contiguous()
@@ -115,4 +128,12 @@ class ToyBackend(Backend):
             return s[p + "mlp.in_layer.weight"].T.contiguous()
         if part == "mlp" and what == "W_out":
             return s[p + "mlp.out_layer.weight"].T.contiguous()
+        vectors = {
+            ("attn", "b_O"): "attn.out_proj.bias",
+            ("mlp", "b_out"): "mlp.out_layer.bias",
+            ("ln1", "w"): "ln_1.weight",
+            ("ln2", "w"): "ln_2.weight",
+        }
+        if (part, what) in vectors:
+            return s[p + vectors[part, what]]
         raise KeyError(name)

@@ -141,6 +141,8 @@ class Architecture:
     family: str = "gpt2"
     # Heads of keys and values (grouped-query attention); None: one per query head.
     n_kv_heads: int | None = None
+    # The epsilon inside the LayerNorms' scale, 1/sqrt(variance + eps).
+    norm_eps: float = 1e-5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -201,6 +203,10 @@ class ForwardRequest:
     backward: LossSpec | None = None
     trace: Trace | None = None  # when set, gradients are of the traced value, not the loss
     save_grads: frozenset[HookPoint] = frozenset()
+    # LayerNorms whose scale the backward pass holds at its forward value, named by the
+    # residual-stream point each reads: resid_pre of layer L is layer L's attention LayerNorm,
+    # resid_mid its MLP LayerNorm, resid_post of the last layer the final LayerNorm.
+    frozen_norm_inputs: frozenset[HookPoint] = frozenset()
     # Where an autoencoder's latents are used (saved, overwritten or differentiated), the model
     # continues from decode(latents) + error, the error being what the autoencoder misses: with
     # latents untouched that is the original activation. False drops the error term, running
@@ -248,6 +254,12 @@ WEIGHT_SHAPES: dict[str, str] = {
     "blocks.{L}.attn.W_O": "[head, d_head, d_model]",
     "blocks.{L}.mlp.W_in": "[d_model, d_mlp]",
     "blocks.{L}.mlp.W_out": "[d_mlp, d_model]",
+    "blocks.{L}.attn.b_O": "[d_model]",
+    "blocks.{L}.mlp.b_out": "[d_model]",
+    "blocks.{L}.ln1.w": "[d_model]",
+    "blocks.{L}.ln2.w": "[d_model]",
+    "ln_final.w": "[d_model]",
+    "ln_final.b": "[d_model]",
 }
 
 

@@ -40,6 +40,7 @@ class HookSession:
         for addition in request.additions:
             self._additions[addition.point].append(addition)
         self._error_term = request.autoencoder_error_term
+        self._frozen_norms = request.frozen_norm_inputs
         self._trace = request.trace
         self._trace_points = _trace_points(request.trace)
         self._trace_value: torch.Tensor | None = None
@@ -60,6 +61,11 @@ class HookSession:
             or point in self._additions
             or point in self._trace_points
         )
+
+    def freezes_norm(self, reads: HookPoint) -> bool:
+        """Whether the LayerNorm reading the stream at `reads` holds its scale (see
+        ForwardRequest.frozen_norm_inputs)."""
+        return reads in self._frozen_norms
 
     def wants(self, point: HookPoint) -> bool:
         """True when `process` would do anything at this point (backends may skip it if not)."""

@@ -19,6 +19,7 @@ existing class) and one entry in `TABLE`. Kinds are looked up by the name node i
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -41,6 +42,8 @@ class Side(Enum):
     the stream point its nodes read, the location of the write, and the write's rank within
     the layer (attention writes before the MLP reads)."""
 
+    # The embeddings read the tokens, not the stream, and write before layer 0 does anything.
+    EMBEDDING = (Location.RESID_PRE, Location.RESID_PRE, -1)
     ATTENTION = (Location.RESID_PRE, Location.ATTN_OUT, 1)
     MLP = (Location.RESID_MID, Location.MLP_OUT, 2)
     RESIDUAL = (Location.RESID_POST, Location.RESID_POST, 2)
@@ -72,15 +75,41 @@ class Values:
     act_times_grad: torch.Tensor | None = None  # with the gradient at `location`
 
 
+Saved = Mapping[Location, torch.Tensor]  # one prompt's activations at one layer, [position, ...]
+
+
+def projected(stream_grad: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """stream_grad [position, d_model] @ directions [node, d_model].T -> [position, node],
+    multiplying only the positions whose gradient is not 0 (a loss at the last token has
+    none elsewhere under FROZEN: that is most of the work saved)."""
+    live = stream_grad.ne(0).any(dim=-1)
+    if bool(live.all()):
+        return stream_grad @ directions.T
+    out = stream_grad.new_zeros(stream_grad.shape[0], directions.shape[0])
+    out[live] = stream_grad[live] @ directions.T
+    return out
+
+
 class NodeKind(abc.ABC):
     name: str
     side: Side
     location: Location
-    # Residual channels are the stream itself: they write no direction to compare or lens.
+    # Residual channels and embeddings write no one direction to compare or lens.
     has_write_direction: bool = True
+    # Whether generation can add a node's write direction (steering).
+    steerable: bool = True
+    # Whether a backward pass can start at one of its nodes.
+    traceable: bool = True
+    # The embeddings' writes: ranked with whichever kinds an analysis ranks.
+    embeds: bool = False
     # Attention heads: a pattern per node, and traces through their score (Q, K, QK) or
     # their write from one key (V) rather than through their value.
     attends: bool = False
+    # Which of `values` is a node's value at a token where one number is served per token
+    # (activations on a prompt, its records' top activations).
+    per_token_value: str = "activation"
+    # Transformer Debugger's node table signs the write norm of this kind by its activation.
+    signed_table_write_norm: bool = False
 
     @abc.abstractmethod
     def count(self, arch: Architecture, backend: Backend | None, layer: int) -> int:
@@ -94,22 +123,35 @@ class NodeKind(abc.ABC):
         """The residual-stream direction a node reads, [d_model]; None where it has none."""
         return None
 
+    def extra_locations(self, backend: Backend, layer: int) -> tuple[Location, ...]:
+        """What else `values` and `bias_writes` read of a pass, besides `location`."""
+        return ()
+
     def values(
         self,
         act: torch.Tensor,
         directions: torch.Tensor,
         grad: torch.Tensor | None,
         stream_grad: torch.Tensor | None,
+        saved: Saved,
+        norms: torch.Tensor | None = None,
     ) -> Values:
         """`act` [position, node] as saved at `location` and its gradient there; `stream_grad`
-        [position, d_model]: the gradient where direct effects are read."""
+        [position, d_model]: the gradient where direct effects are read; `saved`: the layer's
+        `extra_locations`; `norms`: the directions' norms [node], where known already."""
         act = act.float()
         return Values(
             activation=act,
-            write_norm=act.abs() * directions.norm(dim=-1),
-            direct_effect=None if stream_grad is None else act * (stream_grad @ directions.T),
+            write_norm=act.abs() * (directions.norm(dim=-1) if norms is None else norms),
+            direct_effect=None if stream_grad is None else act * projected(stream_grad, directions),
             act_times_grad=None if grad is None else act * grad.float(),
         )
+
+    def bias_writes(self, backend: Backend, layer: int, saved: Saved) -> dict[str, torch.Tensor]:
+        """What this side of the layer writes besides its nodes' values times their
+        directions (output biases, a dictionary's bias and error), by name, [position, d_model]
+        or [d_model]: with the nodes' writes, everything the layer adds to the stream."""
+        return {}
 
     def point(self, layer: int) -> HookPoint:
         return HookPoint(layer, self.location)
@@ -137,6 +179,7 @@ class MlpNeurons(NodeKind):
     name = "mlp_neuron"
     side = Side.MLP
     location = Location.MLP_POST
+    signed_table_write_norm = True  # post x |W_out row|
 
     def count(self, arch: Architecture, backend: Backend | None, layer: int) -> int:
         return arch.d_mlp
@@ -147,15 +190,22 @@ class MlpNeurons(NodeKind):
     def read_direction(self, backend: Backend, layer: int, index: int) -> torch.Tensor:
         return backend.weight(f"blocks.{layer}.mlp.W_in")[:, index]
 
+    def bias_writes(self, backend: Backend, layer: int, saved: Saved) -> dict[str, torch.Tensor]:
+        return {"MLP output bias": backend.weight(f"blocks.{layer}.mlp.b_out")}
+
 
 class AttentionHeads(NodeKind):
     """A head's value is its z, [d_head] per position: directions are W_O, [head, d_head,
-    d_model], its activation (for now) the norm of its write."""
+    d_model]. Its activation at a query position is its attention probability there: the
+    largest, its strongest (query, key) pair (summed over keys it would be 1)."""
 
     name = "attention_head"
     side = Side.ATTENTION
     location = Location.ATTN_Z
     attends = True
+    # One number per token for a head is the norm of its write, as its records hold it: its
+    # activation, an attention probability, belongs to a (query, key) pair.
+    per_token_value = "write_norm"
 
     def count(self, arch: Architecture, backend: Backend | None, layer: int) -> int:
         return arch.n_heads
@@ -163,24 +213,32 @@ class AttentionHeads(NodeKind):
     def directions(self, backend: Backend, layer: int) -> torch.Tensor:
         return backend.weight(f"blocks.{layer}.attn.W_O")
 
+    def extra_locations(self, backend: Backend, layer: int) -> tuple[Location, ...]:
+        return (Location.ATTN_PROBS,)
+
     def values(
         self,
         act: torch.Tensor,
         directions: torch.Tensor,
         grad: torch.Tensor | None,
         stream_grad: torch.Tensor | None,
+        saved: Saved,
+        norms: torch.Tensor | None = None,
     ) -> Values:
         act = act.float()  # [position, head, d_head]
         write = torch.einsum("phd,hdm->phm", act, directions)
-        norms = write.norm(dim=-1)
+        probs = saved[Location.ATTN_PROBS].float()  # [query, head, key]
         return Values(
-            activation=norms,
-            write_norm=norms,
+            activation=probs.max(dim=-1).values,
+            write_norm=write.norm(dim=-1),
             direct_effect=None
             if stream_grad is None
             else torch.einsum("phm,pm->ph", write, stream_grad),
             act_times_grad=None if grad is None else (act * grad.float()).sum(-1),
         )
+
+    def bias_writes(self, backend: Backend, layer: int, saved: Saved) -> dict[str, torch.Tensor]:
+        return {"attention output bias": backend.weight(f"blocks.{layer}.attn.b_O")}
 
     def trace_attention(
         self,
@@ -222,6 +280,51 @@ class ResidualChannels(NodeKind):
         return direction
 
 
+class TokenEmbeddings(NodeKind):
+    """One node, in layer 0: what the token and position embeddings write at each position
+    (Transformer Debugger's embedding nodes). Its value at a position is that write, saved at
+    resid_pre of layer 0 (setting it to 0 removes the token); its activation is 1, its write
+    norm |tok + pos|, its act x grad the write times the gradient there (Transformer
+    Debugger's token attribution)."""
+
+    name = "token_embedding"
+    side = Side.EMBEDDING
+    location = Location.RESID_PRE
+    has_write_direction = False
+    steerable = False
+    traceable = False
+    embeds = True
+
+    def count(self, arch: Architecture, backend: Backend | None, layer: int) -> int:
+        return 1 if layer == 0 else 0
+
+    def directions(self, backend: Backend, layer: int) -> torch.Tensor:
+        return torch.zeros(0, backend.architecture.d_model, device=backend.device)
+
+    def values(
+        self,
+        act: torch.Tensor,
+        directions: torch.Tensor,
+        grad: torch.Tensor | None,
+        stream_grad: torch.Tensor | None,
+        saved: Saved,
+        norms: torch.Tensor | None = None,
+    ) -> Values:
+        act = act.float()  # [position, d_model]: the write itself
+        return Values(
+            activation=torch.ones(act.shape[0], 1, device=act.device),
+            write_norm=act.norm(dim=-1, keepdim=True),
+            direct_effect=None if stream_grad is None else (act * stream_grad).sum(-1, True),
+            act_times_grad=None if grad is None else (act * grad.float()).sum(-1, keepdim=True),
+        )
+
+    def ablation(
+        self, layer: int, index: int, value: float, position: int | None, row: int
+    ) -> Intervention:
+        # The node is the whole vector: every channel of the write is set.
+        return Intervention(point=self.point(layer), value=value, position=position, row=row)
+
+
 class DictionaryLatents(NodeKind):
     """Latents of the dictionaries attached at one latents location, one per layer."""
 
@@ -240,12 +343,41 @@ class DictionaryLatents(NodeKind):
         # decode(e_j) - decode(0) is latent j's decoder column, in the dictionary's input space.
         eye = torch.eye(ae.n_latents, device=backend.device)
         decoded = ae.decode(eye) - ae.decode(torch.zeros(1, ae.n_latents, device=backend.device))
+        return self._written(backend, layer, decoded.float())
+
+    def extra_locations(self, backend: Backend, layer: int) -> tuple[Location, ...]:
+        return (backend.autoencoders[self.point(layer)].input.location,)
+
+    def bias_writes(self, backend: Backend, layer: int, saved: Saved) -> dict[str, torch.Tensor]:
+        """The dictionary's bias (what decode(0) writes) and its error (what it misses of its
+        input), in the stream; an MLP-output bias too where it reads the MLP's neurons."""
+        attached = backend.autoencoders[self.point(layer)]
+        ae = attached.autoencoder
+        latents = saved[self.location].float()
+        error = saved[attached.input.location].float() - ae.decode(latents).float()
+        bias = ae.decode(torch.zeros(1, ae.n_latents, device=backend.device)).float()[0]
+        writes = {
+            "dictionary bias": self._written(backend, layer, bias),
+            "dictionary error": self._written(backend, layer, error),
+        }
         if attached.input is AutoencoderInput.MLP_POST_ACT:
-            return decoded.float() @ backend.weight(f"blocks.{layer}.mlp.W_out")
-        return decoded.float()
+            writes["MLP output bias"] = backend.weight(f"blocks.{layer}.mlp.b_out")
+        return writes
+
+    def _written(self, backend: Backend, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """`x`, in the dictionary's input space, as it enters the stream."""
+        attached = backend.autoencoders[self.point(layer)]
+        if attached.input is AutoencoderInput.MLP_POST_ACT:
+            return x @ backend.weight(f"blocks.{layer}.mlp.W_out")
+        return x
 
 
-STRUCTURAL: tuple[NodeKind, ...] = (MlpNeurons(), AttentionHeads(), ResidualChannels())
+STRUCTURAL: tuple[NodeKind, ...] = (
+    TokenEmbeddings(),
+    MlpNeurons(),
+    AttentionHeads(),
+    ResidualChannels(),
+)
 # The openai-format autoencoders: one dictionary on the MLP side (mlp_post_act or
 # resid_delta_mlp) and one on the attention side (resid_delta_attn), named as their kinds
 # always were.

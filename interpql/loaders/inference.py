@@ -6,8 +6,8 @@ gathered by a strawberry DataLoader into one batched backend call, one row per d
 (`InferenceSpec.pass_key`), whose saved locations are the union of what the calls need. A later
 call whose needs are already covered is answered from the request's memo, or from the server's
 `ResultCache` of earlier requests, without running again. The backend runs on its model's
-worker thread (through the model's runner), never on the event loop. Results leave this module
-as numpy arrays: nothing above loaders/ sees torch.
+worker thread (through the model's runner), never on the event loop. Results leave as numpy
+arrays (loaders/pass_results.py): nothing above loaders/ sees torch.
 """
 
 from __future__ import annotations
@@ -15,97 +15,28 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-import torch
 from strawberry.dataloader import DataLoader
 
-from interpql.backends.base import ForwardRequest, ForwardResult, HookPoint, Location
-from interpql.backends.losses import spec_loss
+from interpql.backends.base import ForwardRequest, HookPoint, Location
 from interpql.loaders import tracing
-from interpql.loaders.analysis import NodeScores, node_scores, token_pair_attribution
 from interpql.loaders.cache import BoundedMemoryCache
 from interpql.loaders.coalescing import InferenceRunner
 from interpql.loaders.inference_stats import InferenceStats
 from interpql.loaders.out_of_memory import out_of_memory_as_error
+from interpql.loaders.pass_results import LayerKind, Needs, RowResult, row_result
 from interpql.loaders.registry import ModelEntry, ModelRegistry
-from interpql.specs import InferenceSpec
+from interpql.specs import InferenceSpec, LayerNormScale
 
-LayerKind = tuple[int, str]  # (layer, kind name)
-
-
-@dataclass(frozen=True)
-class Needs:
-    """What fields need of a pass. Gradients are asked for only by fields that need them, and
-    only then does the pass include a backward pass."""
-
-    layer_kinds: frozenset[LayerKind] = frozenset()
-    pattern_layers: frozenset[int] = frozenset()
-    gradient_layer_kinds: frozenset[LayerKind] = frozenset()
-    stream_gradient: bool = False  # the loss's gradient where direct effects are read
-
-    def __or__(self, other: Needs) -> Needs:
-        return Needs(
-            self.layer_kinds | other.layer_kinds,
-            self.pattern_layers | other.pattern_layers,
-            self.gradient_layer_kinds | other.gradient_layer_kinds,
-            self.stream_gradient or other.stream_gradient,
-        )
-
-    def covered_by(self, other: Needs) -> bool:
-        return (self | other) == other
-
-    @property
-    def backward(self) -> bool:
-        return bool(self.gradient_layer_kinds) or self.stream_gradient
-
-    def all_layer_kinds(self) -> frozenset[LayerKind]:
-        return self.layer_kinds | self.gradient_layer_kinds
-
-    def hook_points(self, entry: ModelEntry) -> frozenset[HookPoint]:
-        points = {entry.kind(kind).point(layer) for layer, kind in self.all_layer_kinds()}
-        for layer in self.pattern_layers:
-            points |= {HookPoint(layer, Location.ATTN_PROBS), HookPoint(layer, Location.ATTN_V)}
-        return frozenset(points)
-
-    def gradient_points(self, entry: ModelEntry, stream_point: HookPoint) -> frozenset[HookPoint]:
-        """`stream_point`: where direct effects are read (the final residual stream, or where a
-        traced node reads it)."""
-        points = {entry.kind(kind).point(layer) for layer, kind in self.gradient_layer_kinds}
-        if self.stream_gradient:
-            points.add(stream_point)
-        return frozenset(points)
+__all__ = ["InferenceLoader", "LayerKind", "Needs", "ResultCache", "RowResult", "default_runner"]
 
 
 @dataclass(frozen=True)
 class _Key:
     spec: InferenceSpec
     needs: Needs
-
-
-@dataclass
-class RowResult:
-    """What one pass computed for one input (one row of the batch), as numpy arrays."""
-
-    spec: InferenceSpec
-    needs: Needs
-    next_token_loss: float | None
-    last_logits: np.ndarray  # [vocab] at the last position
-    scores: dict[LayerKind, NodeScores] = field(default_factory=dict)
-    patterns: dict[int, np.ndarray] = field(default_factory=dict)  # [query, head, key]
-    pair_attributions: dict[int, np.ndarray] = field(default_factory=dict)  # [query, head, key]
-    objective: float = 0.0  # the input's loss, whether or not a backward pass ran
-    elapsed_s: float = 0.0
-    memory_before_bytes: int = 0
-    memory_after_bytes: int = 0
-    batch_size: int = 1  # rows of the pass that computed it
-    from_cache: bool = False  # answered from an earlier request's pass: none ran for it now
-
-    def activations(self, layer: int, kind: str) -> np.ndarray:
-        """[position, node]."""
-        return self.scores[(layer, kind)].activation
 
 
 def default_runner(window_s: float = 0.002, timeout_s: float | None = None) -> InferenceRunner:
@@ -174,11 +105,12 @@ class InferenceLoader:
         return result
 
     async def _load_batch(self, keys: Sequence[_Key]) -> list[RowResult]:
-        # One backend call per model, error-term setting, loss and trace: request-wide switches.
+        # One backend call per model, error-term setting, loss, trace and LayerNorm
+        # convention: request-wide switches.
         groups: dict[tuple[Any, ...], list[_Key]] = defaultdict(list)
         for key in keys:
             s = key.spec
-            groups[(s.model, s.keep_error_term, s.loss, s.trace)].append(key)
+            groups[(s.model, s.keep_error_term, s.loss, s.trace, s.layer_norm_scale)].append(key)
         results: dict[_Key, RowResult] = {}
         for (name, *switches), group in groups.items():
             entry = self._registry.get(name)
@@ -232,73 +164,24 @@ def _run_rows(entry: ModelEntry, keys: list[_Key]) -> dict[Hashable, RowResult]:
         autoencoder_error_term=first.keep_error_term,
     )
     stream_point = HookPoint(entry.architecture.n_layers - 1, Location.RESID_POST)
+    if first.layer_norm_scale is LayerNormScale.FROZEN:
+        request = replace(request, frozen_norm_inputs=frozenset({stream_point}))
     if first.trace is not None and union.backward:
         stream_point = tracing.read_point(entry, first.trace.upstream)
+        if first.layer_norm_scale is LayerNormScale.FROZEN and tracing.reads_through_a_norm(
+            entry, first.trace.upstream
+        ):
+            # The traced node's own LayerNorm holds its scale too (Transformer Debugger's
+            # traces reconstitute the node's input with that scale detached).
+            request = replace(
+                request, frozen_norm_inputs=request.frozen_norm_inputs | {stream_point}
+            )
         request = replace(request, trace=tracing.backend_trace(entry, request, first.trace))
     result = backend.forward(
         replace(request, save_grads=union.gradient_points(entry, stream_point))
     )
     batch_size = result.pass_rows or len(rows)
     return {
-        spec.pass_key(): _row_result(entry, result, row, spec, union, stream_point, batch_size)
+        spec.pass_key(): row_result(entry, result, row, spec, union, stream_point, batch_size)
         for row, spec in enumerate(rows)
     }
-
-
-def _row_result(
-    entry: ModelEntry,
-    result: ForwardResult,
-    row: int,
-    spec: InferenceSpec,
-    needs: Needs,
-    stream_point: HookPoint,
-    batch_size: int,
-) -> RowResult:
-    n_tok = result.lengths[row]
-    stream_grad = None
-    if needs.stream_gradient:
-        stream_grad = result.gradients[stream_point][row, :n_tok].float()
-    scores = {}
-    for layer, kind in needs.all_layer_kinds():
-        point = entry.kind(kind).point(layer)
-        grad = result.gradients.get(point)
-        reaches = tracing.writes_reach(entry, layer, kind, stream_point)
-        scores[(layer, kind)] = node_scores(
-            entry,
-            layer,
-            kind,
-            result.activations[point][row, :n_tok],
-            None if grad is None else grad[row, :n_tok],
-            stream_grad if reaches else None if stream_grad is None else stream_grad * 0,
-        )
-    patterns, pairs = {}, {}
-    for layer in needs.pattern_layers:
-        probs = result.activations[HookPoint(layer, Location.ATTN_PROBS)][row, :n_tok, :, :n_tok]
-        patterns[layer] = probs.float().cpu().numpy()
-        values = result.activations.get(HookPoint(layer, Location.ATTN_V))
-        if values is not None:
-            pairs[layer] = token_pair_attribution(entry, layer, probs, values[row, :n_tok])
-    loss = float(result.next_token_loss[row])
-    return RowResult(
-        spec=spec,
-        needs=needs,
-        next_token_loss=None if np.isnan(loss) else loss,
-        last_logits=result.logits[row, n_tok - 1].float().cpu().numpy(),
-        scores=scores,
-        patterns=patterns,
-        pair_attributions=pairs,
-        objective=_objective(result, row, spec),
-        elapsed_s=result.elapsed_s,
-        memory_before_bytes=result.memory_before_bytes,
-        memory_after_bytes=result.memory_after_bytes,
-        batch_size=batch_size,
-    )
-
-
-def _objective(result: ForwardResult, row: int, spec: InferenceSpec) -> float:
-    if result.backward_loss is not None:
-        return float(result.backward_loss[row])
-    tokens = torch.tensor([spec.tokens], device=result.logits.device)
-    lengths = torch.tensor([len(spec.tokens)], device=result.logits.device)
-    logits = result.logits[row : row + 1, : len(spec.tokens)]
-    return float(spec_loss(spec.loss, logits, tokens, lengths)[0])

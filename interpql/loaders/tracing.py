@@ -29,6 +29,12 @@ def writes_reach(entry: ModelEntry, layer: int, kind: str, point: HookPoint) -> 
     return entry.kind(kind).reaches(layer, point)
 
 
+def reads_through_a_norm(entry: ModelEntry, node: NodeRef) -> bool:
+    """Whether the node reads the stream through a LayerNorm (attention and MLP nodes do;
+    residual channels are the stream)."""
+    return entry.kind(node.kind).side.reads in (Location.RESID_PRE, Location.RESID_MID)
+
+
 def reads_after(entry: ModelEntry, upstream: NodeRef, downstream: NodeRef) -> bool:
     """Whether `downstream` reads the residual stream after `upstream` has written to it."""
     reads = entry.kind(downstream.kind).reads_at(downstream.layer)

@@ -36,16 +36,23 @@ class Ranking:
     token_sums: list[float]  # per position: the group's value summed over every ranked node
 
 
-def _layer_kinds(ctx: RequestContext, spec: InferenceSpec) -> list[LayerKind]:
+def ranked_layer_kinds(
+    ctx: RequestContext, spec: InferenceSpec, hide_early_layers: bool = True
+) -> list[LayerKind]:
+    """What an analysis of `spec` ranks: the embeddings and the input's attention and MLP kinds,
+    in every layer that has them (from the first ablated layer on, with
+    hideEarlyLayersWhenAblating, unless `hide_early_layers` is False)."""
     entry = ctx.registry.get(spec.model)
     first_layer = 0
-    if spec.hide_early_layers_when_ablating and spec.ablations:
+    if hide_early_layers and spec.hide_early_layers_when_ablating and spec.ablations:
         # Layers before the first ablation run as without it: nothing there to see.
         first_layer = min(a.node.layer for a in spec.ablations)
+    # The embeddings write before layer 0: they are ranked unless early layers are hidden.
+    embeddings = [k.name for k in entry.kinds() if k.embeds] if first_layer == 0 else []
     return [
         (layer, kind)
         for layer in range(first_layer, entry.architecture.n_layers)
-        for kind in (spec.attention_kind, spec.mlp_kind)
+        for kind in (*embeddings, spec.attention_kind, spec.mlp_kind)
         if entry.node_count(kind, layer) > 0
     ]
 
@@ -69,7 +76,7 @@ async def top_nodes(
     check_range("k", k, 0, ctx.settings.max_top_k + 1)
     if position is not None:
         check_range("tokenIndex", position, 0, len(spec.tokens))
-    layer_kinds = _layer_kinds(ctx, spec)
+    layer_kinds = ranked_layer_kinds(ctx, spec)
     if not layer_kinds:
         raise invalid_argument("The model has no nodes of the chosen component types.")
     done = await result(ctx, spec, group_needs(group, layer_kinds))

@@ -41,6 +41,8 @@ def generation_spec(ctx: RequestContext, model_name: str, args: GenerateArgs) ->
     final_length = len(tokens) + args.max_tokens
     for steer in args.steering:
         node = own_node(ctx, entry, str(steer.node_id))
+        if not entry.kind(node.kind).steerable:
+            raise invalid_argument(f"A {node.kind} node has no direction to steer along.")
         check_magnitude("Steering strength", steer.strength)
         for position in steer.token_indices or []:
             check_range("steering tokenIndices", position, 0, final_length)

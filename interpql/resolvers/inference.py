@@ -18,6 +18,7 @@ from interpql.specs import (
     Ablation,
     AttentionTrace,
     InferenceSpec,
+    LayerNormScale,
     LossKind,
     LossSpec,
     NodeRef,
@@ -74,6 +75,7 @@ def inference_spec(ctx: RequestContext, model_name: str, args: InferenceArgs) ->
         loss=LossSpec() if args.loss is None else loss_spec(ctx, entry, args.loss),
         trace=None if args.trace is None else _trace(ctx, entry, args.trace, len(tokens)),
         keep_error_term=args.autoencoder_error_term,
+        layer_norm_scale=LayerNormScale(args.layer_norm_scale.value),
         mlp_kind=MLP_KINDS[args.mlp_component.value],
         attention_kind=ATTENTION_KINDS[args.attention_component.value],
         hide_early_layers_when_ablating=args.hide_early_layers_when_ablating,
@@ -142,6 +144,8 @@ def _token_ids(
 
 def _trace(ctx: RequestContext, entry: ModelEntry, args: TraceArgs, n_tokens: int) -> TraceSpec:
     upstream = own_node(ctx, entry, str(args.upstream_node_id))
+    if not entry.kind(upstream.kind).traceable:
+        raise invalid_argument(f"A trace cannot start at a {upstream.kind} node.")
     check_range("trace tokenIndex", args.token_index, 0, n_tokens)
     if args.key_token_index is not None:
         check_range("trace keyTokenIndex", args.key_token_index, 0, args.token_index + 1)

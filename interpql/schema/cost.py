@@ -8,8 +8,8 @@ of 64 long prompts is a small document. The estimate counts both kinds of work i
   argument (`ids`, `nodeIds`, `inputs`, `representations`), else from its parent's size
   argument (`topNodes(k) { top }`), else `UNKNOWN_LIST_SIZE`;
 - every prompt token a forward pass runs costs 1, and 3 when the pass also runs backward (a
-  trace, or a ranking by DIRECT_EFFECT or ACT_TIMES_GRAD); tokens are counted by the served
-  models' tokenizers (a length estimate undercounts text that tokenizes densely, such as
+  trace, a ranking by DIRECT_EFFECT or ACT_TIMES_GRAD, a node table); tokens are counted by
+  the served models' tokenizers (a length estimate undercounts text that tokenizes densely, such as
   Chinese or indented code, several times over), at most the longest context window served (a
   longer prompt is refused as PROMPT_TOO_LONG without running);
 - generation runs one pass per new token over the whole sequence so far (twice when steered).
@@ -49,6 +49,11 @@ DEFAULT_NEW_TOKENS = 20  # GenerateInput.maxTokens when not given
 _SIZE_ARGUMENTS = ("first", "k")
 _LIST_ARGUMENTS = ("ids", "nodeIds", "inputs", "representations")
 _GRADIENT_GROUPS = frozenset({"DIRECT_EFFECT", "ACT_TIMES_GRAD"})
+# Fields that always add a backward pass to their input's.
+_GRADIENT_FIELDS = frozenset({"nodeTable", "directEffectTerms"})
+# Items below a field per unit of its size argument: the node table's rows are a k highest
+# and k lowest per group (4) and kind (3).
+_ITEMS_PER_SIZE = {"nodeTable": 24}
 
 
 # A prompt's tokens as the model will run them, at most the longest context window served.
@@ -130,7 +135,8 @@ class CostEstimator:
             items = size if size is not None else list_size
             below = UNKNOWN_LIST_SIZE
         else:
-            items, below = 1, size if size is not None else UNKNOWN_LIST_SIZE
+            items = 1
+            below = UNKNOWN_LIST_SIZE if size is None else size * _ITEMS_PER_SIZE.get(name, 1)
         return cost + items * self._selection(
             get_named_type(definition.type), node.selection_set, below
         )
@@ -189,6 +195,8 @@ class CostEstimator:
                         seen.add(name)
                         stack.append(fragment.selection_set)
                     continue
+                if isinstance(selection, FieldNode) and selection.name.value in _GRADIENT_FIELDS:
+                    return True
                 if isinstance(selection, FieldNode) and selection.name.value == "topNodes":
                     group = self._group(selection)
                     if getattr(group, "name", group) in _GRADIENT_GROUPS:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import base64
-from enum import Enum
-from typing import Any
-
 import numpy as np
 import strawberry
 
 from interpql.resolvers import analysis as analysis_resolvers
 from interpql.resolvers import inference as inference_resolvers
+from interpql.resolvers import node_table as table_resolvers
 from interpql.resolvers.models import token_text
 from interpql.schema.enums import Group, NodeKind
+from interpql.schema.node_table import DirectEffectTerm, NodeTable, node_table_of
+from interpql.schema.packed import PackedTensor, TensorDType, pack
 from interpql.schema.scalars import FloatArray
 from interpql.schema.types import (
     Info,
@@ -48,23 +47,6 @@ class NodeRanking:
     )
 
 
-@strawberry.enum(description="Element type of a packed tensor.")
-class TensorDType(Enum):
-    FLOAT32 = "float32"
-    FLOAT16 = "float16"
-
-    @property
-    def numpy(self) -> np.dtype[Any]:
-        return np.dtype(self.value)
-
-
-@strawberry.type(description="A tensor as base64 bytes: decode, then view as dtype in shape.")
-class PackedTensor:
-    dtype: TensorDType = strawberry.field(description="Element type, little-endian.")
-    shape: list[int] = strawberry.field(description="Shape, row-major.")
-    base64: str = strawberry.field(description="The elements' bytes, base64-encoded.")
-
-
 @strawberry.type(description="Activations of every node of one kind in one layer.")
 class LayerActivations:
     layer: int = strawberry.field(description="Layer index.")
@@ -81,10 +63,7 @@ class LayerActivations:
         )
     )
     def packed(self, dtype: TensorDType = TensorDType.FLOAT32) -> PackedTensor:
-        data = np.asarray(self.values, dtype=dtype.numpy).astype(dtype.numpy.newbyteorder("<"))
-        return PackedTensor(
-            dtype=dtype, shape=list(data.shape), base64=base64.b64encode(data.tobytes()).decode()
-        )
+        return pack(np.asarray(self.values), dtype)
 
 
 @strawberry.type(description="The result of running a model on a prompt.")
@@ -122,7 +101,7 @@ class InferenceResult:
         self, info: Info, group: Group, k: int = 10, token_index: int | None = None
     ) -> NodeRanking:
         ranking = await analysis_resolvers.top_nodes(
-            info.context, self.spec, analysis_resolvers.Group(group.value), k, token_index
+            info.context, self.spec, analysis_resolvers.Group[group.name], k, token_index
         )
 
         def scored(items: list[analysis_resolvers.RankedNode]) -> list[ScoredNode]:
@@ -134,6 +113,39 @@ class InferenceResult:
             bottom=scored(ranking.bottom),
             token_sums=ranking.token_sums,
         )
+
+    @strawberry.field(
+        description=(
+            "Transformer Debugger's node table of this input (see NodeTable): k highest and "
+            "lowest elements per group and kind, `scoredTokens` tokens per list of each row's "
+            "scored tokens; `excludeRareTokens` leaves out of those lists the 596 least common "
+            "GPT-2 tokens Transformer Debugger leaves out (GPT-2-vocabulary models). Adds one "
+            "backward pass of the input's loss."
+        )
+    )
+    async def node_table(
+        self, info: Info, k: int = 10, scored_tokens: int = 10, exclude_rare_tokens: bool = True
+    ) -> NodeTable:
+        view = await table_resolvers.node_table(
+            info.context, self.spec, k, scored_tokens, exclude_rare_tokens
+        )
+        return node_table_of(view)
+
+    @strawberry.field(
+        description=(
+            "The direct effects, at one token or summed over tokens, of what writes to the "
+            "residual stream besides the input's ranked kinds, in every layer: output biases, "
+            "a dictionary's bias and error, and the final LayerNorm's bias. With layerNormScale "
+            "FROZEN and a loss linear in the logits (LOGIT_DIFF, LOGIT_MINUS_MEAN), these plus "
+            "every node's DIRECT_EFFECT (the embedding, heads, neurons or latents) add up to the "
+            "objective."
+        )
+    )
+    async def direct_effect_terms(
+        self, info: Info, token_index: int | None = None
+    ) -> list[DirectEffectTerm]:
+        terms = await table_resolvers.direct_effect_terms(info.context, self.spec, token_index)
+        return [DirectEffectTerm(name=t.name, layer_index=t.layer, value=t.value) for t in terms]
 
     @strawberry.field(description="The k least likely tokens after the prompt, least first.")
     async def bottom_predictions(self, info: Info, k: int = 10) -> list[TokenPrediction]:

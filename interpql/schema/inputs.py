@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import strawberry
 
-from interpql.schema.enums import AttentionComponent, AttentionTraceType, LossKind, MlpComponent
+from interpql.schema.enums import (
+    AttentionComponent,
+    AttentionTraceType,
+    LayerNormScale,
+    LossKind,
+    MlpComponent,
+)
 
 
 @strawberry.input(description="The loss that gradients and attributions are taken of.")
@@ -78,15 +84,21 @@ class InferenceInput:
     )
     mlp_component: MlpComponent = strawberry.field(
         default=MlpComponent.NEURON,
-        description="Rank MLP neurons or MLP autoencoder latents in topNodes.",
+        description="Rank MLP neurons or MLP autoencoder latents in topNodes and nodeTable.",
     )
     attention_component: AttentionComponent = strawberry.field(
         default=AttentionComponent.HEAD,
-        description="Rank attention heads or attention autoencoder latents in topNodes.",
+        description=(
+            "Rank attention heads (nodeTable: their (query, key) pairs) or attention "
+            "autoencoder latents in topNodes and nodeTable."
+        ),
     )
     hide_early_layers_when_ablating: bool = strawberry.field(
         default=False,
-        description="Leave layers before the first ablated node out of topNodes.",
+        description=(
+            "Leave layers before the first ablated node, and the embedding, out of topNodes and "
+            "nodeTable (Transformer Debugger's UI sends this flag; its server ignores it)."
+        ),
     )
     autoencoder_error_term: bool = strawberry.field(
         default=True,
@@ -94,6 +106,13 @@ class InferenceInput:
             "Where autoencoder latents are used, keep the autoencoder's error term so that "
             "untouched latents leave the model exactly as it was; false runs the model on the "
             "reconstruction alone."
+        ),
+    )
+    layer_norm_scale: LayerNormScale = strawberry.field(
+        default=LayerNormScale.FROZEN,
+        description=(
+            "How DIRECT_EFFECT, ACT_TIMES_GRAD and traces treat LayerNorm's scale: FROZEN "
+            "(default) or LIVE; see LayerNormScale."
         ),
     )
 

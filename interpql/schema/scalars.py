@@ -11,6 +11,7 @@ from strawberry.types.scalar import ScalarDefinition
 
 FloatArray = NewType("FloatArray", object)
 StringArray = NewType("StringArray", object)
+IntArray = NewType("IntArray", object)
 
 
 def _serialize_array(value: Any) -> Any:
@@ -27,6 +28,15 @@ SCALARS: dict[object, ScalarDefinition] = {
             "A (possibly nested) JSON array of floats, e.g. activations [token][node]; its shape "
             "is given next to it. One scalar rather than nested [Float] lists keeps large "
             "results fast."
+        ),
+        serialize=_serialize_array,
+        parse_value=lambda value: value,
+    ),
+    IntArray: strawberry.scalar(
+        name="IntArray",
+        description=(
+            "A (possibly nested) JSON array of integers, null where there is none, e.g. a "
+            "column of token indices. One scalar rather than nested [Int] lists."
         ),
         serialize=_serialize_array,
         parse_value=lambda value: value,

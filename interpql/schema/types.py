@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated
 
+import numpy as np
 import strawberry
 
 from interpql.errors import check_range, invalid_argument
@@ -17,6 +18,7 @@ from interpql.resolvers.models import ModelView
 from interpql.schema.enums import NodeKind, NodeOrder
 from interpql.schema.inputs import GenerateInput, InferenceInput
 from interpql.schema.node_data import ActivationRecord, Explanation, NodeStatistics
+from interpql.schema.packed import PackedTensor, TensorDType, lower_triangle, pack
 from interpql.schema.scalars import FloatArray
 from interpql.specs import NodeRef
 
@@ -335,6 +337,26 @@ class NodeActivations:
             "null where heads share their values (grouped-query attention)."
         )
     )
+    pattern: strawberry.Private[np.ndarray | None] = None
+    pair_attribution: strawberry.Private[np.ndarray | None] = None
+
+    @strawberry.field(
+        description=(
+            "attentionPattern's lower triangle (key <= query: the rest is 0), packed: row by "
+            "row, [n (n + 1) / 2] for n tokens; entry q (q + 1) / 2 + k is (q, k)."
+        )
+    )
+    def packed_attention_pattern(
+        self, dtype: TensorDType = TensorDType.FLOAT16
+    ) -> PackedTensor | None:
+        return None if self.pattern is None else pack(lower_triangle(self.pattern), dtype)
+
+    @strawberry.field(description="tokenPairAttribution's lower triangle, packed the same way.")
+    def packed_token_pair_attribution(
+        self, dtype: TensorDType = TensorDType.FLOAT16
+    ) -> PackedTensor | None:
+        found = self.pair_attribution
+        return None if found is None else pack(lower_triangle(found), dtype)
 
 
 @strawberry.federation.type(
@@ -469,4 +491,6 @@ def node_activations(
         token_pair_attribution=(
             None if values.pair_attribution is None else FloatArray(values.pair_attribution)
         ),
+        pattern=values.pattern,
+        pair_attribution=values.pair_attribution,
     )

@@ -60,6 +60,18 @@ class NativeGPT2Backend(Backend):
             return model.pos_embed.weight.float()
         if name == "W_U":
             return model.unembed.weight.float().t()
+        if name in ("ln_final.w", "ln_final.b"):
+            norm = model.final_ln
+            return (norm.weight if name.endswith(".w") else norm.bias).float()
+        vector = _BLOCK_VECTOR.fullmatch(name)
+        if vector is not None and int(vector["layer"]) < cfg.n_layers:
+            block = model.block(int(vector["layer"]))
+            return {
+                "attn.b_O": block.attn.out_proj.bias,
+                "mlp.b_out": block.mlp.out_layer.bias,
+                "ln1.w": block.ln_1.weight,
+                "ln2.w": block.ln_2.weight,
+            }[vector["name"]].float()
         match = _BLOCK_WEIGHT.fullmatch(name)
         if match is None or int(match["layer"]) >= cfg.n_layers:
             raise KeyError(name)
@@ -82,3 +94,4 @@ class NativeGPT2Backend(Backend):
 
 
 _BLOCK_WEIGHT = re.compile(r"blocks\.(?P<layer>\d+)\.(?P<name>attn\.W_[QKVO]|mlp\.W_(in|out))")
+_BLOCK_VECTOR = re.compile(r"blocks\.(?P<layer>\d+)\.(?P<name>attn\.b_O|mlp\.b_out|ln[12]\.w)")

@@ -40,6 +40,7 @@ class GPT2Config:
             n_ctx=self.n_ctx,
             n_vocab=self.n_vocab,
             family="gpt2",
+            norm_eps=self.ln_eps,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -65,11 +66,16 @@ class _LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(width))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.layer_norm(
-            x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps
-        )
-        return normed.to(x.dtype)
+    def forward(self, x: torch.Tensor, frozen_scale: bool = False) -> torch.Tensor:
+        """`frozen_scale`: the backward pass sees the scale (1/sqrt(var + eps)) as a constant."""
+        if not frozen_scale:
+            normed = F.layer_norm(
+                x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps
+            )
+            return normed.to(x.dtype)
+        centred = x.float() - x.float().mean(-1, keepdim=True)
+        scale = (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt().detach()
+        return (centred / scale * self.weight.float() + self.bias.float()).to(x.dtype)
 
 
 class _Attention(nn.Module):
@@ -143,9 +149,11 @@ class _Block(nn.Module):
 
     def forward(self, x: torch.Tensor, layer: int, hooks: HookSession | None) -> torch.Tensor:
         x = _hook(hooks, layer, Location.RESID_PRE, x)
-        attn_out = _hook(hooks, layer, Location.ATTN_OUT, self.attn(self.ln_1(x), layer, hooks))
+        h = self.ln_1(x, _frozen(hooks, layer, Location.RESID_PRE))
+        attn_out = _hook(hooks, layer, Location.ATTN_OUT, self.attn(h, layer, hooks))
         x = _hook(hooks, layer, Location.RESID_MID, x + attn_out)
-        mlp_out = _hook(hooks, layer, Location.MLP_OUT, self.mlp(self.ln_2(x), layer, hooks))
+        h = self.ln_2(x, _frozen(hooks, layer, Location.RESID_MID))
+        mlp_out = _hook(hooks, layer, Location.MLP_OUT, self.mlp(h, layer, hooks))
         return _hook(hooks, layer, Location.RESID_POST, x + mlp_out)
 
 
@@ -173,7 +181,10 @@ class GPT2(nn.Module):
             x = x.detach().requires_grad_(True)
         for layer, block in enumerate(self.xf_layers):
             x = block(x, layer, hooks)
-        logits: torch.Tensor = self.unembed(self.final_ln(x))
+        last = self.cfg.n_layers - 1
+        logits: torch.Tensor = self.unembed(
+            self.final_ln(x, _frozen(hooks, last, Location.RESID_POST))
+        )
         return logits
 
     def block(self, layer: int) -> _Block:
@@ -187,6 +198,10 @@ def _hook(
         return act
     point = HookPoint(layer, location)
     return hooks.process(point, act) if hooks.wants(point) else act
+
+
+def _frozen(hooks: HookSession | None, layer: int, reads: Location) -> bool:
+    return hooks is not None and hooks.freezes_norm(HookPoint(layer, reads))
 
 
 def init_random(model: GPT2, seed: int) -> GPT2:

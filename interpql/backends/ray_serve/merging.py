@@ -40,7 +40,13 @@ def merge_key(request: ForwardRequest) -> Hashable:
             | {add.point for add in request.additions}
         )
         spliced = frozenset(p for p in touched if p.location in _LATENTS)
-    return (request.backward, request.trace, request.autoencoder_error_term, spliced)
+    return (
+        request.backward,
+        request.trace,
+        request.autoencoder_error_term,
+        request.frozen_norm_inputs,
+        spliced,
+    )
 
 
 def plan(requests: Sequence[ForwardRequest], max_length_ratio: float = 2.0) -> list[list[int]]:
@@ -105,6 +111,7 @@ def merge(requests: Sequence[ForwardRequest]) -> ForwardRequest:
         trace=trace,
         save_grads=frozenset().union(*(r.save_grads for r in requests)),
         autoencoder_error_term=first.autoencoder_error_term,
+        frozen_norm_inputs=first.frozen_norm_inputs,
     )
 
 

@@ -21,6 +21,7 @@ UNSUPPORTED with the reason. Beyond renaming hooks:
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -49,7 +50,7 @@ from interpql.errors import UnavailableError, invalid_argument
 from interpql.specs import AttentionTrace
 
 _BLOCK_WEIGHT = re.compile(
-    r"blocks\.(?P<layer>\d+)\.(?P<part>attn|mlp)\.(?P<name>W_([QKVO]|in|out))"
+    r"blocks\.(?P<layer>\d+)\.(?P<part>attn|mlp|ln1|ln2)\.(?P<name>W_([QKVO]|in|out)|b_O|b_out|w)"
 )
 
 
@@ -73,6 +74,7 @@ class TransformerLensBackend(Backend):
             n_ctx=cfg.n_ctx,
             n_vocab=cfg.d_vocab,
             family=family,
+            norm_eps=float(getattr(cfg, "eps", 1e-5)),
         )
         self.tokenizer = tokenizer
         self.autoencoders = {}
@@ -113,7 +115,11 @@ class TransformerLensBackend(Backend):
         self._check(request, session)
 
         def forward(tokens: torch.Tensor, hooks: HookSession, track_grad: bool) -> torch.Tensor:
-            with self.bridge.hooks(fwd_hooks=self._hooks(hooks, track_grad)):
+            fwd_hooks = self._hooks(hooks, track_grad) + self._frozen_scales(request)
+            with self.bridge.hooks(fwd_hooks=fwd_hooks), warnings.catch_warnings():
+                # A held scale is an edited hook_scale, which TransformerLens reports each
+                # time: we ask for it.
+                warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
                 logits: torch.Tensor = self.bridge(tokens, return_type="logits")
             return logits
 
@@ -147,6 +153,20 @@ class TransformerLensBackend(Backend):
             location=what,
         )
 
+    def _frozen_scales(self, request: ForwardRequest) -> list[tuple[str, Hook]]:
+        """LayerNorm scales the backward pass holds fixed: their hook_scale returns the scale
+        detached (TransformerLens divides by what the hook returns)."""
+        hooks = []
+        for reads in request.frozen_norm_inputs:
+            name = norm_scale_hook(reads, self.architecture.n_layers)
+            if name not in self.bridge.hook_dict:
+                raise self._unsupported(
+                    "a frozen LayerNorm scale",
+                    f"TransformerLens has no hook {name} here (ask for layerNormScale: LIVE)",
+                )
+            hooks.append((name, _detached))
+        return hooks
+
     def _hooks(self, session: HookSession, backward: bool) -> list[tuple[str, Hook]]:
         """(TransformerLens hook name, function) for every point this request touches."""
         hooks: list[tuple[str, Hook]] = []
@@ -175,6 +195,8 @@ class TransformerLensBackend(Backend):
         try:
             if name in ("W_E", "W_pos", "W_U"):
                 tensor = getattr(self.bridge, name)
+            elif name in ("ln_final.w", "ln_final.b"):
+                tensor = getattr(self.bridge.ln_final, name.rsplit(".", 1)[1])
             else:
                 match = _BLOCK_WEIGHT.fullmatch(name)
                 if match is None or int(match["layer"]) >= self.architecture.n_layers:
@@ -189,6 +211,21 @@ class TransformerLensBackend(Backend):
 
 
 # --- hook functions ------------------------------------------------------------------------
+
+
+def norm_scale_hook(reads: HookPoint, n_layers: int) -> str:
+    """The hook of the scale of the LayerNorm that reads the stream at `reads`."""
+    if reads.location is Location.RESID_PRE:
+        return f"blocks.{reads.layer}.ln1.hook_scale"
+    if reads.location is Location.RESID_MID:
+        return f"blocks.{reads.layer}.ln2.hook_scale"
+    if reads.location is Location.RESID_POST and reads.layer == n_layers - 1:
+        return "ln_final.hook_scale"
+    raise ValueError(f"no LayerNorm reads {reads}")
+
+
+def _detached(scale: torch.Tensor, hook: Any) -> torch.Tensor:
+    return scale.detach()
 
 
 def _plain_hook(session: HookSession, point: HookPoint) -> Hook:

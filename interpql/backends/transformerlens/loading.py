@@ -123,6 +123,11 @@ def read_architecture(spec: str) -> Architecture:
         n_ctx=int(config.max_position_embeddings),
         n_vocab=int(config.vocab_size),
         family=str(config.model_type),
+        norm_eps=float(
+            getattr(config, "layer_norm_epsilon", None)
+            or getattr(config, "rms_norm_eps", None)
+            or 1e-5
+        ),
     )
 
 
