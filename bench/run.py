@@ -5,6 +5,7 @@ from __future__ import annotations
 from bench import (
     backends,
     concurrency,
+    dictionaries,
     load,
     node_lookup,
     overhead,
@@ -18,6 +19,7 @@ from bench import (
 def main() -> None:
     overhead.main()
     backends.main()
+    dictionaries.main()
     tdb_request.main()
     node_lookup.main()
     concurrency.main()

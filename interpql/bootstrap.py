@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import blobfile as bf
+import psutil
 
 from interpql.backends import remote
 from interpql.backends.cuda_memory import start_recording
 from interpql.backends.explanations.api import ApiSettings
-from interpql.backends.node_kinds import TABLE
 from interpql.backends.ray_serve.protocol import DEFAULT_APP, ServedModel
+from interpql.deployment_file import read_deployment
 from interpql.embedded import (
     EMBEDDED_DIR,
     EMBEDDED_NAME,
@@ -34,12 +37,14 @@ from interpql.loaders.models import (
     DTYPES,
     add_folder_sources,
     attach_autoencoders,
+    attach_dictionaries,
     attach_folder_extras,
     default_name,
     load_model,
 )
 from interpql.loaders.registry import ModelEntry, ModelRegistry
 from interpql.loaders.sources import ExplanationStore, TdbFolderSource
+from interpql.loaders.sources.neuronpedia import NeuronpediaFolderSource
 from interpql.observability.memory_snapshots import PATH as SNAPSHOT_PATH
 from interpql.observability.tracing import OTLP_ENV, otlp_tracer_provider
 from interpql.options import groups, option
@@ -57,7 +62,9 @@ class ServeOptions:
         None,
         group=groups.MODEL,
         help="registered name (gpt2-small, ...), blobfile URL, Transformer Debugger or Hugging "
-        "Face folder, or random:<preset>; default: the embedded demo model",
+        "Face folder, or random:<preset>; default: the embedded demo model (tiny-stdlib). "
+        "Repeat for several models, each followed by its own --name, --backend, --device, "
+        "--dtype, --dictionary, --source, ... flags",
     )
     name: str | None = option(None, group=groups.MODEL, help="the name clients use for the model")
     backend: str = option(
@@ -86,6 +93,23 @@ class ServeOptions:
         help="attention autoencoders: a registered name (ae-resid-delta-attn-v4, ...) or a "
         "folder/URL of <layer>.pt files",
     )
+    dictionaries: list[str] = option(
+        flag="--dictionary",
+        default_factory=list,
+        group=groups.MODEL,
+        metavar="NAME=PATH[,scaling_factor=X]",
+        help="a named set of dictionaries (its latents are the node kind NAME): a SAELens folder "
+        "(cfg.json + sae_weights.safetensors), a folder of them, or circuit-tracer's per-layer "
+        "transcoders (config.yaml + layer_{i}.safetensors); local or a blobfile URL; repeat "
+        "for more sets, or with the same NAME to add layers to a set",
+    )
+    deployment: str | None = option(
+        None,
+        group=groups.MODEL,
+        metavar="FILE.toml",
+        help="the models to serve, each with its dictionaries and node-data sources, from a "
+        "TOML file (instead of --model and its flags; see the README)",
+    )
     remote_timeout_s: float = option(
         60.0,
         flag="--remote-timeout",
@@ -99,6 +123,15 @@ class ServeOptions:
         metavar="name=NAME,kind=KIND,records=URL[,explanations=URL]",
         help="Transformer Debugger record/explanation folders (paths or blobfile URLs) of one "
         "node kind; repeat for more",
+    )
+    neuronpedia_sources: list[str] = option(
+        flag="--neuronpedia-source",
+        default_factory=list,
+        group=groups.DATA,
+        metavar="NAME=FOLDER",
+        help="a folder (path or blobfile URL) of feature JSON files downloaded from Neuronpedia "
+        "(features, lists of them or upload batches): their examples, explanations and "
+        "densities, served as the source NAME; repeat for more",
     )
     cache: str | None = option(
         None,
@@ -151,6 +184,8 @@ class ServeOptions:
         2_000_000, group=groups.ACCESS, help="explainer API tokens one key may spend"
     )
     settings: Settings = field(default_factory=Settings)
+    # Each further --model's own flags (cli.py splits them off), by MODEL_FIELDS name.
+    more_models: list[dict[str, Any]] = field(default_factory=list)
     otel: bool = option(
         False,
         group=groups.OBSERVE,
@@ -187,11 +222,9 @@ def build_services(options: ServeOptions) -> Services:
     tracer_provider = None
     if options.otel or options.otel_endpoint or os.environ.get(OTLP_ENV):
         tracer_provider = otlp_tracer_provider(options.otel_endpoint)
-    entry = _model(options)
-    _attach_autoencoder_sets(entry, options)
-    entry.sources.extend(parse_source(spec) for spec in options.sources)
     registry = ModelRegistry()
-    registry.add(entry)
+    for one in served_models(options):
+        registry.add(_loaded_model(one))
     jobs = JobManager(
         options.max_jobs_per_key,
         options.max_tokens_per_key,
@@ -229,30 +262,111 @@ def build_services(options: ServeOptions) -> Services:
     )
 
 
+# The fields of ServeOptions that describe one model (its flags: --model, --name, ...).
+MODEL_FIELDS = (
+    "model",
+    "name",
+    "backend",
+    "device",
+    "dtype",
+    "no_model",
+    "mlp_autoencoder",
+    "attn_autoencoder",
+    "dictionaries",
+    "sources",
+    "neuronpedia_sources",
+)
+
+
+def served_models(options: ServeOptions) -> list[ServeOptions]:
+    """One ServeOptions per model to serve: the command line's --model (and each further one's
+    flags), or the deployment file's models."""
+    if options.deployment is None:
+        return [options, *(replace(options, **fields) for fields in options.more_models)]
+    defaults = ServeOptions()
+    given = [name for name in MODEL_FIELDS if getattr(options, name) != getattr(defaults, name)]
+    if given or options.more_models:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given) or "--model"
+        raise ValueError(f"--deployment lists the models: give {flags} in the file, not as flags")
+    if options.ray is not None:
+        raise ValueError(
+            "--ray serves the model of one Ray Serve application, not a deployment file"
+        )
+    return [replace(options, **fields) for fields in read_deployment(options.deployment)]
+
+
+def _loaded_model(options: ServeOptions) -> ModelEntry:
+    """One model with its dictionaries and sources; its load time and memory in the log."""
+    started, before = time.perf_counter(), psutil.Process().memory_info().rss
+    entry = _model(options)
+    _attach_dictionaries(entry, options)
+    entry.sources.extend(parse_source(spec, list(entry.table)) for spec in options.sources)
+    for spec in options.neuronpedia_sources:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--neuronpedia-source {spec!r}: expected NAME=FOLDER")
+        entry.sources.append(NeuronpediaFolderSource(name, folder))
+    log.info(
+        "model %s (%s on %s, %s): loaded in %.1f s, resident memory +%.0f MB; kinds: %s",
+        entry.name,
+        entry.backend_name,
+        entry.device,
+        entry.dtype,
+        time.perf_counter() - started,
+        (psutil.Process().memory_info().rss - before) / 2**20,
+        ", ".join(kind.name for kind in entry.kinds()),
+    )
+    return entry
+
+
 def load_served_model(options: ServeOptions) -> ServedModel:
     """What each replica of a Ray Serve application runs (`interpql deploy`): the model and
     autoencoders that `serve` with the same options loads."""
     remote.configure(options.remote_timeout_s)
     entry = _model(options)
-    _attach_autoencoder_sets(entry, options)
-    return ServedModel(entry.require_backend(), options.model, dict(entry.autoencoder_sources))
+    _attach_dictionaries(entry, options)
+    return ServedModel(entry.require_backend(), options.model, dict(entry.dictionary_sources))
 
 
-def _attach_autoencoder_sets(entry: ModelEntry, options: ServeOptions) -> None:
-    if not options.no_model:
-        for role, spec in (
-            ("mlp", options.mlp_autoencoder),
-            ("attention", options.attn_autoencoder),
-        ):
-            if spec is not None:
-                attach_autoencoders(entry, spec, role)
+def _attach_dictionaries(entry: ModelEntry, options: ServeOptions) -> None:
+    if options.no_model:
+        if options.dictionaries:
+            raise ValueError("--dictionary needs the model's weights (not --no-model)")
+        return
+    for role, spec in (
+        ("mlp", options.mlp_autoencoder),
+        ("attention", options.attn_autoencoder),
+    ):
+        if spec is not None:
+            attach_autoencoders(entry, spec, role)
+    for spec in options.dictionaries:
+        attach_dictionaries(entry, *parse_dictionary(spec))
+
+
+def parse_dictionary(spec: str) -> tuple[str, str, float | None]:
+    """`NAME=PATH[,scaling_factor=X]` -> (name, path, scaling factor)."""
+    name, sep, rest = spec.partition("=")
+    path, _, extra = rest.partition(",scaling_factor=")
+    if not sep or not name or not path:
+        raise ValueError(f"--dictionary {spec!r}: expected NAME=PATH[,scaling_factor=X]")
+    try:
+        factor = float(extra) if extra else None
+    except ValueError:
+        raise ValueError(
+            f"--dictionary {spec!r}: scaling_factor {extra!r} is not a number"
+        ) from None
+    return name, path, factor
 
 
 def _model(options: ServeOptions) -> ModelEntry:
+    if options.ray is not None and options.more_models:
+        raise ValueError("--ray serves one Ray Serve application's model: give one --model")
     if options.ray is not None:
         return _ray_model(options, options.ray)
     spec = options.model
     name: str | None = options.name
+    if spec == EMBEDDED_NAME:  # the embedded demo by its name (with other --model flags)
+        spec = None
     if spec is None:
         spec = str(EMBEDDED_DIR) if embedded_available() else FALLBACK_MODEL
         name = name or (EMBEDDED_NAME if embedded_available() else FALLBACK_NAME)
@@ -286,6 +400,7 @@ def _ray_model(options: ServeOptions, address: str) -> ModelEntry:
         ("--dtype", options.dtype, local.dtype),
         ("--mlp-autoencoder", options.mlp_autoencoder, None),
         ("--attn-autoencoder", options.attn_autoencoder, None),
+        ("--dictionary", options.dictionaries, []),
         ("--no-model", options.no_model, False),
     ):
         if value != default:
@@ -317,13 +432,13 @@ def _ray_model(options: ServeOptions, address: str) -> ModelEntry:
         # The deployment batches what servers send it; more calls in flight, larger batches.
         executor=ThreadPoolExecutor(max_workers=IN_FLIGHT, thread_name_prefix="infer"),
     )
-    entry.autoencoder_sources.update(backend.description.autoencoder_sources)
+    entry.dictionary_sources.update(backend.description.dictionary_sources)
     if served is None and embedded_available():
         add_folder_sources(entry, EMBEDDED_DIR)  # its node data; the model runs remotely
     return entry
 
 
-def parse_source(spec: str) -> TdbFolderSource:
+def parse_source(spec: str, kinds: list[str]) -> TdbFolderSource:
     """`name=NAME,kind=mlp_neuron,records=URL[,explanations=URL]`: Transformer Debugger folders
     (local paths or blobfile URLs) of one node kind."""
     fields = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
@@ -333,8 +448,8 @@ def parse_source(spec: str) -> TdbFolderSource:
             f"--source {spec!r}: expected name=NAME,kind=KIND,records=URL[,explanations=URL]"
         )
     kind = fields["kind"]
-    if kind not in TABLE:
-        raise ValueError(f"--source {spec!r}: kind must be one of {', '.join(TABLE)}")
+    if kind not in kinds:
+        raise ValueError(f"--source {spec!r}: kind must be one of {', '.join(kinds)}")
     if "records" not in fields and "explanations" not in fields:
         raise ValueError(f"--source {spec!r}: give records=..., explanations=... or both")
     for part in ("records", "explanations"):

@@ -52,7 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
     from interpql.server import create_app
 
     listen = from_args(Listen, args)
-    options = from_args(ServeOptions, args)
+    options = from_args(ServeOptions, args, more_models=getattr(args, "more_models", []))
     hosts = (*default_allowed_hosts(listen.host), *args.allowed_hosts)
     options = dataclasses.replace(
         options, settings=dataclasses.replace(options.settings, allowed_hosts=hosts)
@@ -187,7 +187,7 @@ def _deploy(args: argparse.Namespace) -> int:
     arch = described.architecture
     print(
         f"deployed {args.app!r}: {described.model or 'the default model'} ({described.backend}, "
-        f"{arch.n_layers} layers, {len(described.autoencoders)} autoencoders) on "
+        f"{arch.n_layers} layers, {len(described.dictionaries)} dictionaries) on "
         f"{args.replicas} replica(s), {described.device}, {described.torch_threads} torch "
         f"thread(s) each\nserve it with: interpql serve --ray {args.ray} --app {args.app}"
     )
@@ -219,15 +219,20 @@ def _export_schema(args: argparse.Namespace) -> int:
 
 def _build_demo(args: argparse.Namespace) -> int:
     from interpql.demo.artifacts import DEMO_DIR
-    from interpql.demo.build import build_demo
+    from interpql.demo.build import build_demo, rebuild_dictionaries
 
     out = Path(args.out) if args.out else DEMO_DIR
-    build_demo(out, quick=args.quick, progress=True)
+    if args.only_dictionaries:
+        rebuild_dictionaries(out, progress=True)
+    else:
+        build_demo(out, quick=args.quick, progress=True)
     return 0
 
 
 # The options of `serve` that say what model `deploy` runs.
-DEPLOYED_MODEL = frozenset({"model", "backend", "dtype", "mlp_autoencoder", "attn_autoencoder"})
+DEPLOYED_MODEL = frozenset(
+    {"model", "backend", "dtype", "mlp_autoencoder", "attn_autoencoder", "dictionaries"}
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -247,6 +252,12 @@ def parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", help="where to write it (default: the package's demo folder)")
     demo.add_argument("--quick", action="store_true", help="a one-minute toy build (for tests)")
+    demo.add_argument(
+        "--only-dictionaries",
+        action="store_true",
+        help="train the SAELens dictionaries again on the model already in --out, then every "
+        "node's records and explanations",
+    )
     demo.set_defaults(run=_build_demo)
 
     deploy = commands.add_parser(
@@ -297,8 +308,62 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    first, more = split_models(argv) if argv[:1] == ["serve"] else (argv, [])
+    root = parser()
+    args = root.parse_args(first)
+    if more:
+        from interpql.bootstrap import MODEL_FIELDS, ServeOptions
+
+        # Each further --model's own flags, parsed as a serve command line of their own.
+        args.more_models = [
+            {
+                name: getattr(from_args(ServeOptions, root.parse_args(["serve", *segment])), name)
+                for name in MODEL_FIELDS
+            }
+            for segment in more
+        ]
     return int(args.run(args))
+
+
+# `serve`'s flags that describe one model: with several --model, each applies to the --model
+# before it (to the first before any).
+_MODEL_FLAGS = {
+    "--model": True,
+    "--name": True,
+    "--backend": True,
+    "--device": True,
+    "--dtype": True,
+    "--no-model": False,
+    "--mlp-autoencoder": True,
+    "--attn-autoencoder": True,
+    "--dictionary": True,
+    "--source": True,
+    "--neuronpedia-source": True,
+}
+
+
+def split_models(argv: list[str]) -> tuple[list[str], list[list[str]]]:
+    """`serve`'s argv with several --model: the first model's flags with every other flag, and
+    each further model's flags."""
+    first: list[str] = []
+    more: list[list[str]] = []
+    current, seen_model, i = first, False, 0
+    while i < len(argv):
+        flag = argv[i].split("=", 1)[0]
+        if flag == "--model":
+            if seen_model:
+                current = []
+                more.append(current)
+            seen_model = True
+        if flag in _MODEL_FLAGS:
+            taken = 2 if _MODEL_FLAGS[flag] and "=" not in argv[i] else 1
+            current.extend(argv[i : i + taken])
+        else:
+            taken = 1
+            first.append(argv[i])
+        i += taken
+    return first, more
 
 
 if __name__ == "__main__":

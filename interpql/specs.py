@@ -137,6 +137,7 @@ class InferenceSpec:
     # dictionary's name.
     attention_kind: str = "attention_head"
     mlp_kind: str = "mlp_neuron"
+    residual_kinds: tuple[str, ...] = ()  # residual-stream dictionaries ranked as well
     hide_early_layers_when_ablating: bool = False
 
     def pass_key(self) -> tuple[Any, ...]:

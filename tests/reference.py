@@ -26,9 +26,10 @@ def reference_forward(
     """One prompt -> (logits [T, V], mlp post-activations per layer [T, F]).
 
     `overwrite_mlp_post` = (layer, token, neuron, value) sets one post-activation; `edit`, if
-    given, maps (layer, "embedding" | "attn_out" | "mlp_post" | "mlp_out" | "resid_final",
-    activation) to the activation to use instead ("embedding": token plus position embeddings,
-    layer 0; "resid_final": the last residual stream, before the final LayerNorm).
+    given, maps (layer, "embedding" | "attn_out" | "mlp_in" | "mlp_post" | "mlp_out" |
+    "resid_post" | "resid_final", activation) to the activation to use instead ("embedding":
+    token plus position embeddings, layer 0; "mlp_in": the MLP's LayerNorm's output;
+    "resid_final": the last residual stream, before the final LayerNorm).
     `frozen_norms` names the LayerNorms ("final_ln", "xf_layers.2.ln_2") whose scale the backward
     pass holds constant (interpql's default LayerNormScale, FROZEN, holds "final_ln"'s, and a
     trace's also that of the norm its node reads through). `attention`, if given, receives each layer's (layer, "probs") [query, head, key] and
@@ -70,7 +71,7 @@ def reference_forward(
             # Values keep their graph: a V trace differentiates through them.
             attention[(i, "v")] = torch.stack(values, dim=1)
         x = x + edit(i, "attn_out", linear(torch.cat(heads, -1), p + "attn.out_proj"))
-        pre = linear(layer_norm(x, p + "ln_2"), p + "mlp.in_layer")
+        pre = linear(edit(i, "mlp_in", layer_norm(x, p + "ln_2")), p + "mlp.in_layer")
         post = 0.5 * pre * (1 + torch.tanh(math.sqrt(2 / math.pi) * (pre + 0.044715 * pre**3)))
         if overwrite_mlp_post is not None and overwrite_mlp_post[0] == i:
             _, token, neuron, value = overwrite_mlp_post
@@ -78,7 +79,7 @@ def reference_forward(
             post[token, neuron] = value
         post = edit(i, "mlp_post", post)
         mlp_posts.append(post)
-        x = x + edit(i, "mlp_out", linear(post, p + "mlp.out_layer"))
+        x = edit(i, "resid_post", x + edit(i, "mlp_out", linear(post, p + "mlp.out_layer")))
     x = edit(cfg.n_layers - 1, "resid_final", x)
     logits = layer_norm(x, "final_ln") @ s["unembed.weight"].T
     return logits, mlp_posts

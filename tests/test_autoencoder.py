@@ -111,7 +111,7 @@ def test_topk_identity_postact_keeps_negative_values() -> None:
     sd = public_state_dict("TopK", k=N_LATENTS, postact_fn="Identity")
     ae = SparseAutoencoder.from_state_dict(sd)
     x = torch.randn(3, N_IN)
-    assert torch.allclose(ae.encode(x), ae.encode_pre_act(x))
+    assert torch.allclose(ae.encode(x), ae.pre_activation(x))
 
 
 def test_float16_state_dict_loads_as_float32() -> None:

@@ -37,8 +37,8 @@ from tests.conftest import SMALL, error_codes, graphql
 from tests.reference import reference_forward
 
 PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]
-MLP_LATENTS = HookPoint(1, Location.MLP_AE_LATENTS)
-ATTN_LATENTS = HookPoint(2, Location.ATTN_AE_LATENTS)
+MLP_LATENTS = HookPoint(1, Location.LATENTS, "mlp_autoencoder_latent")
+ATTN_LATENTS = HookPoint(2, Location.LATENTS, "attention_autoencoder_latent")
 
 
 def random_autoencoder(
@@ -76,7 +76,7 @@ def backend(state: dict[str, torch.Tensor]) -> NativeGPT2Backend:
 
 
 def mlp_ae(backend: NativeGPT2Backend) -> SparseAutoencoder:
-    return backend.autoencoders[MLP_LATENTS].autoencoder  # type: ignore[return-value]
+    return backend.dictionaries[MLP_LATENTS].dictionary  # type: ignore[return-value]
 
 
 def test_online_latents_equal_offline_encode(backend: NativeGPT2Backend) -> None:
@@ -87,7 +87,7 @@ def test_online_latents_equal_offline_encode(backend: NativeGPT2Backend) -> None
         )
     )
     for latents, source in ((MLP_LATENTS, Location.MLP_POST), (ATTN_LATENTS, Location.ATTN_OUT)):
-        ae = backend.autoencoders[latents].autoencoder
+        ae = backend.dictionaries[latents].dictionary
         offline = ae.encode(result.activations[HookPoint(latents.layer, source)])
         torch.testing.assert_close(result.activations[latents], offline, atol=1e-5, rtol=0)
         assert (result.activations[latents] > 0).any()
@@ -197,7 +197,7 @@ def test_gradients_reach_latents(
 
 
 def test_width_mismatch_is_refused(backend: NativeGPT2Backend) -> None:
-    with pytest.raises(ValueError, match="must read 80 values"):
+    with pytest.raises(ValueError, match="must have 80 values there"):
         backend.attach_autoencoder(0, AutoencoderInput.MLP_POST_ACT, random_autoencoder(48, 10, 3))
 
 
@@ -251,7 +251,7 @@ async def test_latents_as_nodes_over_graphql(tmp_path: Path, backend: NativeGPT2
     mlp_dir.mkdir()
     attn_dir.mkdir()
     torch.save(mlp_ae(backend).state_dict_tdb(), mlp_dir / "1.pt")
-    torch.save(backend.autoencoders[ATTN_LATENTS].autoencoder.state_dict_tdb(), attn_dir / "2.pt")  # type: ignore[attr-defined]
+    torch.save(backend.dictionaries[ATTN_LATENTS].dictionary.state_dict_tdb(), attn_dir / "2.pt")  # type: ignore[attr-defined]
     model = random_model(SMALL, seed=0)
     model.load_state_dict(backend.model.state_dict())
     served = NativeGPT2Backend(model)

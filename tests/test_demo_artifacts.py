@@ -1,17 +1,20 @@
-"""The shipped demo (interpql/demo/tiny-stdlib), checked against recomputations: its held-out
+"""The shipped demo (interpql/data/tiny-stdlib), checked against recomputations: its held-out
 loss beats the bigram baseline, some neurons are recognisable, its autoencoders reconstruct,
 its records agree with a fresh pass over the held-out tokens, and it is served by default."""
 
 from __future__ import annotations
 
 import collections
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from interpql.backends.base import AutoencoderInput, ForwardRequest, HookPoint, Location
 from interpql.backends.gpt2 import NativeGPT2Backend
@@ -27,6 +30,8 @@ from interpql.demo.artifacts import (
 from interpql.loaders.sources.compact_format import RecordStore
 from interpql.server import create_app
 from tests.conftest import graphql
+from tests.reference import reference_forward
+from tests.test_dictionaries import reference as dictionary_reference
 
 # Floors stated here, checked below.
 PURITY = 0.8  # share of a neuron's top examples that peak on one and the same token
@@ -166,3 +171,69 @@ async def test_a_thousand_nodes_cost_one_read_per_field_kind() -> None:
     assert len(body["data"]["nodes"]) == 1000
     assert sorted(reads) == ["explanations", "records"]
     services.registry.close()
+
+
+def test_the_transcoders_replace_the_mlps_at_the_loss_the_readme_states(
+    store: RecordStore,
+) -> None:
+    """The held-out windows the build scored, run by the plain-torch reference with every MLP's
+    output replaced by its transcoder's (numpy formulas, the shipped float16 files), and with
+    every MLP's output zero: the losses metrics.json and the README state."""
+    stated = load_demo_metrics()["dictionaries"]["heldout"]["transcoder_losses"]
+    cfg, state = load_demo_model()
+    tokens = store.tokens.astype(np.int64)
+    n = len(tokens) // cfg.n_ctx
+    picks = np.linspace(0, n - 1, stated["windows"]).astype(np.int64)
+    transcoders = {}
+    for layer in range(cfg.n_layers):
+        folder = DEMO_DIR / "dictionaries" / "transcoder" / f"layer_{layer}"
+        config = json.loads((folder / "cfg.json").read_text())
+        assert config["architecture"] == "skip_transcoder"
+        assert config["metadata"]["hook_name"] == f"blocks.{layer}.mlp.hook_in"
+        tensors = load_file(folder / "sae_weights.safetensors")
+        transcoders[layer] = (config, {k: v.double().numpy() for k, v in tensors.items()})
+
+    def loss(window: list[int], mode: str) -> float:
+        inputs: dict[int, torch.Tensor] = {}
+
+        def edit(layer: int, name: str, act: torch.Tensor) -> torch.Tensor:
+            if name == "mlp_in":
+                inputs[layer] = act
+            if name == "mlp_out" and mode == "zero":
+                return torch.zeros_like(act)
+            if name == "mlp_out" and mode == "replaced":
+                config, arrays = transcoders[layer]
+                out = dictionary_reference(
+                    "skip_transcoder", arrays, inputs[layer].numpy(), config, None
+                )[1]
+                return torch.from_numpy(out)
+            return act
+
+        with torch.no_grad():
+            logits, _ = reference_forward(cfg, state, window, edit=edit)
+        targets = torch.tensor(window[1:])
+        return float(torch.nn.functional.cross_entropy(logits[:-1], targets))
+
+    found = {
+        mode: float(
+            np.mean(
+                [loss(tokens[i * cfg.n_ctx : (i + 1) * cfg.n_ctx].tolist(), mode) for i in picks]
+            )
+        )
+        for mode in ("original", "replaced", "zero")
+    }
+    assert found["original"] == pytest.approx(stated["original"], abs=1e-4)
+    assert found["replaced"] == pytest.approx(stated["replaced"], abs=1e-4)
+    assert found["zero"] == pytest.approx(stated["zero_ablated"], abs=1e-4)
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for value in (stated["replaced"], stated["original"], stated["zero_ablated"]):
+        assert f"{value:.3f}" in readme
+    assert f"{stated['loss_recovered']:.1%}" in readme
+
+
+def test_the_dictionaries_explain_their_targets() -> None:
+    heldout = load_demo_metrics()["dictionaries"]["heldout"]
+    for name in ("res-sae", "transcoder"):
+        for figures in heldout[name].values():
+            assert figures["fve"] > 0.9
+            assert 0 < figures["mean_l0"] <= 32

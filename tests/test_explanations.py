@@ -204,7 +204,9 @@ def test_explain_and_score_every_node_of_a_store() -> None:
     rows = [table.for_node("mlp_autoencoder_latent", 0, i)[0] for i in range(3)]
     assert len(table) == 3
     assert rows[0].text == "the token ' t7'" and rows[0].score > 0.99
-    assert rows[1].text == "the token after ' t3'" and rows[1].score > 0.99
+    # A sampled window may start just after a ' t3': its activation shows without its cause,
+    # which the simulation cannot see (one such window here), so the correlation is below 1.
+    assert rows[1].text == "the token after ' t3'" and rows[1].score > 0.85
     assert rows[2].text == NEVER_ACTIVE and rows[2].score == 0.0
     assert {(r.explainer, r.simulator) for r in rows} == {
         ("baseline-top-tokens", "baseline-token-match")

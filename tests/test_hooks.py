@@ -11,8 +11,7 @@ import torch
 from interpql.backends.autoencoder import SparseAutoencoder
 from interpql.backends.base import (
     Addition,
-    AttachedAutoencoder,
-    AutoencoderInput,
+    AttachedDictionary,
     ForwardRequest,
     HookPoint,
     Intervention,
@@ -65,8 +64,8 @@ def test_an_autoencoder_splices_in_exactly_with_its_error_term() -> None:
     with torch.no_grad():
         for parameter in ae.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=G))
-    latents = HookPoint(0, Location.MLP_AE_LATENTS)
-    attached = {latents: AttachedAutoencoder(0, AutoencoderInput.MLP_POST_ACT, ae)}
+    latents = HookPoint(0, Location.LATENTS, "ae")
+    attached = {latents: AttachedDictionary("ae", 0, ae, Location.MLP_POST, Location.MLP_POST)}
     x = activation(1, 3, 6)
     kept = HookSession(ForwardRequest(tokens=((1, 2, 3),), save=frozenset({latents})), attached)
     torch.testing.assert_close(kept.process(POST, x), x)  # untouched latents: exactly x

@@ -384,7 +384,9 @@ async def test_attention_latents_name_the_tokens_they_attend_to(
         if row["activation"] == 0:
             assert row["attendedToTokens"] is None
             continue
-        ae = backend.autoencoders[HookPoint(layer, Location.ATTN_AE_LATENTS)].autoencoder
+        ae = backend.dictionaries[
+            HookPoint(layer, Location.LATENTS, "attention_autoencoder_latent")
+        ].dictionary
         w_o = state[f"xf_layers.{layer}.attn.out_proj.weight"].double()  # [d_model, head x d_head]
         probs = attention[(layer, "probs")][q]  # [head, key]
         values = attention[(layer, "v")].detach()  # [key, head, d_head]

@@ -45,7 +45,7 @@ from tests.test_explaining import AUTH, KEY
 from tests.test_jobs import job_updates
 
 P = HookPoint
-LATENTS = P(1, Location.MLP_AE_LATENTS)
+LATENTS = P(1, Location.LATENTS, "mlp_autoencoder_latent")
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +252,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "deploy", "--ray", address, "--max-batch-size", "2", "--batch-wait-ms", "10000"
         )
         assert deployed.returncode == 0, deployed.stderr
-        assert "8 autoencoders" in deployed.stdout
+        assert "16 dictionaries" in deployed.stdout  # the demo's four sets, per layer
         servers = [
             stack.enter_context(
                 serve_process(

@@ -87,9 +87,15 @@ def test_names_are_checked_and_unique(entry: ModelEntry) -> None:
 
 
 def test_every_kind_in_the_table_is_in_the_schema() -> None:
-    """The schema's NodeKind enum maps kinds by name: one missing answers any field that lists
-    that kind (`nodeKinds`, `topNodes`) with an internal error."""
-    from interpql.backends.node_kinds import TABLE
-    from interpql.schema.enums import NodeKind
+    """The schema's NodeKind enum maps structural kinds by name (one missing would answer any
+    field that lists that kind with an internal error); every dictionary set's latents are
+    DICTIONARY_LATENT, the openai-format sets keeping their own members."""
+    from interpql.backends.base import AutoencoderInput
+    from interpql.backends.node_kinds import STRUCTURAL_TABLE
+    from interpql.schema.enums import NodeKind, node_kind
 
-    assert {member.value for member in NodeKind} == set(TABLE)
+    openai_sets = {input.kind_name for input in AutoencoderInput}
+    assert {member.value for member in NodeKind} == set(STRUCTURAL_TABLE) | openai_sets | {
+        "dictionary_latent"
+    }
+    assert node_kind("res-jb") is NodeKind.DICTIONARY_LATENT

@@ -45,8 +45,8 @@ PROMPTS = [
     [15496, 995],
     [50256, 4299, 277, 7, 87, 2599, 198, 220, 220, 220, 1441, 2124, 1635, 362],
 ]
-MLP_LATENTS = HookPoint(1, Location.MLP_AE_LATENTS)
-ATTN_LATENTS = HookPoint(2, Location.ATTN_AE_LATENTS)
+MLP_LATENTS = HookPoint(1, Location.LATENTS, "mlp_autoencoder_latent")
+ATTN_LATENTS = HookPoint(2, Location.LATENTS, "attention_autoencoder_latent")
 MODEL_LOCATIONS = [
     loc for loc in Location if loc not in (MLP_LATENTS.location, ATTN_LATENTS.location)
 ]
@@ -76,8 +76,10 @@ def lens(
     folder = tmp_path_factory.mktemp("hf-gpt2")
     save_hf_folder(folder, SMALL, state)
     backend = TransformerLensBackend.load(str(folder))
-    for attached in native.autoencoders.values():
-        backend.attach_autoencoder(attached.layer, attached.input, attached.autoencoder)
+    for attached in native.dictionaries.values():
+        backend.attach_dictionary(
+            attached.name, attached.layer, attached.dictionary, attached.input, attached.output
+        )
     return backend
 
 

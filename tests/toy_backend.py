@@ -39,12 +39,12 @@ class ToyBackend(Backend):
         self.tokenizer = gpt2_encoding()
         self.device = torch.device("cpu")
         self.dtype = torch.float32
-        self.autoencoders = {}
+        self.dictionaries = {}
         self.calls: list[ForwardRequest] = []  # counted, as the tests count the native's
 
     def forward(self, request: ForwardRequest) -> ForwardResult:
         self.calls.append(request)
-        return execute(request, HookSession(request, self.autoencoders), self.device, self._run)
+        return execute(request, HookSession(request, self.dictionaries), self.device, self._run)
 
     def _run(self, tokens: torch.Tensor, session: HookSession, track_grad: bool) -> torch.Tensor:
         s, arch = self.state, self.architecture
@@ -53,12 +53,16 @@ class ToyBackend(Backend):
             point = HookPoint(layer, location)
             return session.process(point, act) if session.wants(point) else act
 
-        def norm(x: torch.Tensor, name: str, reads: HookPoint) -> torch.Tensor:
+        def norm(x: torch.Tensor, name: str, reads: HookPoint, mlp: bool = False) -> torch.Tensor:
             centred = x - x.mean(-1, keepdim=True)
             scale = (centred.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()  # GPT-2's epsilon
             if session.freezes_norm(reads):  # LayerNormScale.FROZEN: a constant to autograd
                 scale = scale.detach()
-            return centred / scale * s[name + ".weight"] + s[name + ".bias"]
+            normalized = centred / scale
+            if mlp:  # the MLP's LayerNorm: its normalized input and its output are locations
+                normalized = hook(reads.layer, Location.MLP_NORMALIZED, normalized)
+            out = normalized * s[name + ".weight"] + s[name + ".bias"]
+            return hook(reads.layer, Location.MLP_IN, out) if mlp else out
 
         def linear(x: torch.Tensor, name: str) -> torch.Tensor:
             return x @ s[name + ".weight"].T + s[name + ".bias"]
@@ -89,7 +93,8 @@ class ToyBackend(Backend):
                 layer,
                 Location.MLP_PRE,
                 linear(
-                    norm(x, p + "ln_2", HookPoint(layer, Location.RESID_MID)), p + "mlp.in_layer"
+                    norm(x, p + "ln_2", HookPoint(layer, Location.RESID_MID), mlp=True),
+                    p + "mlp.in_layer",
                 ),
             )
             post = hook(layer, Location.MLP_POST, F.gelu(pre, approximate="tanh"))

@@ -21,12 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from interpql.backends.dictionaries.base import Dictionary
+
 _PARAMETERS = ("pre_bias", "encoder.weight", "latent_bias", "decoder.weight")
 _STATISTICS = ("stats_last_nonzero", "latents_activation_frequency", "latents_mean_square")
 _POSTACT_FNS = ("ReLU", "Identity")
 
 
-class SparseAutoencoder(nn.Module):
+class SparseAutoencoder(Dictionary):
     stats_last_nonzero: torch.Tensor  # [n_latents] long: batches since the latent last fired
     latents_activation_frequency: torch.Tensor  # [n_latents]: share of inputs it fires on
     latents_mean_square: torch.Tensor  # [n_latents]: mean squared latent value
@@ -42,6 +44,7 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"unknown TopK postact_fn {postact_fn!r}; known: {_POSTACT_FNS}")
         self.k = k
         self.postact_fn = postact_fn
+        self.architecture = "openai-" + ("relu" if k is None else "topk")
         self.pre_bias = nn.Parameter(torch.zeros(n_inputs))
         self.encoder = nn.Linear(n_inputs, n_latents, bias=False)
         self.latent_bias = nn.Parameter(torch.zeros(n_latents))
@@ -51,8 +54,12 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("latents_mean_square", torch.zeros(n_latents))
 
     @property
-    def n_inputs(self) -> int:
+    def d_in(self) -> int:
         return int(self.pre_bias.shape[0])
+
+    @property
+    def d_out(self) -> int:
+        return self.d_in
 
     @property
     def n_latents(self) -> int:
@@ -62,27 +69,30 @@ class SparseAutoencoder(nn.Module):
     def activation(self) -> str:
         return "ReLU" if self.k is None else "TopK"
 
-    def encode_pre_act(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        one = torch.ones((), dtype=x.dtype, device=x.device)
+        return x, one, one * 0
+
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
         """[..., n_inputs] -> [..., n_latents], before the activation."""
         return F.linear(x - self.pre_bias, self.encoder.weight, self.latent_bias)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., n_inputs] -> [..., n_latents]."""
-        pre = self.encode_pre_act(x)
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
         if self.k is None:
             return F.relu(pre)
         top = torch.topk(pre, self.k, dim=-1)
         values = F.relu(top.values) if self.postact_fn == "ReLU" else top.values
         return torch.zeros_like(pre).scatter(-1, top.indices, values)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """[..., n_latents] -> [..., n_inputs]."""
-        return F.linear(latents, self.decoder.weight) + self.pre_bias
+    def decoder_directions(self) -> torch.Tensor:
+        return self.decoder.weight.T
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (latents, reconstruction)."""
-        latents = self.encode(x)
-        return latents, self.decode(latents)
+    def decoder_bias(self) -> torch.Tensor:
+        return self.pre_bias
+
+    def decode(self, latents: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., n_latents] -> [..., n_inputs] (no normalisation: the input is not needed)."""
+        return F.linear(latents, self.decoder.weight) + self.pre_bias
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, Any]) -> SparseAutoencoder:

@@ -20,12 +20,12 @@ Subclass `Backend` and set, in `__init__`:
     device, dtype  where the weights live and their dtype (activations come back float32)
     locations      the `Location`s it can save or intervene on; asking for another one must
                    raise `errors.UnavailableError(code="UNSUPPORTED")` saying why
-    autoencoders   `{}` (filled by `attach_autoencoder`, which checks widths)
+    dictionaries   `{}` (filled by `attach_dictionary`, which checks widths)
 
 and implement two methods:
 
 `forward(request) -> ForwardResult`
-    Build one `hooks.HookSession(request, self.autoencoders)` and hand the work to
+    Build one `hooks.HookSession(request, self.dictionaries)` and hand the work to
     `runtime.execute(request, session, self.device, forward_fn)`, which pads the batch on the
     right (a causal model needs no mask then), chooses grad or inference mode, computes the
     losses (`losses.py`), runs the backward pass and collects the results. `forward_fn(tokens
@@ -35,7 +35,8 @@ and implement two methods:
     False), using what it returns downstream. Activations go in token-major, with the shapes
     listed on `Location` (attention patterns [row, query, head, key]: transpose head-major
     ones). The session applies interventions (ablations), additions (steering), splices
-    autoencoders in at their input location, saves what is asked and follows traces.
+    dictionaries in (SAEs at their hook, transcoders from their input to their output
+    location), saves what is asked and follows traces.
 
     Rules the session relies on:
     * the gradient leaf: with `track_grad`, make the residual stream after the embeddings a
@@ -74,6 +75,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from interpql.backends.dictionaries.base import Dictionary
 from interpql.specs import AttentionTrace, LossSpec
 
 
@@ -89,13 +91,17 @@ class Location(StrEnum):
     ATTN_Z = "attn_z"  # [batch, token, head, d_head]: probability-weighted values
     ATTN_OUT = "attn_out"  # [batch, token, d_model]: what attention adds to the residual
     RESID_MID = "resid_mid"  # [batch, token, d_model]
+    # The MLP's LayerNorm: its normalized input before the gain and bias, and its output (the
+    # MLP's input): TransformerLens's ln2.hook_normalized and mlp.hook_in.
+    MLP_NORMALIZED = "mlp_normalized"  # [batch, token, d_model]
+    MLP_IN = "mlp_in"  # [batch, token, d_model]
     MLP_PRE = "mlp_pre"  # [batch, token, d_mlp]
     MLP_POST = "mlp_post"  # [batch, token, d_mlp]
     MLP_OUT = "mlp_out"  # [batch, token, d_model]: what the MLP adds to the residual
     RESID_POST = "resid_post"  # [batch, token, d_model]
-    # Latents of an attached autoencoder, computed from its input location (`AutoencoderInput`).
-    MLP_AE_LATENTS = "mlp_autoencoder_latents"  # [batch, token, n_latents]
-    ATTN_AE_LATENTS = "attn_autoencoder_latents"  # [batch, token, n_latents]
+    # A dictionary's latents, [batch, token, n_latents], computed by the session from its
+    # input location (the point's `dictionary` names which): no backend reaches it itself.
+    LATENTS = "latents"
 
 
 class AutoencoderInput(StrEnum):
@@ -114,19 +120,22 @@ class AutoencoderInput(StrEnum):
         }[self]
 
     @property
-    def latents(self) -> Location:
+    def kind_name(self) -> str:
+        """The node kind of the latents of the openai-format autoencoders reading it."""
         if self is AutoencoderInput.RESID_DELTA_ATTN:
-            return Location.ATTN_AE_LATENTS
-        return Location.MLP_AE_LATENTS
+            return "attention_autoencoder_latent"
+        return "mlp_autoencoder_latent"
 
 
 @dataclass(frozen=True, order=True)
 class HookPoint:
     layer: int
     location: Location
+    dictionary: str = ""  # Location.LATENTS: whose latents
 
     def __str__(self) -> str:
-        return f"{self.layer}.{self.location.value}"
+        own = f"[{self.dictionary}]" if self.dictionary else ""
+        return f"{self.layer}.{self.location.value}{own}"
 
 
 @dataclass(frozen=True)
@@ -207,10 +216,11 @@ class ForwardRequest:
     # residual-stream point each reads: resid_pre of layer L is layer L's attention LayerNorm,
     # resid_mid its MLP LayerNorm, resid_post of the last layer the final LayerNorm.
     frozen_norm_inputs: frozenset[HookPoint] = frozenset()
-    # Where an autoencoder's latents are used (saved, overwritten or differentiated), the model
-    # continues from decode(latents) + error, the error being what the autoencoder misses: with
-    # latents untouched that is the original activation. False drops the error term, running
-    # the model on the reconstruction alone.
+    # Where a dictionary's latents are used (saved, overwritten or differentiated), the model
+    # continues from decode(latents) + error, the error being what the dictionary misses of the
+    # activation it rebuilds (an SAE its input, a transcoder the MLP's output): with latents
+    # untouched that is the original activation. False drops the error term, running the model
+    # on the reconstruction alone.
     autoencoder_error_term: bool = True
 
 
@@ -263,33 +273,46 @@ WEIGHT_SHAPES: dict[str, str] = {
 }
 
 
-class Autoencoder(Protocol):
-    """A sparse autoencoder (see `backends/autoencoder.py`)."""
-
-    @property
-    def n_inputs(self) -> int: ...
-
-    @property
-    def n_latents(self) -> int: ...
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+# Widths of what a dictionary may read or write, by location.
+DICTIONARY_LOCATIONS = (
+    Location.RESID_PRE,
+    Location.ATTN_Z,
+    Location.ATTN_OUT,
+    Location.RESID_MID,
+    Location.MLP_NORMALIZED,
+    Location.MLP_IN,
+    Location.MLP_POST,
+    Location.MLP_OUT,
+    Location.RESID_POST,
+)
 
 
 @dataclass(frozen=True)
-class AttachedAutoencoder:
+class AttachedDictionary:
+    """A dictionary in one layer: an SAE reads and writes `input`; a transcoder reads `input`
+    and writes `output` (the MLP's output, which it replaces)."""
+
+    name: str  # its set's name: the kind of its latents' nodes
     layer: int
-    input: AutoencoderInput
-    autoencoder: Autoencoder
+    dictionary: Dictionary
+    input: Location
+    output: Location
 
     @property
     def input_point(self) -> HookPoint:
-        return HookPoint(self.layer, self.input.location)
+        return HookPoint(self.layer, self.input)
+
+    @property
+    def output_point(self) -> HookPoint:
+        return HookPoint(self.layer, self.output)
 
     @property
     def latents_point(self) -> HookPoint:
-        return HookPoint(self.layer, self.input.latents)
+        return HookPoint(self.layer, Location.LATENTS, self.name)
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.input is not self.output
 
 
 class Backend(abc.ABC):
@@ -299,30 +322,65 @@ class Backend(abc.ABC):
     device: torch.device
     dtype: torch.dtype
     locations: frozenset[Location]
-    autoencoders: dict[HookPoint, AttachedAutoencoder]  # by latents point
+    dictionaries: dict[HookPoint, AttachedDictionary]  # by latents point
 
-    def attach_autoencoder(
-        self, layer: int, input: AutoencoderInput, autoencoder: Autoencoder
-    ) -> None:
-        """Attaches an autoencoder to a layer; ValueError if its width does not fit."""
-        width = self.input_width(input)
-        if autoencoder.n_inputs != width:
-            raise ValueError(
-                f"an autoencoder on {input.value} of layer {layer} must read {width} values, "
-                f"this one reads {autoencoder.n_inputs}"
-            )
+    def attach_dictionary(
+        self,
+        name: str,
+        layer: int,
+        dictionary: Dictionary,
+        input: Location,
+        output: Location | None = None,
+    ) -> AttachedDictionary:
+        """Attaches a dictionary reading `input` of `layer` (and, for a transcoder, writing
+        `output`); ValueError if a location is not one dictionaries use, not offered here,
+        its width does not fit, or the set already has one in that layer."""
+        output = input if output is None else output
         if not 0 <= layer < self.architecture.n_layers:
             raise ValueError(f"layer {layer} is not in [0, {self.architecture.n_layers})")
-        if isinstance(autoencoder, torch.nn.Module):
-            # Autoencoders run in float32 on the model's device, whatever the model's dtype.
-            autoencoder.to(device=self.device, dtype=torch.float32).eval().requires_grad_(False)
-        attached = AttachedAutoencoder(layer, input, autoencoder)
-        self.autoencoders = {**self.autoencoders, attached.latents_point: attached}
+        for role, location, width in (
+            ("read", input, dictionary.d_in),
+            ("write", output, dictionary.d_out),
+        ):
+            if location not in DICTIONARY_LOCATIONS:
+                raise ValueError(f"a dictionary cannot {role} {location.value}")
+            if location not in self.locations:
+                raise ValueError(f"this backend offers no {location.value} to {role}")
+            expected = self.location_width(location)
+            if width != expected:
+                raise ValueError(
+                    f"a dictionary that {role}s {location.value} of layer {layer} must have "
+                    f"{expected} values there, {name!r} has {width}"
+                )
+        if output is not input and output is not Location.MLP_OUT:
+            raise ValueError("a transcoder writes the MLP's output (mlp_out)")
+        attached = AttachedDictionary(name, layer, dictionary, input, output)
+        if attached.latents_point in self.dictionaries:
+            raise ValueError(f"dictionary {name!r} already has one in layer {layer}")
+        for other in self.dictionaries.values():
+            if other.name == name and other.is_transcoder != attached.is_transcoder:
+                raise ValueError(
+                    f"dictionary {name!r} mixes SAEs and transcoders: a set is one or the other"
+                )
+        if isinstance(dictionary, torch.nn.Module):
+            # Dictionaries run in float32 on the model's device, whatever the model's dtype.
+            dictionary.to(device=self.device, dtype=torch.float32).eval().requires_grad_(False)
+        self.dictionaries = {**self.dictionaries, attached.latents_point: attached}
+        return attached
 
-    def input_width(self, input: AutoencoderInput) -> int:
-        if input is AutoencoderInput.MLP_POST_ACT:
-            return self.architecture.d_mlp
-        return self.architecture.d_model
+    def attach_autoencoder(
+        self, layer: int, input: AutoencoderInput, autoencoder: Dictionary
+    ) -> AttachedDictionary:
+        """An openai-format autoencoder: a dictionary named for the kind of its latents."""
+        return self.attach_dictionary(input.kind_name, layer, autoencoder, input.location)
+
+    def location_width(self, location: Location) -> int:
+        arch = self.architecture
+        if location is Location.MLP_POST:
+            return arch.d_mlp
+        if location is Location.ATTN_Z:
+            return arch.n_heads * arch.d_head
+        return arch.d_model
 
     @abc.abstractmethod
     def forward(self, request: ForwardRequest) -> ForwardResult:

@@ -14,7 +14,7 @@ import torch
 
 from interpql.backends.base import (
     Addition,
-    AttachedAutoencoder,
+    AttachedDictionary,
     ForwardRequest,
     HookPoint,
     Intervention,
@@ -28,7 +28,7 @@ class HookSession:
     def __init__(
         self,
         request: ForwardRequest,
-        autoencoders: Mapping[HookPoint, AttachedAutoencoder] | None = None,
+        dictionaries: Mapping[HookPoint, AttachedDictionary] | None = None,
     ) -> None:
         self._save = request.save | request.save_grads
         backward = request.backward is not None or request.trace is not None
@@ -46,12 +46,17 @@ class HookSession:
         self._trace_value: torch.Tensor | None = None
         self._queries: torch.Tensor | None = None
         self._values: torch.Tensor | None = None
-        # Only autoencoders whose latents someone asked about are spliced in.
-        self._splices = {
-            attached.input_point: attached
-            for point, attached in (autoencoders or {}).items()
-            if self._touches(point)
-        }
+        # Only dictionaries whose latents someone asked about are spliced in: at their input
+        # (SAEs, and transcoders' latents), and for transcoders at their output too.
+        self._reads: dict[HookPoint, list[AttachedDictionary]] = defaultdict(list)
+        self._writes: dict[HookPoint, list[AttachedDictionary]] = defaultdict(list)
+        for point, attached in sorted((dictionaries or {}).items()):
+            if self._touches(point):
+                self._reads[attached.input_point].append(attached)
+                if attached.is_transcoder:
+                    self._writes[attached.output_point].append(attached)
+        # A transcoder's latents between its input and its output: (input, clean, edited).
+        self._pending: dict[HookPoint, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.activations: dict[HookPoint, torch.Tensor] = {}
 
     def _touches(self, point: HookPoint) -> bool:
@@ -69,14 +74,22 @@ class HookSession:
 
     def wants(self, point: HookPoint) -> bool:
         """True when `process` would do anything at this point (backends may skip it if not)."""
-        return self._touches(point) or point in self._splices or point in self._trace_points
+        return (
+            self._touches(point)
+            or point in self._reads
+            or point in self._writes
+            or point in self._trace_points
+        )
 
     def process(self, point: HookPoint, act: torch.Tensor) -> torch.Tensor:
         """Takes a token-major activation [row, position, ...]; returns the one to use
         downstream."""
         act = self._apply(point, act)
-        attached = self._splices.get(point)
-        return act if attached is None else self._splice(attached, act)
+        for attached in self._reads.get(point, ()):
+            act = self._read(attached, act)
+        for attached in self._writes.get(point, ()):
+            act = self._write(attached, act)
+        return act
 
     def traced_value(self) -> torch.Tensor:
         if self._trace_value is None:
@@ -111,16 +124,45 @@ class HookSession:
             prob = act[:, trace.position, head, trace.key_position].detach()
             self._trace_value = (prob * self._values).sum()
 
-    def _splice(self, attached: AttachedAutoencoder, x: torch.Tensor) -> torch.Tensor:
-        ae = attached.autoencoder
-        clean = ae.encode(x.float())
+    def _read(self, attached: AttachedDictionary, x: torch.Tensor) -> torch.Tensor:
+        """At a dictionary's input: its latents (saved, edited, traced like any activation).
+        An SAE's output takes the input's place here; a transcoder's waits for its output."""
+        shape = x.shape
+        flat = x.float().reshape(*shape[:2], -1)  # attn_z: [.., head, d_head], head-major
+        clean = attached.dictionary.encode(flat)
         # A distinct autograd node: its gradient is the loss's gradient w.r.t. the latents with
         # the error term held fixed, while x itself keeps its true (identity) gradient.
         latents = self._apply(attached.latents_point, clean.clone())
+        if attached.is_transcoder:
+            self._pending[attached.latents_point] = (flat, clean, latents)
+            return x
+        return self._replaced(attached, x, flat, clean, latents).reshape(shape)
+
+    def _write(self, attached: AttachedDictionary, out: torch.Tensor) -> torch.Tensor:
+        """At a transcoder's output (the MLP's): what its latents decode to, error kept."""
+        flat, clean, latents = self._pending.pop(attached.latents_point)
+        return self._replaced(attached, out, flat, clean, latents)
+
+    def _replaced(
+        self,
+        attached: AttachedDictionary,
+        target: torch.Tensor,
+        inputs: torch.Tensor,
+        clean: torch.Tensor,
+        latents: torch.Tensor,
+    ) -> torch.Tensor:
+        """`target` as the dictionary rebuilds it: with the error term, target + decode(latents)
+        - decode(clean), which is exactly `target` while the latents are untouched (then, unless
+        their own gradient is asked for, nothing is computed); without it, decode(latents)."""
+        dictionary = attached.dictionary
         if not self._error_term:
-            return ae.decode(latents).to(x.dtype)
-        # x + (decode(latents) - decode(clean)) is exactly x while the latents are untouched.
-        return x + (ae.decode(latents) - ae.decode(clean)).to(x.dtype)
+            return dictionary.decode(latents, inputs).to(target.dtype).reshape(target.shape)
+        point = attached.latents_point
+        edited = point in self._interventions or point in self._additions
+        if not edited and point not in self._keep_grads:
+            return target
+        change = dictionary.decoded_change(latents - clean, inputs).to(target.dtype)
+        return target + change.reshape(target.shape)
 
     def _apply(self, point: HookPoint, act: torch.Tensor) -> torch.Tensor:
         interventions = self._interventions.get(point)

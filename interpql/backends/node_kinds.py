@@ -27,7 +27,7 @@ import torch
 
 from interpql.backends.base import (
     Architecture,
-    AutoencoderInput,
+    AttachedDictionary,
     Backend,
     HookPoint,
     Intervention,
@@ -47,6 +47,9 @@ class Side(Enum):
     ATTENTION = (Location.RESID_PRE, Location.ATTN_OUT, 1)
     MLP = (Location.RESID_MID, Location.MLP_OUT, 2)
     RESIDUAL = (Location.RESID_POST, Location.RESID_POST, 2)
+    # Dictionaries on the stream before the layer and between attention and MLP.
+    RESIDUAL_PRE = (Location.RESID_PRE, Location.RESID_PRE, 0)
+    RESIDUAL_MID = (Location.RESID_MID, Location.RESID_MID, 1)
 
     @property
     def reads(self) -> Location:
@@ -59,6 +62,13 @@ class Side(Enum):
     @property
     def order(self) -> int:
         return self.value[2]
+
+    @property
+    def group(self) -> str:
+        """The analyses' name for the side: embedding, attention, mlp or residual."""
+        if self in (Side.RESIDUAL, Side.RESIDUAL_PRE, Side.RESIDUAL_MID):
+            return "residual"
+        return self.name.lower()
 
 
 # Where each residual-stream point falls within a layer, in the order of `Side.order`.
@@ -135,17 +145,27 @@ class NodeKind(abc.ABC):
         stream_grad: torch.Tensor | None,
         saved: Saved,
         norms: torch.Tensor | None = None,
+        write_scale: torch.Tensor | None = None,
     ) -> Values:
         """`act` [position, node] as saved at `location` and its gradient there; `stream_grad`
         [position, d_model]: the gradient where direct effects are read; `saved`: the layer's
-        `extra_locations`; `norms`: the directions' norms [node], where known already."""
+        `extra_locations`; `norms`: the directions' norms [node], where known already;
+        `write_scale` [position, 1]: what each token's writes are multiplied by (`write_scale`)."""
         act = act.float()
+        written = act if write_scale is None else act * write_scale.to(act.device)
         return Values(
             activation=act,
-            write_norm=act.abs() * (directions.norm(dim=-1) if norms is None else norms),
-            direct_effect=None if stream_grad is None else act * projected(stream_grad, directions),
+            write_norm=written.abs() * (directions.norm(dim=-1) if norms is None else norms),
+            direct_effect=None
+            if stream_grad is None
+            else written * projected(stream_grad, directions),
             act_times_grad=None if grad is None else act * grad.float(),
         )
+
+    def write_scale(self, backend: Backend, layer: int, saved: Saved) -> torch.Tensor | None:
+        """[position, 1]: the factor each token's writes carry besides the value (a normalising
+        dictionary's un-normalising scale); None where it is 1."""
+        return None
 
     def bias_writes(self, backend: Backend, layer: int, saved: Saved) -> dict[str, torch.Tensor]:
         """What this side of the layer writes besides its nodes' values times their
@@ -224,6 +244,7 @@ class AttentionHeads(NodeKind):
         stream_grad: torch.Tensor | None,
         saved: Saved,
         norms: torch.Tensor | None = None,
+        write_scale: torch.Tensor | None = None,
     ) -> Values:
         act = act.float()  # [position, head, d_head]
         write = torch.einsum("phd,hdm->phm", act, directions)
@@ -309,6 +330,7 @@ class TokenEmbeddings(NodeKind):
         stream_grad: torch.Tensor | None,
         saved: Saved,
         norms: torch.Tensor | None = None,
+        write_scale: torch.Tensor | None = None,
     ) -> Values:
         act = act.float()  # [position, d_model]: the write itself
         return Values(
@@ -326,51 +348,108 @@ class TokenEmbeddings(NodeKind):
 
 
 class DictionaryLatents(NodeKind):
-    """Latents of the dictionaries attached at one latents location, one per layer."""
+    """The latents of one named set of dictionaries, at most one per layer, on one side of
+    their layers: an SAE reads and rewrites its hook; a transcoder reads its input and writes
+    the MLP's output.
 
-    def __init__(self, name: str, side: Side, location: Location) -> None:
+    A latent's value is saved at `Location.LATENTS` (the point names the set). What one unit
+    of it adds to the stream is its decoder row times the un-normalising scale of its token,
+    carried into the stream through what sits between the hook and it (W_out after mlp_post,
+    W_O after attn_z); its write norm and direct effect use that scaled write.
+    """
+
+    location = Location.LATENTS
+
+    def __init__(self, name: str, side: Side) -> None:
         self.name = name
         self.side = side
-        self.location = location
+
+    def point(self, layer: int) -> HookPoint:
+        return HookPoint(layer, Location.LATENTS, self.name)
+
+    def attached(self, backend: Backend, layer: int) -> AttachedDictionary:
+        return backend.dictionaries[self.point(layer)]
 
     def count(self, arch: Architecture, backend: Backend | None, layer: int) -> int:
-        attached = None if backend is None else backend.autoencoders.get(self.point(layer))
-        return 0 if attached is None else attached.autoencoder.n_latents
+        found = None if backend is None else backend.dictionaries.get(self.point(layer))
+        return 0 if found is None else found.dictionary.n_latents
 
     def directions(self, backend: Backend, layer: int) -> torch.Tensor:
-        attached = backend.autoencoders[self.point(layer)]
-        ae = attached.autoencoder
-        # decode(e_j) - decode(0) is latent j's decoder column, in the dictionary's input space.
-        eye = torch.eye(ae.n_latents, device=backend.device)
-        decoded = ae.decode(eye) - ae.decode(torch.zeros(1, ae.n_latents, device=backend.device))
-        return self._written(backend, layer, decoded.float())
+        attached = self.attached(backend, layer)
+        return _written(backend, attached, attached.dictionary.decoder_directions().float())
 
     def extra_locations(self, backend: Backend, layer: int) -> tuple[Location, ...]:
-        return (backend.autoencoders[self.point(layer)].input.location,)
+        attached = self.attached(backend, layer)
+        return tuple(dict.fromkeys((attached.input, attached.output)))
+
+    def write_scale(self, backend: Backend, layer: int, saved: Saved) -> torch.Tensor | None:
+        attached = self.attached(backend, layer)
+        if not attached.dictionary.rescales:
+            return None
+        return attached.dictionary.output_scale(_inputs(attached, saved)).reshape(-1, 1)
 
     def bias_writes(self, backend: Backend, layer: int, saved: Saved) -> dict[str, torch.Tensor]:
-        """The dictionary's bias (what decode(0) writes) and its error (what it misses of its
-        input), in the stream; an MLP-output bias too where it reads the MLP's neurons."""
-        attached = backend.autoencoders[self.point(layer)]
-        ae = attached.autoencoder
-        latents = saved[self.location].float()
-        error = saved[attached.input.location].float() - ae.decode(latents).float()
-        bias = ae.decode(torch.zeros(1, ae.n_latents, device=backend.device)).float()[0]
+        """The dictionary's bias (its output with every latent 0), a skip transcoder's skip
+        term, and its error (what the hook held, less what the latents decode to), in the
+        stream; the output bias of what follows the hook (W_out's, W_O's) where it has one."""
+        attached = self.attached(backend, layer)
+        dictionary = attached.dictionary
+        inputs = _inputs(attached, saved)
+        latents = saved[Location.LATENTS].float()
+        target = saved[attached.output].float().reshape(latents.shape[0], -1)
         writes = {
-            "dictionary bias": self._written(backend, layer, bias),
-            "dictionary error": self._written(backend, layer, error),
+            "dictionary bias": _written(backend, attached, dictionary.decoded_bias(inputs)),
+            "dictionary error": _written(
+                backend, attached, target - dictionary.decode(latents, inputs)
+            ),
         }
-        if attached.input is AutoencoderInput.MLP_POST_ACT:
+        skip = dictionary.skip(inputs)
+        if skip is not None:
+            writes["transcoder skip"] = _written(backend, attached, skip)
+        if attached.output is Location.MLP_POST:
             writes["MLP output bias"] = backend.weight(f"blocks.{layer}.mlp.b_out")
+        if attached.output is Location.ATTN_Z:
+            writes["attention output bias"] = backend.weight(f"blocks.{layer}.attn.b_O")
         return writes
 
-    def _written(self, backend: Backend, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """`x`, in the dictionary's input space, as it enters the stream."""
-        attached = backend.autoencoders[self.point(layer)]
-        if attached.input is AutoencoderInput.MLP_POST_ACT:
-            return x @ backend.weight(f"blocks.{layer}.mlp.W_out")
-        return x
 
+def _inputs(attached: AttachedDictionary, saved: Saved) -> torch.Tensor:
+    """A dictionary's input as it reads it (attn_z's heads side by side, head-major)."""
+    x = saved[attached.input].float()
+    return x.reshape(x.shape[0], -1) if attached.input is Location.ATTN_Z else x
+
+
+def _written(backend: Backend, attached: AttachedDictionary, x: torch.Tensor) -> torch.Tensor:
+    """`x`, in the space of the location the dictionary writes, as it enters the stream."""
+    if attached.output is Location.MLP_POST:
+        return x @ backend.weight(f"blocks.{attached.layer}.mlp.W_out")
+    if attached.output is Location.ATTN_Z:
+        w_o = backend.weight(f"blocks.{attached.layer}.attn.W_O")  # [head, d_head, d_model]
+        return x @ w_o.reshape(-1, w_o.shape[-1])
+    return x
+
+
+def dictionary_side(attached: AttachedDictionary) -> Side:
+    """The side of its layer a dictionary is on, by the location it writes; ValueError for an
+    SAE whose hook is not part of the residual stream's writes (mlp_in, its normalized input)."""
+    if attached.output not in _DICTIONARY_SIDES:
+        raise ValueError(
+            f"dictionary {attached.name!r}: an SAE at {attached.output.value} writes nothing to "
+            "the residual stream of its own (only transcoders read there, writing mlp_out)"
+        )
+    return _DICTIONARY_SIDES[attached.output]
+
+
+# Where a dictionary's write enters the residual stream, by the location it writes.
+_DICTIONARY_SIDES = {
+    Location.RESID_PRE: Side.RESIDUAL_PRE,
+    Location.ATTN_Z: Side.ATTENTION,
+    Location.ATTN_OUT: Side.ATTENTION,
+    Location.RESID_MID: Side.RESIDUAL_MID,
+    Location.MLP_POST: Side.MLP,
+    Location.MLP_OUT: Side.MLP,
+    Location.RESID_POST: Side.RESIDUAL,
+}
 
 STRUCTURAL: tuple[NodeKind, ...] = (
     TokenEmbeddings(),
@@ -378,19 +457,21 @@ STRUCTURAL: tuple[NodeKind, ...] = (
     AttentionHeads(),
     ResidualChannels(),
 )
-# The openai-format autoencoders: one dictionary on the MLP side (mlp_post_act or
-# resid_delta_mlp) and one on the attention side (resid_delta_attn), named as their kinds
-# always were.
-MLP_AUTOENCODER = DictionaryLatents("mlp_autoencoder_latent", Side.MLP, Location.MLP_AE_LATENTS)
-ATTENTION_AUTOENCODER = DictionaryLatents(
-    "attention_autoencoder_latent", Side.ATTENTION, Location.ATTN_AE_LATENTS
-)
-AUTOENCODERS: tuple[NodeKind, ...] = (MLP_AUTOENCODER, ATTENTION_AUTOENCODER)
-TABLE: dict[str, NodeKind] = {kind.name: kind for kind in (*STRUCTURAL, *AUTOENCODERS)}
+STRUCTURAL_TABLE: dict[str, NodeKind] = {kind.name: kind for kind in STRUCTURAL}
 
-# The kind of the latents an openai-format autoencoder makes, by what it reads.
-AUTOENCODER_KINDS: dict[AutoencoderInput, DictionaryLatents] = {
-    AutoencoderInput.MLP_POST_ACT: MLP_AUTOENCODER,
-    AutoencoderInput.RESID_DELTA_MLP: MLP_AUTOENCODER,
-    AutoencoderInput.RESID_DELTA_ATTN: ATTENTION_AUTOENCODER,
-}
+
+def kind_table(backend: Backend | None) -> dict[str, NodeKind]:
+    """A model's kinds: the structural ones, and one per named set of attached dictionaries;
+    ValueError if a set's name is a structural kind's or its layers are on different sides."""
+    table = dict(STRUCTURAL_TABLE)
+    for attached in [] if backend is None else backend.dictionaries.values():
+        if attached.name in STRUCTURAL_TABLE:
+            raise ValueError(f"a dictionary cannot be named {attached.name!r}: a kind of node is")
+        side = dictionary_side(attached)
+        known = table.setdefault(attached.name, DictionaryLatents(attached.name, side))
+        if known.side is not side:
+            raise ValueError(
+                f"dictionary {attached.name!r} is on the {known.side.group} side in one layer "
+                f"and the {side.group} side in layer {attached.layer}: a set stays on one side"
+            )
+    return table

@@ -5,6 +5,9 @@
                            the model, a compact GPT-2 folder (backends/gpt2/compact.py)
       autoencoders/{mlp_post_act,resid_delta_attn}/{layer}.pt
                            float16 state dicts in the openai/sparse_autoencoder format
+      dictionaries/{res-sae,transcoder}/layer_{L}/{cfg.json,sae_weights.safetensors}
+                           SAELens folders (float16): residual-stream TopK SAEs at
+                           hook_resid_post, skip transcoders from mlp.hook_in to hook_mlp_out
       metrics.json         corpus sizes, held-out losses, autoencoder quality, timings
 
 Loading rebuilds a normal full-vocabulary float32 GPT-2 state dict. Other formats are derived on
@@ -21,6 +24,9 @@ from typing import Any
 import torch
 
 from interpql.backends.autoencoder import SparseAutoencoder
+from interpql.backends.base import Location
+from interpql.backends.dictionaries.loading import read_dictionaries
+from interpql.backends.dictionaries.saelens import SaeLensDictionary
 from interpql.backends.gpt2.compact import is_compact_folder, load_compact, save_compact
 from interpql.backends.gpt2.loading import StateDict, save_hf_folder, save_tdb_folder
 from interpql.backends.gpt2.model import GPT2Config
@@ -31,6 +37,7 @@ DEMO_NAME = EMBEDDED_NAME
 DEMO_DIR = EMBEDDED_DIR
 METRICS_FILE = "metrics.json"
 AUTOENCODER_DIR = "autoencoders"
+DICTIONARY_DIR = "dictionaries"
 
 
 class DemoArtifactsError(RuntimeError):
@@ -71,6 +78,18 @@ def load_demo_autoencoders(root: Path = DEMO_DIR) -> dict[tuple[str, int], Spars
             ae = SparseAutoencoder.from_state_dict(sd).eval().requires_grad_(False)
         autoencoders[path.parent.name, int(path.stem)] = ae
     return dict(sorted(autoencoders.items()))
+
+
+def load_demo_dictionaries(
+    root: Path = DEMO_DIR,
+) -> dict[tuple[str, int], tuple[SaeLensDictionary, Location, Location]]:
+    """{(set name, layer): (dictionary, input, output)} of the demo's SAELens dictionaries."""
+    found = {}
+    for folder in sorted((root / DICTIONARY_DIR).glob("*")):
+        for each in read_dictionaries(str(folder), n_layers=load_demo_model(root)[0].n_layers):
+            assert isinstance(each.dictionary, SaeLensDictionary)
+            found[folder.name, each.layer] = (each.dictionary, each.input, each.output)
+    return dict(sorted(found.items()))
 
 
 def load_demo_metrics(root: Path = DEMO_DIR) -> dict[str, Any]:

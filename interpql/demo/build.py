@@ -1,5 +1,5 @@
 """`interpql build-demo`: the embedded demo, from the standard library's sources to the files
-in `interpql/demo/tiny-stdlib/` (layout in artifacts.py). Seeds are fixed; each stage shows a
+in `interpql/data/tiny-stdlib/` (layout in artifacts.py). Seeds are fixed; each stage shows a
 progress bar and its figures go to `metrics.json`.
 """
 
@@ -18,14 +18,19 @@ from typing import Any
 import torch
 
 from interpql.backends.autoencoder import SparseAutoencoder
+from interpql.backends.base import Location
+from interpql.backends.dictionaries.saelens import SaeLensDictionary
 from interpql.backends.gpt2.loading import build_model
 from interpql.backends.gpt2.model import GPT2, GPT2Config
 from interpql.demo.artifacts import (
     AUTOENCODER_DIR,
     DEMO_NAME,
+    DICTIONARY_DIR,
     METRICS_FILE,
     artifact_bytes,
     load_demo_autoencoders,
+    load_demo_dictionaries,
+    load_demo_metrics,
     load_demo_model,
     save_demo_autoencoders,
     save_demo_model,
@@ -37,6 +42,7 @@ from interpql.demo.train_autoencoders import (
     AutoencoderKey,
     train_autoencoders,
 )
+from interpql.demo.train_dictionaries import DictionaryConfig, train_dictionaries
 from interpql.demo.train_model import (
     TrainConfig,
     eval_windows,
@@ -50,6 +56,7 @@ from interpql.demo.train_model import (
 class BuildConfig:
     model: TrainConfig = field(default_factory=TrainConfig)
     autoencoders: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    dictionaries: DictionaryConfig = field(default_factory=DictionaryConfig)
     heldout_eval_tokens: int | None = None  # None: the whole held-out split
 
 
@@ -65,6 +72,15 @@ QUICK = BuildConfig(
         eval_tokens=8_192,
         resample_every=20,
     ),
+    dictionaries=DictionaryConfig(
+        sae_latents=64,
+        sae_k=8,
+        transcoder_latents=128,
+        train_tokens=16_384,
+        eval_tokens=8_192,
+        resample_every=20,
+        loss_windows=8,
+    ),
     heldout_eval_tokens=16_384,
 )
 
@@ -79,6 +95,8 @@ class DemoBuild:
     cfg: GPT2Config
     model: GPT2  # as loaded back from `out_dir`: exactly what is served
     autoencoders: dict[AutoencoderKey, SparseAutoencoder]
+    # {(set name, layer): (dictionary, input, output)}: the SAELens sets, as loaded back
+    dictionaries: dict[tuple[str, int], tuple[SaeLensDictionary, Location, Location]]
     metrics: dict[str, Any]
     started: float
 
@@ -160,7 +178,57 @@ def build_model_and_autoencoders(
         "timings_s": timings,
     }
     metrics["heldout"]["beats_bigram"] = loss < metrics["heldout"]["bigram_loss"]
-    return DemoBuild(out_dir, config, corpus, cfg, model, autoencoders, metrics, started)
+    build = DemoBuild(out_dir, config, corpus, cfg, model, autoencoders, {}, metrics, started)
+    add_dictionaries(build, progress=progress)
+    return build
+
+
+def add_dictionaries(build: DemoBuild, *, progress: bool = True) -> None:
+    """Trains the SAELens dictionaries on the build's model, writes them, loads them back."""
+    config, cfg, corpus = build.config.dictionaries, build.cfg, build.corpus
+    with _timed(build.metrics["timings_s"], "dictionaries"):
+        shutil.rmtree(build.out_dir / DICTIONARY_DIR, ignore_errors=True)
+        found = train_dictionaries(
+            build.model,
+            build.out_dir,
+            eval_windows(corpus.train.tokens, cfg.n_ctx, config.train_tokens),
+            eval_windows(corpus.heldout.tokens, cfg.n_ctx, config.eval_tokens),
+            eval_windows(corpus.heldout.tokens, cfg.n_ctx, config.loss_windows * cfg.n_ctx),
+            config,
+            progress=progress,
+        )
+        build.dictionaries = load_demo_dictionaries(build.out_dir)
+    build.metrics["dictionaries"] = {"training": asdict(config), "heldout": found}
+
+
+def rebuild_dictionaries(out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    """`build-demo --only-dictionaries`: the SAELens dictionaries trained again on the model
+    and autoencoders already in `out_dir`, then every node's records and explanations (the
+    other stages' figures kept from its metrics.json)."""
+    metrics = load_demo_metrics(out_dir)
+    cfg, state = load_demo_model(out_dir)
+    model = build_model(cfg, state).eval().requires_grad_(False)
+    kept = {
+        stage: seconds
+        for stage, seconds in metrics["timings_s"].items()
+        if stage not in ("dictionaries", "records", "explanations", "total")
+    }
+    metrics["timings_s"] = dict(kept)
+    build = DemoBuild(
+        out_dir,
+        BuildConfig(),
+        load_corpus(None),
+        cfg,
+        model,
+        load_demo_autoencoders(out_dir),
+        {},
+        metrics,
+        time.perf_counter() - sum(kept.values()),
+    )
+    add_dictionaries(build, progress=progress)
+    build_node_data(build, progress=progress)
+    finish(build, progress=progress)
+    return build.metrics
 
 
 def finish(build: DemoBuild, *, progress: bool = True) -> None:
@@ -190,6 +258,22 @@ def summary(metrics: dict[str, Any]) -> str:
         lines.append(
             f"{name:<22}{ae['n_latents']:>8}{ae['fve']:>8.3f}{ae['mean_l0']:>8.1f}"
             f"{ae['dead_share']:>8.1%}"
+        )
+    dictionaries = metrics.get("dictionaries", {}).get("heldout", {})
+    for name, layers in dictionaries.items():
+        if name == "transcoder_losses":
+            continue
+        for layer, d in layers.items():
+            lines.append(
+                f"{name + '/' + layer:<22}{d['n_latents']:>8}{d['fve']:>8.3f}"
+                f"{d['mean_l0']:>8.1f}{d['dead_share']:>8.1%}"
+            )
+    losses = dictionaries.get("transcoder_losses")
+    if losses:
+        lines.append(
+            f"every MLP replaced by its transcoder: loss {losses['replaced']:.3f} (model "
+            f"{losses['original']:.3f}, MLPs zeroed {losses['zero_ablated']:.3f}): "
+            f"{losses['loss_recovered']:.1%} of the loss recovered"
         )
     lines.append(
         f"artefacts {metrics['artifact_bytes']['total'] / 1e6:.1f} MB; "

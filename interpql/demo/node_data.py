@@ -1,5 +1,6 @@
-"""The demo's node data: records of every node (neurons, heads, both autoencoders' latents) on
-the held-out split, and baseline explanations scored by the baseline simulator."""
+"""The demo's node data: records of every node (neurons, heads, both autoencoders' latents, the
+SAELens dictionaries' latents) on the held-out split, and baseline explanations scored by the
+baseline simulator."""
 
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def activations_fn(build: DemoBuild) -> Callable[[torch.Tensor], Activations]:
         for loc in (Location.MLP_POST, Location.ATTN_Z)
     }
     save |= {HookPoint(layer, _LATENT_KINDS[kind][1]) for kind, layer in build.autoencoders}
+    # A dictionary's latents as the served model computes them (its inputs saved alongside).
+    for name, layer in build.dictionaries:
+        backend.attach_dictionary(name, layer, *build.dictionaries[name, layer])
+        save.add(HookPoint(layer, Location.LATENTS, name))
     w_o = {layer: backend.weight(f"blocks.{layer}.attn.W_O") for layer in range(n_layers)}
 
     def activations(batch: torch.Tensor) -> Activations:
@@ -56,6 +61,8 @@ def activations_fn(build: DemoBuild) -> Callable[[torch.Tensor], Activations]:
         for (kind, layer), ae in build.autoencoders.items():
             node_kind, location = _LATENT_KINDS[kind]
             out[(node_kind, layer)] = ae.encode(acts[HookPoint(layer, location)].float())
+        for name, layer in build.dictionaries:
+            out[(name, layer)] = acts[HookPoint(layer, Location.LATENTS, name)]
         return out
 
     return activations

@@ -7,7 +7,8 @@ caller's `activations_fn` once per batch. It returns a `RecordStore` holding, pe
   node's activation at every token; a window shows `window - 1 - window // 8` tokens before the
   peak where the sequence allows, since what precedes a token is what can explain it;
 * a random sample: `n_random` windows drawn uniformly from the non-overlapping windows that tile
-  each sequence, with a per-node random key, so nodes get independent samples;
+  each sequence, with a per-node random key, so nodes get independent samples (each group of
+  nodes, a kind in a layer, draws its keys from a generator seeded by the group);
 * a random sample by quantile: the same windows bucketed by their peak activation, with
   `n_per_quantile` drawn per bucket. Bucket boundaries are the node's quantiles of window peaks at
   `quantile_probs(n_quantiles)` (Transformer Debugger's 0.5/0.9/0.99/0.999 for five buckets),
@@ -30,6 +31,7 @@ On disk it is the compact store of loaders/sources/compact_format.py.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
@@ -97,6 +99,9 @@ def compute_records(
     order = torch.randperm(n_seq, generator=generator).numpy()
     seqs = corpus.reshape(n_seq, seq_len)
     accumulators: dict[GroupKey, GroupAccumulator] = {}
+    # Each group draws its sample keys from its own generator: adding a kind of node to a
+    # build changes no other kind's samples.
+    generators: dict[GroupKey, torch.Generator] = {}
     with torch.inference_mode():
         for start in _progress(range(0, n_seq, batch_size), progress):
             seq_ids = torch.from_numpy(order[start : start + batch_size].astype(np.int64))
@@ -112,7 +117,11 @@ def compute_records(
                         quantile_probs=quantile_probs(n_quantiles),
                         n_per_quantile=n_per_quantile,
                     )
-                accumulators[key].add(acts.float(), seq_ids, generator, in_pilot=start < n_pilot)
+                    group_seed = zlib.crc32(f"{seed}/{key[0]}/{key[1]}".encode())
+                    generators[key] = torch.Generator().manual_seed(group_seed)
+                accumulators[key].add(
+                    acts.float(), seq_ids, generators[key], in_pilot=start < n_pilot
+                )
     groups = {key: acc.finish() for key, acc in sorted(accumulators.items(), key=_group_order)}
     return RecordStore(layout, corpus, groups)
 

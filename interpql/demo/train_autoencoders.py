@@ -167,11 +167,23 @@ def _resample(
     ae.decoder.weight[:, dead] = 0.1 * directions.t()
     ae.encoder.weight[dead] = directions * float(alive_norm) * 0.2
     ae.latent_bias[dead] = 0.0
-    for param, index in (
-        (ae.encoder.weight, (dead,)),
-        (ae.latent_bias, (dead,)),
-        (ae.decoder.weight, (slice(None), dead)),
-    ):
+    forget_moments(
+        optimizer,
+        [
+            (ae.encoder.weight, (dead,)),
+            (ae.latent_bias, (dead,)),
+            (ae.decoder.weight, (slice(None), dead)),
+        ],
+    )
+
+
+@torch.no_grad()
+def forget_moments(
+    optimizer: torch.optim.Adam, parts: list[tuple[torch.Tensor, tuple[Any, ...]]]
+) -> None:
+    """Zeroes Adam's moments of the resampled parts (param, index) of each parameter, so that
+    their past gradients do not push the new directions."""
+    for param, index in parts:
         for moment in optimizer.state.get(param, {}).values():
             if moment.shape == param.shape:
                 moment[index] = 0.0

@@ -61,8 +61,15 @@ def node_scores(
     key = ("write_norms", layer, kind)
     if key not in entry.derived:
         entry.derived[key] = directions.norm(dim=-1)
-    values = entry.kind(kind).values(
-        act, directions, grad, stream_grad, saved, norms=entry.derived[key]
+    node_kind = entry.kind(kind)
+    values = node_kind.values(
+        act,
+        directions,
+        grad,
+        stream_grad,
+        saved,
+        norms=entry.derived[key],
+        write_scale=node_kind.write_scale(entry.require_backend(), layer, saved),
     )
     activation, write_norm = _numpy(values.activation), _numpy(values.write_norm)
     return NodeScores(

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path, PurePosixPath
 
 import torch
 
 from interpql.backends.autoencoder_files import load_autoencoder_set, registered_input
 from interpql.backends.base import AutoencoderInput, Backend
+from interpql.backends.dictionaries.loading import read_dictionaries
 from interpql.backends.gpt2.backend import NativeGPT2Backend
 from interpql.backends.gpt2.loading import REGISTERED_MODELS, read_config
-from interpql.backends.node_kinds import AUTOENCODER_KINDS
+from interpql.backends.node_kinds import STRUCTURAL_TABLE, kind_table
 from interpql.backends.transformerlens import TransformerLensBackend, read_architecture
+from interpql.file_errors import FileProblem
 from interpql.loaders.registry import ModelEntry
 from interpql.loaders.sources import CompactSource
 
@@ -69,24 +72,54 @@ def attach_autoencoders(
     """
     backend = entry.require_backend()
     loaded, source = load_autoencoder_set(spec, entry.architecture.n_layers)
-    kinds = set()
     for layer, autoencoder in loaded.items():
         input = reads or _input_of(backend, spec, role, autoencoder.n_inputs)
         backend.attach_autoencoder(layer, input, autoencoder)
-        kinds.add(AUTOENCODER_KINDS[input].name)
-    for kind in kinds:
-        entry.autoencoder_sources[kind] = source
+        entry.dictionary_sources[input.kind_name] = source
+
+
+# A dictionary set's name is a node kind: one path segment of a node id.
+_DICTIONARY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def attach_dictionaries(
+    entry: ModelEntry, name: str, path: str, scaling_factor: float | None = None
+) -> None:
+    """Attaches every dictionary under `path` (dictionaries/loading.py) as the set `name`, its
+    latents the node kind `name` (`<model>/<name>/<layer>/<index>`: Neuronpedia's source
+    `8-res-jb` is layer 8 of a set named res-jb). FileProblem naming the file that does not
+    fit the model, at start-up."""
+    if not _DICTIONARY_NAME.match(name) or name in STRUCTURAL_TABLE:
+        raise ValueError(
+            f"dictionary name {name!r} must be 1-64 letters, digits, '.', '_' or '-', and not "
+            f"a kind of node ({', '.join(STRUCTURAL_TABLE)})"
+        )
+    backend = entry.require_backend()
+    for found in read_dictionaries(path, entry.architecture.n_layers, scaling_factor):
+        try:
+            backend.attach_dictionary(
+                name, found.layer, found.dictionary, found.input, found.output
+            )
+            kind_table(backend)  # its layers on one side of the model
+        except ValueError as exc:
+            raise FileProblem(found.path, str(exc)) from None
+    previous = entry.dictionary_sources.get(name)
+    entry.dictionary_sources[name] = path if previous is None else f"{previous}, {path}"
 
 
 def attach_folder_extras(entry: ModelEntry, folder: Path) -> None:
     """What a model folder may carry besides its weights: `autoencoders/<input>/<layer>.pt`
-    (openai-format sets, named by what they read) and its node data (`add_folder_sources`)."""
+    (openai-format sets, named by what they read), `dictionaries/<name>/` (SAELens folders or a
+    circuit-tracer set, named as the set) and its node data (`add_folder_sources`)."""
     if entry.backend is not None:
         for input in AutoencoderInput:
             sets = folder / "autoencoders" / input.value
             if sets.is_dir():
                 role = "attention" if input is AutoencoderInput.RESID_DELTA_ATTN else "mlp"
                 attach_autoencoders(entry, str(sets), role, reads=input)
+        dictionaries = folder / "dictionaries"
+        for named in sorted(dictionaries.iterdir()) if dictionaries.is_dir() else []:
+            attach_dictionaries(entry, named.name, str(named))
     add_folder_sources(entry, folder)
 
 

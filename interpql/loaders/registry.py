@@ -7,8 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from interpql.backends.base import Architecture, Backend
-from interpql.backends.node_kinds import TABLE, NodeKind
+from interpql.backends.base import Architecture, AutoencoderInput, Backend
+from interpql.backends.dictionaries.loading import hook_name
+from interpql.backends.node_kinds import DictionaryLatents, NodeKind, kind_table
 from interpql.backends.tokenizer import gpt2_encoding
 from interpql.errors import (
     NotFoundError,
@@ -24,6 +25,21 @@ from interpql.specs import NodeRef
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+@dataclass(frozen=True)
+class DictionarySummary:
+    name: str
+    layer: int
+    hook_in: str  # TransformerLens's hook names
+    hook_out: str
+    architecture: str
+    d_in: int
+    d_out: int
+    n_latents: int
+    transcoder: bool
+    source: str
+    autoencoder_input: str  # openai-format sets: what they read (mlp_post_act, ...); else ""
+
+
 @dataclass
 class ModelEntry:
     name: str
@@ -32,34 +48,73 @@ class ModelEntry:
     backend_name: str
     device: str
     dtype: str
-    # Where each attached dictionary came from, by the kind its latents are.
-    autoencoder_sources: dict[str, str] = field(default_factory=dict)
+    # Where each attached dictionary set came from, by its name (the kind its latents are).
+    dictionary_sources: dict[str, str] = field(default_factory=dict)
     # What is known about its nodes (records, explanations), first source first.
     sources: list[NodeSource] = field(default_factory=list)
     # Values derived once from the weights (write directions, ...), by the deriving module.
     derived: dict[Any, Any] = field(default_factory=dict)
     # One worker per model: torch already uses every core inside one forward pass, and a
     # single queue keeps requests from thrashing each other.
+    _table: tuple[object, dict[str, NodeKind]] | None = field(default=None, init=False, repr=False)
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
     )
+
+    @property
+    def table(self) -> dict[str, NodeKind]:
+        """The model's node kinds by name: the structural ones and one per dictionary set
+        (rebuilt only when a dictionary is attached, which replaces the backend's mapping)."""
+        attached = None if self.backend is None else self.backend.dictionaries
+        if self._table is None or self._table[0] is not attached:
+            self._table = (attached, kind_table(self.backend))
+        return self._table[1]
 
     def kinds(self) -> list[NodeKind]:
         """The kinds this model has nodes of (a dictionary's only where it is attached)."""
         return [
             kind
-            for kind in TABLE.values()
+            for kind in self.table.values()
             if any(self.node_count(kind.name, layer) for layer in range(self.architecture.n_layers))
         ]
 
     def kind(self, name: str) -> NodeKind:
         """The table's entry for a kind name already checked (a parsed, resolved node's)."""
-        return TABLE[name]
+        return self.table[name]
 
     def node_count(self, kind: str, layer: int) -> int:
         """Nodes of `kind` in `layer` (0 where there are none, e.g. no dictionary there)."""
-        found = TABLE.get(kind)
+        found = self.table.get(kind)
         return 0 if found is None else found.count(self.architecture, self.backend, layer)
+
+    def dictionary_sides(self) -> dict[str, str]:
+        """Each dictionary set's side of its layers: mlp, attention or residual."""
+        return {
+            name: kind.side.group
+            for name, kind in self.table.items()
+            if isinstance(kind, DictionaryLatents)
+        }
+
+    def dictionary_summaries(self) -> list[DictionarySummary]:
+        openai_inputs = {(i.kind_name, i.location): i.value for i in AutoencoderInput}
+        attached = [] if self.backend is None else self.backend.dictionaries.values()
+        summaries = [
+            DictionarySummary(
+                name=a.name,
+                layer=a.layer,
+                hook_in=hook_name(a.layer, a.input),
+                hook_out=hook_name(a.layer, a.output),
+                architecture=a.dictionary.architecture,
+                d_in=a.dictionary.d_in,
+                d_out=a.dictionary.d_out,
+                n_latents=a.dictionary.n_latents,
+                transcoder=a.is_transcoder,
+                source=self.dictionary_sources.get(a.name, ""),
+                autoencoder_input=openai_inputs.get((a.name, a.input), ""),
+            )
+            for a in attached
+        ]
+        return sorted(summaries, key=lambda s: (s.name, s.layer))
 
     def token_text(self, token: int) -> str:
         """A token's text; bytes that are not valid UTF-8 alone show as U+FFFD."""
@@ -81,8 +136,8 @@ class ModelEntry:
     def node(self, kind: str, layer: int, index: int) -> NodeRef:
         """A reference to an existing node; INVALID_NODE when there is no such node."""
         ref = NodeRef(self.name, kind, layer, index)
-        if kind not in TABLE:
-            known = ", ".join(TABLE)
+        if kind not in self.table:
+            known = ", ".join(self.table)
             raise invalid_node(ref.id, f"unknown kind {kind!r} (known: {known})")
         if not 0 <= layer < self.architecture.n_layers:
             raise invalid_node(ref.id, f"layer must be in [0, {self.architecture.n_layers})")

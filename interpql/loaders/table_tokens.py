@@ -21,7 +21,13 @@ from importlib import resources
 import torch
 
 from interpql.backends.base import Backend, HookPoint, Location, Tokenizer
-from interpql.backends.node_kinds import AttentionHeads, MlpNeurons, TokenEmbeddings
+from interpql.backends.dictionaries.base import Dictionary
+from interpql.backends.node_kinds import (
+    AttentionHeads,
+    DictionaryLatents,
+    MlpNeurons,
+    TokenEmbeddings,
+)
 from interpql.loaders.analysis import write_directions
 from interpql.loaders.node_table import TableRow
 from interpql.loaders.pass_results import RowResult
@@ -170,26 +176,27 @@ def _attended_to(
 ) -> list[TokenValue] | None:
     e = row.element
     kind = entry.kind(e.kind)
-    if kind.side.writes is not Location.ATTN_OUT or e.kind == AttentionHeads.name:
+    # Latents reading the attention's output: which keys' writes they read.
+    if not isinstance(kind, DictionaryLatents):
+        return None
+    attached = kind.attached(backend, e.layer)
+    if attached.input is not Location.ATTN_OUT:
         return None
     if row.values["activation"] == 0:  # an inactive latent reads nothing
         return None
-    attached = backend.autoencoders[kind.point(e.layer)]
     probs = torch.from_numpy(done.patterns[e.layer][e.position])  # [head, key]
     values = torch.from_numpy(done.head_values[e.layer])  # [key, head, d_head]
     w_o = write_directions(entry, e.layer, AttentionHeads.name)  # [head, d_head, d_model]
     per_key = torch.einsum("hk,khd,hdm->km", probs, values, w_o.cpu())  # [key, d_model]
-    attribution = per_key @ _encoder_row(attached.autoencoder, e.index, backend).cpu()
+    attribution = per_key @ _encoder_row(attached.dictionary, e.index, backend).cpu()
     found = torch.topk(attribution, min(ATTENDED_TOKENS, attribution.shape[0]))
     return list(zip(found.indices.tolist(), found.values.tolist(), strict=True))
 
 
-def _encoder_row(autoencoder: object, index: int, backend: Backend) -> torch.Tensor:
+def _encoder_row(dictionary: Dictionary, index: int, backend: Backend) -> torch.Tensor:
     """The gradient of latent `index`'s pre-activation with respect to the dictionary's input
-    (its encoder row, for a linear encoder)."""
-    encode = getattr(autoencoder, "encode_pre_act", None) or autoencoder.encode  # type: ignore[attr-defined]
-    width = backend.architecture.d_model
+    (its encoder row, for a linear encoder without normalisation)."""
     with torch.inference_mode(False), torch.enable_grad():
-        x = torch.zeros(width, device=backend.device, requires_grad=True)
-        (grad,) = torch.autograd.grad(encode(x)[index], x)
+        x = torch.zeros(dictionary.d_in, device=backend.device, requires_grad=True)
+        (grad,) = torch.autograd.grad(dictionary.pre_activation(x)[index], x)
     return grad.float()

@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from interpql.backends.base import ForwardRequest, HookPoint, Location, Trace
-from interpql.backends.node_kinds import AttentionHeads
+from interpql.backends.node_kinds import AttentionHeads, Side
 from interpql.errors import UnavailableError
 from interpql.loaders.analysis import write_directions
 from interpql.loaders.registry import ModelEntry
@@ -32,7 +32,7 @@ def writes_reach(entry: ModelEntry, layer: int, kind: str, point: HookPoint) -> 
 def reads_through_a_norm(entry: ModelEntry, node: NodeRef) -> bool:
     """Whether the node reads the stream through a LayerNorm (attention and MLP nodes do;
     residual channels are the stream)."""
-    return entry.kind(node.kind).side.reads in (Location.RESID_PRE, Location.RESID_MID)
+    return entry.kind(node.kind).side in (Side.ATTENTION, Side.MLP)
 
 
 def reads_after(entry: ModelEntry, upstream: NodeRef, downstream: NodeRef) -> bool:

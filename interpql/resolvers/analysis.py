@@ -52,7 +52,7 @@ def ranked_layer_kinds(
     return [
         (layer, kind)
         for layer in range(first_layer, entry.architecture.n_layers)
-        for kind in (*embeddings, spec.attention_kind, spec.mlp_kind)
+        for kind in (*embeddings, spec.attention_kind, spec.mlp_kind, *spec.residual_kinds)
         if entry.node_count(kind, layer) > 0
     ]
 

@@ -76,10 +76,31 @@ def inference_spec(ctx: RequestContext, model_name: str, args: InferenceArgs) ->
         trace=None if args.trace is None else _trace(ctx, entry, args.trace, len(tokens)),
         keep_error_term=args.autoencoder_error_term,
         layer_norm_scale=LayerNormScale(args.layer_norm_scale.value),
-        mlp_kind=MLP_KINDS[args.mlp_component.value],
-        attention_kind=ATTENTION_KINDS[args.attention_component.value],
+        mlp_kind=_ranked_dictionary(entry, args.mlp_dictionary, "mlp")
+        or MLP_KINDS[args.mlp_component.value],
+        attention_kind=_ranked_dictionary(entry, args.attention_dictionary, "attention")
+        or ATTENTION_KINDS[args.attention_component.value],
+        residual_kinds=tuple(
+            filter(None, [_ranked_dictionary(entry, args.residual_dictionary, "residual")])
+        ),
         hide_early_layers_when_ablating=args.hide_early_layers_when_ablating,
     )
+
+
+def _ranked_dictionary(entry: ModelEntry, name: str | None, side: str) -> str | None:
+    """A dictionary set named to rank on one side of the layers; INVALID_ARGUMENT if the model
+    has none by that name, or it is on another side."""
+    if name is None:
+        return None
+    sides = entry.dictionary_sides()
+    if name not in sides:
+        known = ", ".join(sorted(sides)) or "none"
+        raise invalid_argument(f"no dictionary set {name!r} on {entry.name!r} (attached: {known}).")
+    if sides[name] != side:
+        raise invalid_argument(
+            f"dictionary {name!r} is on the {sides[name]} side of its layers, not the {side}."
+        )
+    return name
 
 
 def plain_spec(ctx: RequestContext, node: NodeRef, prompt: str) -> InferenceSpec:

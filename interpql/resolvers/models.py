@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from interpql.errors import InvalidInputError, check_range
-from interpql.loaders.registry import ModelEntry
+from interpql.loaders.registry import DictionarySummary, ModelEntry
 from interpql.resolvers.context import RequestContext
 from interpql.resolvers.search import offset_of, ordered_indices
 from interpql.specs import NodeRef, parse_node_id
@@ -77,23 +77,23 @@ def check_layer(ctx: RequestContext, model_name: str, layer: int) -> int:
 
 
 def autoencoders(ctx: RequestContext, model_name: str) -> list[AutoencoderSummary]:
-    entry = ctx.registry.get(model_name)
-    summaries = []
-    for kind in entry.kinds():
-        for layer in range(entry.architecture.n_layers):
-            attached = entry.backend.autoencoders.get(kind.point(layer)) if entry.backend else None
-            if attached is None:
-                continue
-            summaries.append(
-                AutoencoderSummary(
-                    kind=kind.name,
-                    layer=layer,
-                    input=attached.input.value,
-                    n_latents=attached.autoencoder.n_latents,
-                    source=entry.autoencoder_sources.get(kind.name, ""),
-                )
-            )
+    """The openai-format autoencoders: the sets named for their latents' kinds."""
+    summaries = [
+        AutoencoderSummary(
+            kind=d.name,
+            layer=d.layer,
+            input=d.autoencoder_input,
+            n_latents=d.n_latents,
+            source=d.source,
+        )
+        for d in dictionaries(ctx, model_name)
+        if d.autoencoder_input
+    ]
     return sorted(summaries, key=lambda s: (s.layer, s.kind))
+
+
+def dictionaries(ctx: RequestContext, model_name: str) -> list[DictionarySummary]:
+    return ctx.registry.get(model_name).dictionary_summaries()
 
 
 def node_from_id(ctx: RequestContext, node_id: str) -> NodeRef:

@@ -8,18 +8,35 @@ from enum import Enum
 
 import strawberry
 
+from interpql.errors import invalid_argument
+
 
 @strawberry.enum(description="What a node is: a unit of analysis inside a layer.")
 class NodeKind(Enum):
     MLP_NEURON = "mlp_neuron"
     ATTENTION_HEAD = "attention_head"
-    MLP_AUTOENCODER_LATENT = "mlp_autoencoder_latent"
-    ATTENTION_AUTOENCODER_LATENT = "attention_autoencoder_latent"
+    MLP_AUTOENCODER_LATENT = strawberry.enum_value(
+        "mlp_autoencoder_latent",
+        description="A latent of the openai-format MLP autoencoders (--mlp-autoencoder): the "
+        "dictionary set named mlp_autoencoder_latent.",
+    )
+    ATTENTION_AUTOENCODER_LATENT = strawberry.enum_value(
+        "attention_autoencoder_latent",
+        description="A latent of the openai-format attention autoencoders "
+        "(--attn-autoencoder): the dictionary set named attention_autoencoder_latent.",
+    )
     RESIDUAL_CHANNEL = "residual_channel"
     TOKEN_EMBEDDING = strawberry.enum_value(
         "token_embedding",
         description="What the token and position embeddings write at a position: one node, in "
         "layer 0 (Transformer Debugger's embedding nodes).",
+    )
+    DICTIONARY_LATENT = strawberry.enum_value(
+        "dictionary_latent",
+        description="A latent of a named dictionary set (an SAE or a transcoder, SAELens or "
+        "circuit-tracer format): the node's `dictionary` names the set, which is also the kind "
+        "part of its id (<model>/<dictionary>/<layer>/<index>). Arguments that take a kind "
+        "take the set's name in `dictionary` with this kind.",
     )
 
 
@@ -130,3 +147,37 @@ class NodeOrder(Enum):
 class LayerNormScale(Enum):
     FROZEN = "frozen"
     LIVE = "live"
+
+
+# Kinds whose nodes are latents of a dictionary set (the openai-format sets are named for theirs).
+_DICTIONARY_KINDS = frozenset(
+    {
+        NodeKind.DICTIONARY_LATENT,
+        NodeKind.MLP_AUTOENCODER_LATENT,
+        NodeKind.ATTENTION_AUTOENCODER_LATENT,
+    }
+)
+
+
+def node_kind(name: str) -> NodeKind:
+    """The enum member of a kind name below: a named dictionary set's is DICTIONARY_LATENT."""
+    try:
+        return NodeKind(name)
+    except ValueError:
+        return NodeKind.DICTIONARY_LATENT
+
+
+def dictionary_of(name: str) -> str | None:
+    """The dictionary set a kind name's nodes belong to; None for structural kinds."""
+    return name if node_kind(name) in _DICTIONARY_KINDS else None
+
+
+def kind_name(kind: NodeKind, dictionary: str | None) -> str:
+    """The kind name below of a (kind, dictionary) argument pair."""
+    if kind is NodeKind.DICTIONARY_LATENT:
+        if not dictionary:
+            raise invalid_argument("kind DICTIONARY_LATENT needs `dictionary`: the set's name.")
+        return dictionary
+    if dictionary is not None and dictionary != kind.value:
+        raise invalid_argument(f"`dictionary` goes with kind DICTIONARY_LATENT, not {kind.name}.")
+    return str(kind.value)

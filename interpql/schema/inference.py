@@ -9,7 +9,7 @@ from interpql.resolvers import analysis as analysis_resolvers
 from interpql.resolvers import inference as inference_resolvers
 from interpql.resolvers import node_table as table_resolvers
 from interpql.resolvers.models import token_text
-from interpql.schema.enums import Group, NodeKind
+from interpql.schema.enums import Group, NodeKind, kind_name
 from interpql.schema.node_table import DirectEffectTerm, NodeTable, node_table_of
 from interpql.schema.packed import PackedTensor, TensorDType, pack
 from interpql.schema.scalars import FloatArray
@@ -213,9 +213,15 @@ class InferenceResult:
         )
         return [node_activations(info.context, v) for v in values]
 
-    @strawberry.field(description="Activations of every node of one kind in one layer.")
-    async def layer_activations(self, info: Info, layer: int, kind: NodeKind) -> LayerActivations:
-        values = await inference_resolvers.layer_values(info.context, self.spec, layer, kind.value)
+    @strawberry.field(
+        description="Activations of every node of one kind in one layer (a dictionary's "
+        "latents: kind DICTIONARY_LATENT and the set's name in `dictionary`)."
+    )
+    async def layer_activations(
+        self, info: Info, layer: int, kind: NodeKind, dictionary: str | None = None
+    ) -> LayerActivations:
+        name = kind_name(kind, dictionary)
+        values = await inference_resolvers.layer_values(info.context, self.spec, layer, name)
         return LayerActivations(
             layer=layer, kind=kind, shape=list(values.shape), values=FloatArray(values)
         )

@@ -84,13 +84,38 @@ class InferenceInput:
     )
     mlp_component: MlpComponent = strawberry.field(
         default=MlpComponent.NEURON,
-        description="Rank MLP neurons or MLP autoencoder latents in topNodes and nodeTable.",
+        description=(
+            "Rank MLP neurons or the openai-format MLP autoencoder's latents in topNodes and "
+            "nodeTable (mlpDictionary names any other set)."
+        ),
     )
     attention_component: AttentionComponent = strawberry.field(
         default=AttentionComponent.HEAD,
         description=(
             "Rank attention heads (nodeTable: their (query, key) pairs) or attention "
             "autoencoder latents in topNodes and nodeTable."
+        ),
+    )
+    mlp_dictionary: str | None = strawberry.field(
+        default=None,
+        description=(
+            "Rank the latents of this dictionary set instead (topNodes, nodeTable): one that "
+            "reads or rebuilds the MLP (mlp.hook_post, hook_mlp_out, or a transcoder); "
+            "overrides mlpComponent."
+        ),
+    )
+    attention_dictionary: str | None = strawberry.field(
+        default=None,
+        description=(
+            "Rank the latents of this dictionary set instead (topNodes, nodeTable): one on the "
+            "attention's output (attn.hook_z, hook_attn_out); overrides attentionComponent."
+        ),
+    )
+    residual_dictionary: str | None = strawberry.field(
+        default=None,
+        description=(
+            "Also rank the latents of this residual-stream dictionary set (hook_resid_pre, "
+            "hook_resid_mid, hook_resid_post) in topNodes and nodeTable."
         ),
     )
     hide_early_layers_when_ablating: bool = strawberry.field(
@@ -103,9 +128,10 @@ class InferenceInput:
     autoencoder_error_term: bool = strawberry.field(
         default=True,
         description=(
-            "Where autoencoder latents are used, keep the autoencoder's error term so that "
-            "untouched latents leave the model exactly as it was; false runs the model on the "
-            "reconstruction alone."
+            "Where a dictionary's latents are used (saved, ablated, ranked or differentiated), "
+            "keep its error term (what the hook held less what the clean latents decode to) so "
+            "that untouched latents leave the model exactly as it was; false runs the model on "
+            "the reconstruction alone (a transcoder's output in place of the MLP's)."
         ),
     )
     layer_norm_scale: LayerNormScale = strawberry.field(

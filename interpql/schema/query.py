@@ -5,6 +5,7 @@ from __future__ import annotations
 import strawberry
 
 from interpql.resolvers import models as model_resolvers
+from interpql.resolvers import neuronpedia as neuronpedia_resolvers
 from interpql.resolvers import search as search_resolvers
 from interpql.schema.jobs import Job, job
 from interpql.schema.types import Info, Model, Node, PageInfo
@@ -42,6 +43,16 @@ class Query:
     @strawberry.field(description="One node by id (<model>/<kind>/<layer>/<index>).")
     def node(self, info: Info, id: strawberry.ID) -> Node:
         return Node(ref=model_resolvers.node_from_id(info.context, str(id)))
+
+    @strawberry.field(
+        description=(
+            "A node by Neuronpedia's address: modelId (the model's name here), source "
+            "(<layer>-<dictionary>, e.g. 8-res-jb: layer 8 of the set res-jb; structural kinds "
+            "too, e.g. 3-mlp_neuron) and index."
+        )
+    )
+    def neuronpedia_feature(self, info: Info, model_id: str, source: str, index: int) -> Node:
+        return Node(ref=neuronpedia_resolvers.node_of(info.context, model_id, source, index))
 
     @strawberry.field(
         description=(

@@ -12,6 +12,7 @@ from strawberry.types.scalar import ScalarDefinition
 FloatArray = NewType("FloatArray", object)
 StringArray = NewType("StringArray", object)
 IntArray = NewType("IntArray", object)
+NeuronpediaFeature = NewType("NeuronpediaFeature", object)
 
 
 def _serialize_array(value: Any) -> Any:
@@ -39,6 +40,18 @@ SCALARS: dict[object, ScalarDefinition] = {
             "column of token indices. One scalar rather than nested [Int] lists."
         ),
         serialize=_serialize_array,
+        parse_value=lambda value: value,
+    ),
+    NeuronpediaFeature: strawberry.scalar(
+        name="NeuronpediaFeature",
+        description=(
+            "A JSON object in the shape Neuronpedia's API answers for a feature: modelId, "
+            "source (<layer>-<dictionary>, e.g. 8-res-jb), index, density, maxActApprox, "
+            "explanations [{description, typeName, explanationModelName, score}], activations "
+            "[{tokens, values, maxValue, maxValueTokenIndex}] (top examples, highest first), "
+            "top_logits and bottom_logits [{token, value}]."
+        ),
+        serialize=lambda value: value,
         parse_value=lambda value: value,
     ),
     StringArray: strawberry.scalar(

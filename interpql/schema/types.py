@@ -11,15 +11,16 @@ from interpql.errors import check_range, invalid_argument
 from interpql.resolvers import analysis as analysis_resolvers
 from interpql.resolvers import inference as inference_resolvers
 from interpql.resolvers import models as model_resolvers
+from interpql.resolvers import neuronpedia as neuronpedia_resolvers
 from interpql.resolvers import node_data as node_data_resolvers
 from interpql.resolvers import search as search_resolvers
 from interpql.resolvers.context import RequestContext
 from interpql.resolvers.models import ModelView
-from interpql.schema.enums import NodeKind, NodeOrder
+from interpql.schema.enums import NodeKind, NodeOrder, dictionary_of, kind_name, node_kind
 from interpql.schema.inputs import GenerateInput, InferenceInput
 from interpql.schema.node_data import ActivationRecord, Explanation, NodeStatistics
 from interpql.schema.packed import PackedTensor, TensorDType, lower_triangle, pack
-from interpql.schema.scalars import FloatArray
+from interpql.schema.scalars import FloatArray, NeuronpediaFeature
 from interpql.specs import NodeRef
 
 if TYPE_CHECKING:
@@ -50,7 +51,39 @@ class Token:
 @strawberry.type(description="How many nodes of one kind a layer (or a whole model) has.")
 class NodeKindCount:
     kind: NodeKind = strawberry.field(description="The node kind.")
+    dictionary: str | None = strawberry.field(
+        description="For latents: the dictionary set's name (null for structural kinds)."
+    )
     count: int = strawberry.field(description="How many.")
+
+    @classmethod
+    def of(cls, name: str, count: int) -> NodeKindCount:
+        return cls(kind=node_kind(name), dictionary=dictionary_of(name), count=count)
+
+
+@strawberry.type(
+    description="A dictionary (SAE or transcoder) attached to one layer of a model; its "
+    "latents are nodes of kind DICTIONARY_LATENT (or the openai-format kinds) named by its set."
+)
+class DictionaryInfo:
+    name: str = strawberry.field(description="The set's name: the kind part of its nodes' ids.")
+    layer: int = strawberry.field(description="The layer it reads.")
+    hook_in: str = strawberry.field(
+        description="Where it reads, in TransformerLens's hook names (blocks.L.hook_resid_post)."
+    )
+    hook_out: str = strawberry.field(
+        description="Where its output goes: hookIn for an SAE, the MLP's output for a "
+        "transcoder (which replaces the MLP when its latents are used)."
+    )
+    transcoder: bool = strawberry.field(description="Whether it is a transcoder.")
+    architecture: str = strawberry.field(
+        description="SAELens's architecture name (standard, topk, jumprelu, gated, transcoder, "
+        "skip_transcoder, ...; openai-relu or openai-topk for openai-format autoencoders)."
+    )
+    d_in: int = strawberry.field(description="Width of what it reads.")
+    d_out: int = strawberry.field(description="Width of what it writes.")
+    n_latents: int = strawberry.field(description="Number of latents.")
+    source: str = strawberry.field(description="Where its weights were loaded from.")
 
 
 @strawberry.type(description="A sparse autoencoder attached to one layer of a model.")
@@ -126,9 +159,32 @@ class Model:
     @strawberry.field(description="Node kinds of the model, with their counts over all layers.")
     def node_kinds(self, info: Info) -> list[NodeKindCount]:
         counts = model_resolvers.node_kind_counts(info.context, self.view.name)
-        return [NodeKindCount(kind=NodeKind(k), count=n) for k, n in counts]
+        return [NodeKindCount.of(k, n) for k, n in counts]
 
-    @strawberry.field(description="Sparse autoencoders attached to the model, one per layer.")
+    @strawberry.field(
+        description="Dictionaries (SAEs, transcoders) attached to the model, by set and layer."
+    )
+    def dictionaries(self, info: Info) -> list[DictionaryInfo]:
+        return [
+            DictionaryInfo(
+                name=d.name,
+                layer=d.layer,
+                hook_in=d.hook_in,
+                hook_out=d.hook_out,
+                transcoder=d.transcoder,
+                architecture=d.architecture,
+                d_in=d.d_in,
+                d_out=d.d_out,
+                n_latents=d.n_latents,
+                source=d.source,
+            )
+            for d in model_resolvers.dictionaries(info.context, self.view.name)
+        ]
+
+    @strawberry.field(
+        description="The openai-format sparse autoencoders attached to the model, one per layer.",
+        deprecation_reason="Use `dictionaries`, which lists every attached dictionary.",
+    )
     def autoencoders(self, info: Info) -> list[AutoencoderInfo]:
         return [
             AutoencoderInfo(
@@ -150,11 +206,15 @@ class Model:
         checked = model_resolvers.check_layer(info.context, self.view.name, index)
         return Layer(model_name=self.view.name, index=checked)
 
-    @strawberry.field(description="One node by layer, kind and index.")
-    def node(self, info: Info, layer: int, kind: NodeKind, index: int) -> Node:
-        return Node(
-            ref=model_resolvers.node(info.context, self.view.name, kind.value, layer, index)
-        )
+    @strawberry.field(
+        description="One node by layer, kind and index (a dictionary's latent: kind "
+        "DICTIONARY_LATENT and the set's name in `dictionary`)."
+    )
+    def node(
+        self, info: Info, layer: int, kind: NodeKind, index: int, dictionary: str | None = None
+    ) -> Node:
+        name = kind_name(kind, dictionary)
+        return Node(ref=model_resolvers.node(info.context, self.view.name, name, layer, index))
 
     @strawberry.field(description="Tokenize a text with the model's tokenizer.")
     def tokenize(self, info: Info, text: str) -> list[Token]:
@@ -254,7 +314,7 @@ class Layer:
     @strawberry.field(description="Node kinds present in this layer, with their counts.")
     def node_kinds(self, info: Info) -> list[NodeKindCount]:
         counts = model_resolvers.node_kind_counts(info.context, self.model_name, self.index)
-        return [NodeKindCount(kind=NodeKind(k), count=n) for k, n in counts]
+        return [NodeKindCount.of(k, n) for k, n in counts]
 
     @strawberry.field(
         description=(
@@ -269,12 +329,13 @@ class Layer:
         first: int = 20,
         after: str | None = None,
         order_by: NodeOrder = NodeOrder.INDEX,
+        dictionary: str | None = None,
     ) -> NodeConnection:
         page, total = model_resolvers.layer_nodes(
             info.context,
             self.model_name,
             layer=self.index,
-            kind=kind.value,
+            kind=kind_name(kind, dictionary),
             first=first,
             after=after,
             order=order_by.value,
@@ -380,7 +441,13 @@ class Node:
 
     @strawberry.field(description="The node's kind.")
     def kind(self) -> NodeKind:
-        return NodeKind(self.ref.kind)
+        return node_kind(self.ref.kind)
+
+    @strawberry.field(
+        description="For a dictionary's latent, the dictionary set's name (null otherwise)."
+    )
+    def dictionary(self) -> str | None:
+        return dictionary_of(self.ref.kind)
 
     @strawberry.field(description="Layer index.")
     def layer_index(self) -> int:
@@ -432,6 +499,16 @@ class Node:
     async def best_explanation(self, info: Info) -> Explanation | None:
         best = await node_data_resolvers.best_explanation(info.context, self.ref)
         return None if best is None else Explanation(data=best)
+
+    @strawberry.field(
+        description=(
+            "The node in Neuronpedia's feature shape (see NeuronpediaFeature): its top "
+            "examples, explanations and density from the model's sources, its top and bottom "
+            "logits from the weights."
+        )
+    )
+    async def neuronpedia(self, info: Info) -> NeuronpediaFeature:
+        return NeuronpediaFeature(await neuronpedia_resolvers.feature(info.context, self.ref))
 
     @strawberry.field(
         description=(

@@ -35,7 +35,7 @@ class NativeGPT2Backend(Backend):
         self.cfg: GPT2Config = model.cfg
         self.architecture = self.cfg.architecture
         self.tokenizer = gpt2_encoding()
-        self.autoencoders = {}
+        self.dictionaries = {}
 
     @classmethod
     def load(
@@ -47,7 +47,7 @@ class NativeGPT2Backend(Backend):
     def forward(self, request: ForwardRequest) -> ForwardResult:
         return execute(
             request,
-            HookSession(request, self.autoencoders),
+            HookSession(request, self.dictionaries),
             self.device,
             lambda tokens, hooks, track_grad: self.model(tokens, hooks, track_grad),
         )

@@ -73,9 +73,16 @@ class _LayerNorm(nn.Module):
                 x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps
             )
             return normed.to(x.dtype)
+        return self.affine(self.normalized(x, frozen_scale)).to(x.dtype)
+
+    def normalized(self, x: torch.Tensor, frozen_scale: bool = False) -> torch.Tensor:
+        """Centred and divided by the scale, before the gain and bias (float32)."""
         centred = x.float() - x.float().mean(-1, keepdim=True)
-        scale = (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt().detach()
-        return (centred / scale * self.weight.float() + self.bias.float()).to(x.dtype)
+        scale = (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        return centred / (scale.detach() if frozen_scale else scale)
+
+    def affine(self, normalized: torch.Tensor) -> torch.Tensor:
+        return normalized * self.weight.float() + self.bias.float()
 
 
 class _Attention(nn.Module):
@@ -152,7 +159,14 @@ class _Block(nn.Module):
         h = self.ln_1(x, _frozen(hooks, layer, Location.RESID_PRE))
         attn_out = _hook(hooks, layer, Location.ATTN_OUT, self.attn(h, layer, hooks))
         x = _hook(hooks, layer, Location.RESID_MID, x + attn_out)
-        h = self.ln_2(x, _frozen(hooks, layer, Location.RESID_MID))
+        frozen = _frozen(hooks, layer, Location.RESID_MID)
+        if hooks is not None and hooks.wants(HookPoint(layer, Location.MLP_NORMALIZED)):
+            # The LayerNorm in its two steps, only when someone looks between them.
+            normed = _hook(hooks, layer, Location.MLP_NORMALIZED, self.ln_2.normalized(x, frozen))
+            h = self.ln_2.affine(normed).to(x.dtype)
+        else:
+            h = self.ln_2(x, frozen)
+        h = _hook(hooks, layer, Location.MLP_IN, h)
         mlp_out = _hook(hooks, layer, Location.MLP_OUT, self.mlp(h, layer, hooks))
         return _hook(hooks, layer, Location.RESID_POST, x + mlp_out)
 

@@ -1,9 +1,10 @@
 """`RayBackend`: the Backend protocol answered by a Ray Serve deployment (`deployment.py`).
 
 Forward passes run in the deployment's replicas. What analyses read besides them (architecture,
-tokenizer, weights, autoencoder decoders) comes from the deployment through the same handle;
-weights are kept here after their first use, so a GraphQL server needs neither the model's files
-nor a device. Calls block: they come from the model's worker threads, never from an event loop.
+tokenizer, weights, dictionaries' encoders and decoders) comes from the deployment through the
+same handle; weights are kept here after their first use, so a GraphQL server needs neither the
+model's files nor a device. Calls block: they come from the model's worker threads, never from
+an event loop.
 """
 
 from __future__ import annotations
@@ -21,17 +22,18 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from interpql.backends.base import (
-    AttachedAutoencoder,
-    Autoencoder,
-    AutoencoderInput,
+    AttachedDictionary,
     Backend,
     ForwardRequest,
     ForwardResult,
     HookPoint,
+    Location,
 )
+from interpql.backends.dictionaries.base import Dictionary
 from interpql.backends.ray_serve.protocol import (
     DEFAULT_APP,
     Description,
+    DictionaryShape,
     RemoteCall,
     ReplicaStats,
     this_process,
@@ -93,23 +95,30 @@ class RayBackend(Backend):
         self.device = torch.device("cpu")
         self.dtype = description.dtype
         self.locations = description.locations
-        self.autoencoders = {}
-        for shape in description.autoencoders:
-            point = HookPoint(shape.layer, shape.input.latents)
-            remote = RemoteAutoencoder(self, point, shape.n_inputs, shape.n_latents)
-            self.autoencoders[point] = AttachedAutoencoder(shape.layer, shape.input, remote)
+        self.dictionaries = {}
+        for shape in description.dictionaries:
+            attached = AttachedDictionary(
+                shape.name, shape.layer, RemoteDictionary(self, shape), shape.input, shape.output
+            )
+            self.dictionaries[attached.latents_point] = attached
         self._handle = handle
         self._timeout_s = timeout_s
         self._caller = this_process()
         self._weights: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
-    def attach_autoencoder(
-        self, layer: int, input: AutoencoderInput, autoencoder: Autoencoder
-    ) -> None:
+    def attach_dictionary(
+        self,
+        name: str,
+        layer: int,
+        dictionary: Dictionary,
+        input: Location,
+        output: Location | None = None,
+    ) -> AttachedDictionary:
         raise ValueError(
-            "a Ray Serve deployment's autoencoders are attached where it is deployed: pass "
-            "--mlp-autoencoder/--attn-autoencoder to `interpql deploy`, not to `interpql serve`"
+            "a Ray Serve deployment's dictionaries are attached where it is deployed: pass "
+            "--dictionary (or --mlp-autoencoder/--attn-autoencoder) to `interpql deploy`, not "
+            "to `interpql serve`"
         )
 
     def forward(self, request: ForwardRequest) -> ForwardResult:
@@ -148,27 +157,76 @@ class RayBackend(Backend):
             ) from None
 
 
-class RemoteAutoencoder:
-    """An autoencoder that lives in the replicas (only its shape is here)."""
+class RemoteDictionary(Dictionary):
+    """A dictionary that lives in the replicas: its shape is here, each method a call (the
+    decoder, fixed, is kept after its first use)."""
 
-    def __init__(self, backend: RayBackend, point: HookPoint, n_inputs: int, n_latents: int):
+    def __init__(self, backend: RayBackend, shape: DictionaryShape) -> None:
+        super().__init__()
         self._backend = backend
-        self._point = point
-        self._n_inputs = n_inputs
-        self._n_latents = n_latents
+        self._shape = shape
+        self._point = HookPoint(shape.layer, Location.LATENTS, shape.name)
+        self.architecture = shape.architecture
+        self._kept: dict[str, torch.Tensor] = {}
 
     @property
-    def n_inputs(self) -> int:
-        return self._n_inputs
+    def d_in(self) -> int:
+        return self._shape.d_in
+
+    @property
+    def d_out(self) -> int:
+        return self._shape.d_out
 
     @property
     def n_latents(self) -> int:
-        return self._n_latents
+        return self._shape.n_latents
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        latents: torch.Tensor = self._backend.call("encode", self._point, x.float().cpu())
+    @property
+    def rescales(self) -> bool:
+        return self._shape.rescales
+
+    def _call(self, method: str, *args: torch.Tensor) -> Any:
+        moved = [arg.detach().float().cpu() for arg in args]
+        return self._backend.call("dictionary", self._point, method, *moved)
+
+    def _fixed(self, method: str) -> torch.Tensor:
+        if method not in self._kept:
+            self._kept[method] = self._call(method)
+        return self._kept[method]
+
+    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError("a remote dictionary normalises inside encode and decode")
+
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        pre: torch.Tensor = self._call("pre_activation", x)
+        return pre
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        latents: torch.Tensor = self._call("activate", pre)
         return latents
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        decoded: torch.Tensor = self._backend.call("decode", self._point, latents.float().cpu())
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        latents: torch.Tensor = self._call("encode", x)
+        return latents
+
+    def decode(self, latents: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        decoded: torch.Tensor = self._call("decode", latents, x)
         return decoded
+
+    def decoder_directions(self) -> torch.Tensor:
+        return self._fixed("decoder_directions")
+
+    def decoder_bias(self) -> torch.Tensor:
+        return self._fixed("decoder_bias")
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor | None:
+        found: torch.Tensor | None = self._call("skip", x)
+        return found
+
+    def output_scale(self, x: torch.Tensor) -> torch.Tensor:
+        scale: torch.Tensor = self._call("output_scale", x)
+        return scale
+
+    def decoded_bias(self, x: torch.Tensor) -> torch.Tensor:
+        bias: torch.Tensor = self._call("decoded_bias", x)
+        return bias

@@ -29,8 +29,9 @@ from interpql.backends.ray_serve import merging
 from interpql.backends.ray_serve.client import join
 from interpql.backends.ray_serve.protocol import (
     DEFAULT_APP,
-    AutoencoderShape,
+    REMOTE_METHODS,
     Description,
+    DictionaryShape,
     LoadModel,
     PassRecord,
     RemoteCall,
@@ -85,13 +86,12 @@ class BackendReplica:
     async def weight(self, name: str) -> torch.Tensor:
         return await self._on_worker(lambda: merging.owned(self._backend.weight(name)))
 
-    async def encode(self, latents_point: HookPoint, x: torch.Tensor) -> torch.Tensor:
-        autoencoder = self._backend.autoencoders[latents_point].autoencoder
-        return await self._on_worker(lambda: self._apply(autoencoder.encode, x))
-
-    async def decode(self, latents_point: HookPoint, latents: torch.Tensor) -> torch.Tensor:
-        autoencoder = self._backend.autoencoders[latents_point].autoencoder
-        return await self._on_worker(lambda: self._apply(autoencoder.decode, latents))
+    async def dictionary(self, latents_point: HookPoint, method: str, *args: Any) -> Any:
+        """One of an attached dictionary's methods (`REMOTE_METHODS`), on the replica."""
+        if method not in REMOTE_METHODS:
+            raise ValueError(f"{method!r} is not a dictionary method served remotely")
+        found = getattr(self._backend.dictionaries[latents_point].dictionary, method)
+        return await self._on_worker(lambda: self._apply(found, *args))
 
     async def stats(self) -> ReplicaStats:
         return ReplicaStats(
@@ -101,9 +101,12 @@ class BackendReplica:
     async def _on_worker(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def _apply(
+        self, fn: Callable[..., torch.Tensor | None], *args: torch.Tensor
+    ) -> torch.Tensor | None:
         with torch.inference_mode():
-            return merging.owned(fn(x.to(self._backend.device, torch.float32)))
+            out = fn(*(x.to(self._backend.device, torch.float32) for x in args))
+            return None if out is None else merging.owned(out)
 
     def _run_calls(self, calls: Sequence[RemoteCall]) -> list[ForwardResult | Exception]:
         outcomes: dict[int, ForwardResult | Exception] = {}
@@ -149,11 +152,21 @@ def describe(served: ServedModel) -> Description:
         architecture=backend.architecture,
         tokenizer=backend.tokenizer,
         locations=backend.locations,
-        autoencoders=tuple(
-            AutoencoderShape(a.layer, a.input, a.autoencoder.n_inputs, a.autoencoder.n_latents)
-            for _, a in sorted(backend.autoencoders.items())
+        dictionaries=tuple(
+            DictionaryShape(
+                name=a.name,
+                layer=a.layer,
+                input=a.input,
+                output=a.output,
+                architecture=a.dictionary.architecture,
+                d_in=a.dictionary.d_in,
+                d_out=a.dictionary.d_out,
+                n_latents=a.dictionary.n_latents,
+                rescales=a.dictionary.rescales,
+            )
+            for _, a in sorted(backend.dictionaries.items())
         ),
-        autoencoder_sources=dict(served.autoencoder_sources),
+        dictionary_sources=dict(served.dictionary_sources),
         device=str(backend.device),
         dtype=backend.dtype,
         torch_threads=torch.get_num_threads(),

@@ -1,7 +1,7 @@
 """Several callers' forward requests as one pass, and the pass's result split back per caller.
 
 Requests merge when their request-wide switches are equal: the loss of the backward pass, the
-trace, the autoencoder error term and, without the error term, which autoencoders are spliced
+trace, the dictionary error term and, without the error term, which dictionaries are spliced
 in (splicing one in then changes every row's computation; with the error term it changes
 nothing). Saved points are unioned; each caller's interventions and additions move to its own
 rows, those for "every prompt" becoming one per row of that caller. Rows of a causal model with
@@ -26,7 +26,6 @@ from interpql.backends.base import (
     Location,
 )
 
-_LATENTS = frozenset({Location.MLP_AE_LATENTS, Location.ATTN_AE_LATENTS})
 _KEY_AXIS = frozenset({Location.ATTN_SCORES, Location.ATTN_PROBS})  # [batch, query, head, key]
 
 
@@ -39,7 +38,7 @@ def merge_key(request: ForwardRequest) -> Hashable:
             | {iv.point for iv in request.interventions}
             | {add.point for add in request.additions}
         )
-        spliced = frozenset(p for p in touched if p.location in _LATENTS)
+        spliced = frozenset(p for p in touched if p.location is Location.LATENTS)
     return (
         request.backward,
         request.trace,

@@ -14,7 +14,6 @@ import torch
 
 from interpql.backends.base import (
     Architecture,
-    AutoencoderInput,
     Backend,
     ForwardRequest,
     Location,
@@ -26,13 +25,13 @@ DEFAULT_APP = "interpql"
 
 @dataclass(frozen=True)
 class ServedModel:
-    """What a replica loads: the backend, with its autoencoders attached."""
+    """What a replica loads: the backend, with its dictionaries attached."""
 
     backend: Backend
     # The --model the deployment was given; None: interpql's default (the embedded demo).
     model: str | None
-    # Where each attached autoencoder set came from, by the node kind of its latents.
-    autoencoder_sources: dict[str, str] = field(default_factory=dict)
+    # Where each attached dictionary set came from, by its name.
+    dictionary_sources: dict[str, str] = field(default_factory=dict)
 
 
 # Runs inside each replica; must pickle by reference (a module-level function or a partial).
@@ -40,11 +39,36 @@ LoadModel = Callable[[], ServedModel]
 
 
 @dataclass(frozen=True)
-class AutoencoderShape:
+class DictionaryShape:
+    """An attached dictionary as a GraphQL server sees it: its place and sizes (its weights
+    stay in the replicas)."""
+
+    name: str
     layer: int
-    input: AutoencoderInput
-    n_inputs: int
+    input: Location
+    output: Location
+    architecture: str
+    d_in: int
+    d_out: int
     n_latents: int
+    rescales: bool
+
+
+# The dictionary methods a GraphQL server calls on a replica's dictionaries (tensors in, a
+# tensor or None out).
+REMOTE_METHODS = frozenset(
+    {
+        "pre_activation",
+        "activate",
+        "encode",
+        "decode",
+        "decoder_directions",
+        "decoder_bias",
+        "skip",
+        "output_scale",
+        "decoded_bias",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -56,8 +80,8 @@ class Description:
     architecture: Architecture
     tokenizer: Tokenizer
     locations: frozenset[Location]
-    autoencoders: tuple[AutoencoderShape, ...]
-    autoencoder_sources: dict[str, str]
+    dictionaries: tuple[DictionaryShape, ...]
+    dictionary_sources: dict[str, str]
     device: str  # where the replica runs it, e.g. cuda:0
     dtype: torch.dtype
     torch_threads: int

@@ -28,8 +28,7 @@ import torch
 
 from interpql.backends.base import (
     Architecture,
-    Autoencoder,
-    AutoencoderInput,
+    AttachedDictionary,
     Backend,
     ForwardRequest,
     ForwardResult,
@@ -37,6 +36,7 @@ from interpql.backends.base import (
     Location,
     Tokenizer,
 )
+from interpql.backends.dictionaries.base import Dictionary
 from interpql.backends.hooks import HookSession
 from interpql.backends.runtime import execute
 from interpql.backends.transformerlens.loading import boot, boot_hf_model
@@ -77,7 +77,7 @@ class TransformerLensBackend(Backend):
             norm_eps=float(getattr(cfg, "eps", 1e-5)),
         )
         self.tokenizer = tokenizer
-        self.autoencoders = {}
+        self.dictionaries = {}
         # Why each missing location is missing; the backend offers every other one.
         self.unsupported = find_unsupported(bridge, self.architecture)
         self._rotary = getattr(cfg, "positional_embedding_type", None) == "rotary"
@@ -99,19 +99,25 @@ class TransformerLensBackend(Backend):
         `hf_tokenizer`, its vocabulary must hold GPT-2's)."""
         return cls(*boot_hf_model(hf_model, hf_tokenizer))
 
-    def attach_autoencoder(
-        self, layer: int, input: AutoencoderInput, autoencoder: Autoencoder
-    ) -> None:
-        if input.location not in self.locations:
-            raise ValueError(
-                f"an autoencoder cannot read {input.value} here: {self.unsupported[input.location]}"
-            )
-        super().attach_autoencoder(layer, input, autoencoder)
+    def attach_dictionary(
+        self,
+        name: str,
+        layer: int,
+        dictionary: Dictionary,
+        input: Location,
+        output: Location | None = None,
+    ) -> AttachedDictionary:
+        for location in {input, input if output is None else output}:
+            if location in self.unsupported:
+                raise ValueError(
+                    f"a dictionary cannot use {location.value} here: {self.unsupported[location]}"
+                )
+        return super().attach_dictionary(name, layer, dictionary, input, output)
 
     # --- running ---------------------------------------------------------------------------
 
     def forward(self, request: ForwardRequest) -> ForwardResult:
-        session = HookSession(request, self.autoencoders)
+        session = HookSession(request, self.dictionaries)
         self._check(request, session)
 
         def forward(tokens: torch.Tensor, hooks: HookSession, track_grad: bool) -> torch.Tensor:
@@ -127,7 +133,7 @@ class TransformerLensBackend(Backend):
 
     def _check(self, request: ForwardRequest, session: HookSession) -> None:
         # Asking the session covers every way a request reaches a point: saves, writes,
-        # additions, traces and autoencoder inputs.
+        # additions, traces and dictionaries' inputs and outputs.
         for location, why in self.unsupported.items():
             for layer in range(self.architecture.n_layers):
                 if session.wants(HookPoint(layer, location)):

@@ -28,6 +28,8 @@ HOOK_NAMES: dict[Location, str] = {
     Location.ATTN_PROBS: "attn.hook_pattern",
     Location.ATTN_Z: "attn.hook_z",
     Location.ATTN_OUT: "hook_attn_out",
+    Location.MLP_NORMALIZED: "ln2.hook_normalized",
+    Location.MLP_IN: "mlp.hook_in",
     Location.MLP_PRE: "mlp.hook_pre",
     Location.MLP_POST: "mlp.hook_post",
     Location.MLP_OUT: "hook_mlp_out",
@@ -86,10 +88,6 @@ def find_unsupported(bridge: Any, arch: Architecture) -> dict[Location, str]:
             "the neurons' input; mlp_post is the neurons' value"
         )
     reasons |= _resid_mid_reason(arch, mid_names, available, seen, reasons)
-    if Location.MLP_POST in reasons and Location.MLP_OUT in reasons:
-        reasons[Location.MLP_AE_LATENTS] = "neither mlp_post nor mlp_out is available"
-    if Location.ATTN_OUT in reasons:
-        reasons[Location.ATTN_AE_LATENTS] = "attn_out is not available"
     return reasons
 
 
