@@ -150,7 +150,16 @@ class InferenceSpec:
             self.loss,
             self.trace,
             self.keep_error_term,
+            self.spliced_kinds,
         )
+
+    @property
+    def spliced_kinds(self) -> tuple[Any, ...]:
+        """Without error terms, every dictionary whose latents a pass uses changes its numbers
+        (and every row's of the pass): the ranked kinds are part of what decides them."""
+        if self.keep_error_term:
+            return ()
+        return (self.attention_kind, self.mlp_kind, self.residual_kinds)
 
 
 @dataclass(frozen=True, kw_only=True)

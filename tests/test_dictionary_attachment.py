@@ -690,3 +690,56 @@ async def test_a_latents_write_direction_in_scored_tokens_similarity_and_steerin
     cosine = float(torch.nn.functional.cosine_similarity(res[3], other_row, dim=0))
     assert similar["cosine"] == pytest.approx(cosine, abs=1e-5)
     assert body["data"]["model"]["generate"]["steered"]["text"]
+
+
+async def test_without_error_terms_each_input_runs_with_its_own_dictionaries(
+    client: httpx.AsyncClient, weights: dict[str, torch.Tensor]
+) -> None:
+    """Inputs in one request that drop the error term but rank different things run apart:
+    with mlpDictionary the transcoders replace the MLPs (the reference with them applied by
+    hand), without it the model is the bare one; and the direct effects of the replaced model
+    add up to its objective with no error term among them."""
+    layers = {
+        layer: random_tensors("jumprelu_skip_transcoder", SMALL.d_model, SMALL.d_model, D_SAE, s)
+        for layer, s in zip(range(SMALL.n_layers), range(40, 40 + SMALL.n_layers), strict=True)
+    }
+    inputs: dict[int, torch.Tensor] = {}
+
+    def replaced(layer: int, name: str, act: torch.Tensor) -> torch.Tensor:
+        if name == "mlp_in":
+            inputs[layer] = act
+        if name != "mlp_out":
+            return act
+        t = {k: v.double() for k, v in layers[layer].items()}
+        pre = inputs[layer] @ t["W_enc"] + t["b_enc"]
+        latents = torch.relu(pre) * (pre > t["threshold"])
+        return latents @ t["W_dec"] + t["b_dec"] + inputs[layer] @ t["W_skip"].T
+
+    def loss(logits: torch.Tensor) -> float:
+        return float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(TOKENS[1:])))
+
+    bare, _ = reference_forward(SMALL, weights, TOKENS)
+    with_transcoders, _ = reference_forward(SMALL, weights, TOKENS, edit=replaced)
+    n = len(TOKENS)
+    body = await graphql(
+        client,
+        f"""query($p: String!) {{ model(name: "m") {{
+              tc: infer(input: {{prompt: $p, autoencoderErrorTerm: false, mlpDictionary: "tc",
+                                {LOSS}}}) {{
+                loss objective
+                topNodes(group: DIRECT_EFFECT, k: 10000, tokenIndex: {n - 1}) {{ top {{ value }} }}
+                directEffectTerms(tokenIndex: {n - 1}) {{ name value }} }}
+              plain: infer(input: {{prompt: $p, autoencoderErrorTerm: false, {LOSS}}}) {{
+                loss topNodes(group: DIRECT_EFFECT, k: 3) {{ top {{ value }} }} }} }} }}""",
+        {"p": PROMPT},
+    )
+    assert "errors" not in body, body
+    found = body["data"]["model"]
+    assert found["tc"]["loss"] == pytest.approx(loss(with_transcoders), abs=1e-4)
+    assert found["plain"]["loss"] == pytest.approx(loss(bare), abs=1e-4)
+    assert abs(loss(with_transcoders) - loss(bare)) > 1e-3
+    names = {t["name"] for t in found["tc"]["directEffectTerms"]}
+    assert "dictionary error" not in names and "transcoder skip" in names
+    total = sum(t["value"] for t in found["tc"]["topNodes"]["top"])
+    total += sum(t["value"] for t in found["tc"]["directEffectTerms"])
+    assert total == pytest.approx(found["tc"]["objective"], abs=1e-5)

@@ -105,12 +105,13 @@ class InferenceLoader:
         return result
 
     async def _load_batch(self, keys: Sequence[_Key]) -> list[RowResult]:
-        # One backend call per model, error-term setting, loss, trace and LayerNorm
-        # convention: request-wide switches.
+        # One backend call per model, error-term setting (and without it, the dictionaries
+        # spliced in), loss, trace and LayerNorm convention: request-wide switches.
         groups: dict[tuple[Any, ...], list[_Key]] = defaultdict(list)
         for key in keys:
             s = key.spec
-            groups[(s.model, s.keep_error_term, s.loss, s.trace, s.layer_norm_scale)].append(key)
+            shared = (s.keep_error_term, s.spliced_kinds, s.loss, s.trace, s.layer_norm_scale)
+            groups[(s.model, *shared)].append(key)
         results: dict[_Key, RowResult] = {}
         for (name, *switches), group in groups.items():
             entry = self._registry.get(name)

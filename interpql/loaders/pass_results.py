@@ -156,6 +156,9 @@ def row_result(
     for layer, kind in needs.all_layer_kinds():
         done.scores[(layer, kind)], biases = part.node_scores(layer, kind)
         if biases is not None:
+            if not spec.keep_error_term:
+                # The ranked dictionaries are spliced in without it: the stream holds none.
+                biases.pop("dictionary error", None)
             done.bias_effects[(layer, kind)] = biases
     for layer in needs.pattern_layers:
         done.patterns[layer], attribution = part.pattern(layer)
