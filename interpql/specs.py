@@ -151,6 +151,7 @@ class InferenceSpec:
             self.trace,
             self.keep_error_term,
             self.spliced_kinds,
+            self.layer_norm_scale,  # what the backward pass holds fixed
         )
 
     @property

@@ -465,3 +465,31 @@ async def test_the_columns_hold_the_rows(client: httpx.AsyncClient) -> None:
         assert columns[field]["texts"] == [[s["token"]["text"] for s in items] for items in lists]
         assert columns[field]["values"] == [[s["value"] for s in items] for items in lists]
     assert columns["attendedToTokens"]["tokenIndex"] == [[] for _ in rows]
+
+
+async def test_the_result_cache_keeps_the_layernorm_conventions_apart() -> None:
+    """A LIVE request after a FROZEN one on the same prompt is answered from its own pass, not
+    from the cached FROZEN result (their direct effects differ), and a cached LIVE answer is the
+    one a fresh server gives."""
+    query = (
+        '{ model(name: "tiny-stdlib") { infer(input: {prompt: "import os", layerNormScale: %s})'
+        " { topNodes(group: DIRECT_EFFECT, k: 3) { top { node { id } value } } } } }"
+    )
+
+    async def answers(modes: list[str]) -> list[Any]:
+        services = build_services(ServeOptions(explanation_store=":memory:"))
+        assert services.settings.cached_runs > 0
+        transport = httpx.ASGITransport(app=create_app(services))
+        found = []
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            for mode in modes:
+                body = await graphql(client, query % mode)
+                assert "errors" not in body, body
+                found.append(body["data"]["model"]["infer"]["topNodes"]["top"])
+        services.registry.close()
+        return found
+
+    frozen, live, live_again = await answers(["FROZEN", "LIVE", "LIVE"])
+    [fresh_live] = await answers(["LIVE"])
+    assert live == fresh_live == live_again
+    assert live != frozen

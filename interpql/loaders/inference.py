@@ -45,8 +45,9 @@ def default_runner(window_s: float = 0.002, timeout_s: float | None = None) -> I
 
 class ResultCache:
     """Results of earlier requests, shared by all requests: an identical input (its
-    `pass_key`: model, tokens, ablations, loss, trace, error-term switch) is answered without
-    running again when the earlier pass computed what is asked now."""
+    `pass_key`: model, tokens, ablations, loss, trace, error-term switch, LayerNorm
+    convention) is answered without running again when the earlier pass computed what is
+    asked now."""
 
     def __init__(self, max_results: int = 64) -> None:
         self._cache = BoundedMemoryCache(max_results)
