@@ -18,7 +18,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from interpql.observability.log_format import LOG_FORMATS, configure_logging
-from interpql.options import add_options, from_args, groups, option
+from interpql.options import add_options, flags, from_args, groups, option
 from interpql.settings import Settings
 
 
@@ -326,26 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.run(args))
 
 
-# `serve`'s flags that describe one model: with several --model, each applies to the --model
-# before it (to the first before any).
-_MODEL_FLAGS = {
-    "--model": True,
-    "--name": True,
-    "--backend": True,
-    "--device": True,
-    "--dtype": True,
-    "--no-model": False,
-    "--mlp-autoencoder": True,
-    "--attn-autoencoder": True,
-    "--dictionary": True,
-    "--source": True,
-    "--neuronpedia-source": True,
-}
-
-
 def split_models(argv: list[str]) -> tuple[list[str], list[list[str]]]:
     """`serve`'s argv with several --model: the first model's flags with every other flag, and
-    each further model's flags."""
+    each further model's flags (those of MODEL_FIELDS, each applying to the --model before it,
+    or to the first before any)."""
+    from interpql.bootstrap import MODEL_FIELDS, ServeOptions
+
+    model_flags = flags(ServeOptions, only=frozenset(MODEL_FIELDS))
     first: list[str] = []
     more: list[list[str]] = []
     current, seen_model, i = first, False, 0
@@ -356,8 +343,8 @@ def split_models(argv: list[str]) -> tuple[list[str], list[list[str]]]:
                 current = []
                 more.append(current)
             seen_model = True
-        if flag in _MODEL_FLAGS:
-            taken = 2 if _MODEL_FLAGS[flag] and "=" not in argv[i] else 1
+        if flag in model_flags:
+            taken = 2 if model_flags[flag] and "=" not in argv[i] else 1
             current.extend(argv[i : i + taken])
         else:
             taken = 1

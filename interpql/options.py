@@ -84,6 +84,19 @@ def _scalar(kind: Any) -> Any:
     return kind if kind in (int, float) else str
 
 
+def _flag(f: dataclasses.Field[Any], meta: dict[str, Any]) -> str:
+    return str(meta["flag"] or "--" + f.name.replace("_", "-"))
+
+
+def flags(cls: type[Any], only: frozenset[str] | None = None) -> dict[str, bool]:
+    """Each option's flag (those named in `only`, if given) and whether it takes a value."""
+    return {
+        _flag(f, meta): kind is not bool
+        for f, meta, kind in _options(cls)
+        if only is None or f.name in only
+    }
+
+
 def add_options(
     parser: argparse.ArgumentParser, cls: type[Any], only: frozenset[str] | None = None
 ) -> None:
@@ -94,7 +107,7 @@ def add_options(
         target: Any = parser
         if meta["group"] is not None:
             target = _group(parser, meta["group"])
-        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        flag = _flag(f, meta)
         default = _default(f)
         shown = "" if default in (None, False, True, (), []) else f" (default: {default})"
         named: dict[str, Any] = {"dest": f.name, "help": meta["help"] + shown}

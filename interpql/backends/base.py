@@ -68,9 +68,10 @@ so it need not be thread-safe, but it must keep no per-request state between cal
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Literal, Protocol
 
 import torch
@@ -273,7 +274,7 @@ WEIGHT_SHAPES: dict[str, str] = {
 }
 
 
-# Widths of what a dictionary may read or write, by location.
+# The locations a dictionary may read or write.
 DICTIONARY_LOCATIONS = (
     Location.RESID_PRE,
     Location.ATTN_Z,
@@ -322,6 +323,8 @@ class Backend(abc.ABC):
     device: torch.device
     dtype: torch.dtype
     locations: frozenset[Location]
+    # Why each location it does not offer is missing, where it can say (TransformerLens does).
+    unsupported: Mapping[Location, str] = MappingProxyType({})
     dictionaries: dict[HookPoint, AttachedDictionary]  # by latents point
 
     def attach_dictionary(
@@ -345,7 +348,8 @@ class Backend(abc.ABC):
             if location not in DICTIONARY_LOCATIONS:
                 raise ValueError(f"a dictionary cannot {role} {location.value}")
             if location not in self.locations:
-                raise ValueError(f"this backend offers no {location.value} to {role}")
+                why = self.unsupported.get(location, "this backend does not offer it")
+                raise ValueError(f"a dictionary cannot {role} {location.value} here: {why}")
             expected = self.location_width(location)
             if width != expected:
                 raise ValueError(

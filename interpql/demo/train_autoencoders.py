@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from interpql.backends.autoencoder import SparseAutoencoder
 from interpql.backends.base import ForwardRequest, HookPoint, Location
+from interpql.backends.dictionaries.base import Dictionary
 from interpql.backends.gpt2.model import GPT2
 from interpql.backends.hooks import HookSession
 
@@ -61,12 +63,18 @@ class AutoencoderMetrics:
     train_s: float
 
 
-def layer_activations(model: GPT2, tokens: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
-    """[batch, token] ids -> {kind: [batch, token, width]} at `layer`, through the model's hooks.
+def layer_activations(
+    model: GPT2,
+    tokens: torch.Tensor,
+    layer: int,
+    locations: Mapping[str, Location] = KIND_LOCATIONS,
+) -> dict[str, torch.Tensor]:
+    """[batch, token] ids -> {name: [batch, token, width]} at `layer`'s `locations`, through
+    the model's hooks.
 
     The blocks after `layer` and the 50k-wide unembedding are skipped, hence the loop here.
     """
-    points = {kind: HookPoint(layer, location) for kind, location in KIND_LOCATIONS.items()}
+    points = {kind: HookPoint(layer, location) for kind, location in locations.items()}
     hooks = HookSession(ForwardRequest(tokens=(), save=frozenset(points.values())))
     positions = torch.arange(tokens.shape[1])
     x = model.tok_embed(tokens) + model.pos_embed(positions)[None]
@@ -77,13 +85,18 @@ def layer_activations(model: GPT2, tokens: torch.Tensor, layer: int) -> dict[str
 
 @torch.inference_mode()
 def collect_activations(
-    model: GPT2, windows: NDArray[np.int64], layer: int, *, batch_size: int = 16
+    model: GPT2,
+    windows: NDArray[np.int64],
+    layer: int,
+    locations: Mapping[str, Location] = KIND_LOCATIONS,
+    *,
+    batch_size: int = 16,
 ) -> dict[str, torch.Tensor]:
-    """{kind: [n_windows * n_ctx, width]} float32 activations over `windows` [n, n_ctx]."""
-    parts: dict[str, list[torch.Tensor]] = {kind: [] for kind in KIND_LOCATIONS}
+    """{name: [n_windows * n_ctx, width]} float32 activations over `windows` [n, n_ctx]."""
+    parts: dict[str, list[torch.Tensor]] = {kind: [] for kind in locations}
     for start in range(0, len(windows), batch_size):
         batch = torch.from_numpy(windows[start : start + batch_size])
-        for kind, acts in layer_activations(model, batch, layer).items():
+        for kind, acts in layer_activations(model, batch, layer, locations).items():
             parts[kind].append(acts.flatten(0, 1).float())
     return {kind: torch.cat(chunks) for kind, chunks in parts.items()}
 
@@ -214,19 +227,25 @@ def _record_statistics(
 
 @torch.no_grad()
 def evaluate_autoencoder(
-    ae: SparseAutoencoder, acts: torch.Tensor, *, batch_size: int = 8192
+    ae: Dictionary,
+    acts: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    *,
+    batch_size: int = 8192,
 ) -> tuple[float, float, float]:
-    """(fraction of variance explained, mean L0, dead share) on `acts` [n, n_inputs]."""
+    """(fraction of the targets' variance explained, mean L0, dead share) on `acts` [n,
+    d_in]; the targets are the inputs themselves unless given (a transcoder's)."""
+    targets = acts if targets is None else targets
     residual = 0.0
     l0 = 0.0
     fired = torch.zeros(ae.n_latents, dtype=torch.bool)
     for start in range(0, len(acts), batch_size):
-        x = acts[start : start + batch_size]
+        x, y = acts[start : start + batch_size], targets[start : start + batch_size]
         latents, reconstruction = ae(x)
-        residual += (reconstruction - x).double().square().sum().item()
+        residual += (reconstruction - y).double().square().sum().item()
         l0 += (latents > 0).sum().item()
         fired |= (latents > 0).any(dim=0)
-    total = (acts.double() - acts.double().mean(dim=0)).square().sum().item()
+    total = (targets.double() - targets.double().mean(dim=0)).square().sum().item()
     return 1.0 - residual / total, l0 / len(acts), 1.0 - fired.float().mean().item()
 
 

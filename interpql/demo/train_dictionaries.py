@@ -39,9 +39,12 @@ from interpql.backends.dictionaries.saelens import (
 )
 from interpql.backends.gpt2.backend import NativeGPT2Backend
 from interpql.backends.gpt2.model import GPT2
-from interpql.backends.hooks import HookSession
 from interpql.demo.artifacts import DICTIONARY_DIR
-from interpql.demo.train_autoencoders import forget_moments
+from interpql.demo.train_autoencoders import (
+    collect_activations,
+    evaluate_autoencoder,
+    forget_moments,
+)
 
 RESIDUAL_SAES = "res-sae"  # the sets' names: the node kinds of their latents
 TRANSCODERS = "transcoder"
@@ -79,24 +82,6 @@ POINTS = {
     "mlp_in": Location.MLP_IN,
     "mlp_out": Location.MLP_OUT,
 }
-
-
-@torch.inference_mode()
-def collect(
-    model: GPT2, windows: NDArray[np.int64], layer: int, *, batch_size: int = 16
-) -> dict[str, torch.Tensor]:
-    """{name: [n_windows * n_ctx, d_model]} float32 activations of `layer` over `windows`."""
-    points = {name: HookPoint(layer, location) for name, location in POINTS.items()}
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in POINTS}
-    for start in range(0, len(windows), batch_size):
-        tokens = torch.from_numpy(windows[start : start + batch_size])
-        hooks = HookSession(ForwardRequest(tokens=(), save=frozenset(points.values())))
-        x = model.tok_embed(tokens) + model.pos_embed(torch.arange(tokens.shape[1]))[None]
-        for index, block in enumerate(model.xf_layers[: layer + 1]):
-            x = block(x, index, hooks)
-        for name, point in points.items():
-            parts[name].append(hooks.activations[point].flatten(0, 1).float())
-    return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
 def _scale(acts: torch.Tensor) -> float:
@@ -239,30 +224,6 @@ def _folded(net: _Trainable, s_in: float, s_out: float, sae: bool) -> dict[str, 
 # --- evaluation --------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def evaluate(
-    dictionary: SaeLensDictionary, inputs: torch.Tensor, targets: torch.Tensor
-) -> dict[str, float]:
-    """Fraction of the target's variance explained, mean L0 and the dead share on held-out
-    activations."""
-    residual, l0 = 0.0, 0.0
-    fired = torch.zeros(dictionary.n_latents, dtype=torch.bool)
-    for start in range(0, len(inputs), 8192):
-        x, y = inputs[start : start + 8192], targets[start : start + 8192]
-        latents, out = dictionary(x)
-        residual += (out - y).double().square().sum().item()
-        l0 += (latents > 0).sum().item()
-        fired |= (latents > 0).any(dim=0)
-    total = (targets.double() - targets.double().mean(dim=0)).square().sum().item()
-    return {
-        "fve": 1.0 - residual / total,
-        "mean_l0": l0 / len(inputs),
-        "dead_share": 1.0 - fired.float().mean().item(),
-        "n_latents": dictionary.n_latents,
-        "n_eval_tokens": len(inputs),
-    }
-
-
 def replaced_losses(
     backend: NativeGPT2Backend, windows: NDArray[np.int64], name: str = TRANSCODERS
 ) -> dict[str, float]:
@@ -308,7 +269,8 @@ def train_dictionaries(
     metrics: dict[str, Any] = {RESIDUAL_SAES: {}, TRANSCODERS: {}}
     d_model = model.cfg.d_model
     for layer in range(model.cfg.n_layers):
-        train, held = collect(model, train_windows, layer), collect(model, eval_windows, layer)
+        train = collect_activations(model, train_windows, layer, POINTS)
+        held = collect_activations(model, eval_windows, layer, POINTS)
         for name, inputs, targets, n_latents, topk, config_json in (
             (
                 RESIDUAL_SAES,
@@ -359,8 +321,14 @@ def train_dictionaries(
             half = {key: value.half() for key, value in tensors.items()}
             write_saelens(set_folder(out_dir, name, layer), config_json, half)
             saved = SaeLensDictionary(parse_config(config_json), half).eval()
-            metrics[name][str(layer)] = evaluate(saved, held[inputs], held[targets]) | {
-                "train_s": time.perf_counter() - started
+            fve, l0, dead = evaluate_autoencoder(saved, held[inputs], held[targets])
+            metrics[name][str(layer)] = {
+                "fve": fve,
+                "mean_l0": l0,
+                "dead_share": dead,
+                "n_latents": n_latents,
+                "n_eval_tokens": len(held[inputs]),
+                "train_s": time.perf_counter() - started,
             }
         del train, held
     backend = NativeGPT2Backend(model)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -15,7 +14,7 @@ from interpql.backends.gpt2.loading import REGISTERED_MODELS, read_config
 from interpql.backends.node_kinds import STRUCTURAL_TABLE, kind_table
 from interpql.backends.transformerlens import TransformerLensBackend, read_architecture
 from interpql.file_errors import FileProblem
-from interpql.loaders.registry import ModelEntry
+from interpql.loaders.registry import NAME, ModelEntry
 from interpql.loaders.sources import CompactSource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,10 +77,6 @@ def attach_autoencoders(
         entry.dictionary_sources[input.kind_name] = source
 
 
-# A dictionary set's name is a node kind: one path segment of a node id.
-_DICTIONARY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
 def attach_dictionaries(
     entry: ModelEntry, name: str, path: str, scaling_factor: float | None = None
 ) -> None:
@@ -89,7 +84,7 @@ def attach_dictionaries(
     latents the node kind `name` (`<model>/<name>/<layer>/<index>`: Neuronpedia's source
     `8-res-jb` is layer 8 of a set named res-jb). FileProblem naming the file that does not
     fit the model, at start-up."""
-    if not _DICTIONARY_NAME.match(name) or name in STRUCTURAL_TABLE:
+    if not NAME.match(name) or name in STRUCTURAL_TABLE:
         raise ValueError(
             f"dictionary name {name!r} must be 1-64 letters, digits, '.', '_' or '-', and not "
             f"a kind of node ({', '.join(STRUCTURAL_TABLE)})"

@@ -22,7 +22,8 @@ from interpql.loaders.search import SearchIndex, index_model
 from interpql.loaders.sources.base import NodeSource
 from interpql.specs import NodeRef
 
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Model and dictionary-set names: each is one path segment of a node id.
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ class ModelRegistry:
         self.search = SearchIndex()
 
     def add(self, entry: ModelEntry) -> None:
-        if not _MODEL_NAME.match(entry.name):
+        if not NAME.match(entry.name):
             raise ValueError(
                 f"model name {entry.name!r} must be 1-64 letters, digits, '.', '_' or '-'"
             )

@@ -36,7 +36,12 @@ class NodeKind(Enum):
         description="A latent of a named dictionary set (an SAE or a transcoder, SAELens or "
         "circuit-tracer format): the node's `dictionary` names the set, which is also the kind "
         "part of its id (<model>/<dictionary>/<layer>/<index>). Arguments that take a kind "
-        "take the set's name in `dictionary` with this kind.",
+        "take the set's name in `dictionary` with this kind. Its value at a token is the "
+        "latent's activation as SAELens defines it: the hook's activation normalised as the "
+        "config says, less b_dec where apply_b_dec_to_input, times W_enc plus b_enc, through "
+        "the architecture's activation (ReLU, JumpReLU, TopK, gated). Its write direction is "
+        "its decoder row (times the normalisation's scale at the token), through W_out after "
+        "mlp.hook_post and W_O after attn.hook_z.",
     )
 
 

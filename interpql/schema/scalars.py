@@ -46,10 +46,13 @@ SCALARS: dict[object, ScalarDefinition] = {
         name="NeuronpediaFeature",
         description=(
             "A JSON object in the shape Neuronpedia's API answers for a feature: modelId, "
-            "source (<layer>-<dictionary>, e.g. 8-res-jb), index, density, maxActApprox, "
-            "explanations [{description, typeName, explanationModelName, score}], activations "
-            "[{tokens, values, maxValue, maxValueTokenIndex}] (top examples, highest first), "
-            "top_logits and bottom_logits [{token, value}]."
+            "source (<layer>-<dictionary>, e.g. 8-res-jb), index, density (the share of tokens "
+            "where it is above 0, from its records' statistics), maxActApprox (its largest "
+            "recorded activation), explanations [{description, typeName (the scorer), "
+            "explanationModelName, score}], activations [{tokens, values, maxValue, "
+            "maxValueTokenIndex}] (its top examples, highest first), top_logits and "
+            "bottom_logits [{token, value}] (the logit lens of its write direction, d @ W_U, "
+            "as scoredTokens)."
         ),
         serialize=lambda value: value,
         parse_value=lambda value: value,

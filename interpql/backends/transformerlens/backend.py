@@ -28,7 +28,6 @@ import torch
 
 from interpql.backends.base import (
     Architecture,
-    AttachedDictionary,
     Backend,
     ForwardRequest,
     ForwardResult,
@@ -36,7 +35,6 @@ from interpql.backends.base import (
     Location,
     Tokenizer,
 )
-from interpql.backends.dictionaries.base import Dictionary
 from interpql.backends.hooks import HookSession
 from interpql.backends.runtime import execute
 from interpql.backends.transformerlens.loading import boot, boot_hf_model
@@ -98,21 +96,6 @@ class TransformerLensBackend(Backend):
         """An already-loaded Hugging Face causal LM, on its device and in its dtype (without
         `hf_tokenizer`, its vocabulary must hold GPT-2's)."""
         return cls(*boot_hf_model(hf_model, hf_tokenizer))
-
-    def attach_dictionary(
-        self,
-        name: str,
-        layer: int,
-        dictionary: Dictionary,
-        input: Location,
-        output: Location | None = None,
-    ) -> AttachedDictionary:
-        for location in {input, input if output is None else output}:
-            if location in self.unsupported:
-                raise ValueError(
-                    f"a dictionary cannot use {location.value} here: {self.unsupported[location]}"
-                )
-        return super().attach_dictionary(name, layer, dictionary, input, output)
 
     # --- running ---------------------------------------------------------------------------
 
