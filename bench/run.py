@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bench import (
+    attribution_graph,
     backends,
     concurrency,
     dictionaries,
@@ -20,6 +21,7 @@ def main() -> None:
     overhead.main()
     backends.main()
     dictionaries.main()
+    attribution_graph.main([])
     tdb_request.main()
     node_lookup.main()
     concurrency.main()

@@ -7,7 +7,8 @@ masked before it reaches a client.
     InterpqlError                     (base; never raised directly)
     ├── NotFoundError
     │   ├── MODEL_NOT_FOUND          no model of that name is served
-    │   └── INVALID_NODE             a node id that does not parse or names no node
+    │   ├── INVALID_NODE             a node id that does not parse or names no node
+    │   └── GRAPH_NOT_FOUND          no attribution graph of that id is kept on this server
     ├── InvalidInputError
     │   ├── INVALID_ARGUMENT         a number out of its range, an empty list, ...
     │   ├── EMPTY_PROMPT             a prompt that tokenizes to nothing

@@ -32,6 +32,7 @@ from interpql.host_check import AllowedHosts
 from interpql.loaders.cache import NodeDataCache
 from interpql.loaders.registry import ModelRegistry
 from interpql.observability.app import Observability
+from interpql.resolvers import attribution_graph as graph_resolvers
 from interpql.resolvers.context import RequestContext, Services
 from interpql.schema.build import build_schema
 from interpql.settings import Settings
@@ -136,6 +137,20 @@ def create_app(
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "models": [e.name for e in registry.all()]})
 
+    async def graph_json(request: Request) -> JSONResponse:
+        """An attribution graph's JSON by id (Neuronpedia's viewer and circuit-tracer read it);
+        behind the same key as every operation when keys are required."""
+        if (
+            settings.require_api_key
+            and services.api_keys.identify(request.headers.get("authorization")) is None
+        ):
+            return graphql_error_response(401, "This graph needs an API key.")
+        graph = await services.graphs.get(request.path_params["id"])
+        if graph is None:
+            return graphql_error_response(404, "No such attribution graph on this server.")
+        ctx = RequestContext.create(services, request=request)
+        return JSONResponse(await graph_resolvers.neuronpedia_json(ctx, graph))
+
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         # Fails the jobs a killed server left unfinished in a shared store, and takes a lease.
@@ -155,6 +170,7 @@ def create_app(
             Route("/graphql", observability.observe_http(graphql), methods=["GET", "POST"]),
             WebSocketRoute("/graphql", graphql),
             Route("/healthz", healthz),
+            Route("/graphs/{id:str}.json", graph_json),
             *web.routes(),
             *observability.routes(),
         ],

@@ -69,6 +69,16 @@ class Settings:
         group=groups.LIMITS,
         help="seconds a request's headers may take to arrive (0: unbounded)",
     )
+    max_graph_tokens: int = option(
+        128, group=groups.LIMITS, help="prompt tokens of one attribution graph"
+    )
+    graph_memory_mb: int = option(
+        2048,
+        group=groups.LIMITS,
+        help="MiB an attribution graph's adjacency matrix may take (larger: RESOURCE_EXHAUSTED)",
+    )
+    # Targets per batched backward pass of an attribution graph.
+    graph_batch_size: int = 32
     max_body_bytes: int = option(
         2_000_000, group=groups.LIMITS, help="bytes of one HTTP body or WebSocket message"
     )

@@ -184,3 +184,29 @@ class GenerationSpec:
     seed: int = 0
     ablations: tuple[Ablation, ...] = ()
     steering: tuple[Steering, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class GraphSpec:
+    """An attribution graph's request (loaders/attribution_graph.py)."""
+
+    model: str
+    dictionary: str  # a transcoder set covering every layer
+    prompt: str
+    tokens: tuple[int, ...]  # with the beginning-of-sequence token when it was prepended
+    max_feature_nodes: int | None = None  # None: every active latent
+    max_logits: int = 10
+    logit_probability: float = 0.95
+    node_threshold: float = 0.8
+    edge_threshold: float = 0.98
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeatureIntervention:
+    """Set (`value`) or multiply (`scale`) a transcoder latent at one position."""
+
+    layer: int
+    position: int
+    index: int
+    value: float | None = None
+    scale: float | None = None

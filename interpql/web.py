@@ -1,4 +1,5 @@
-"""The browser side: GraphiQL on assets installed from npm, and the node viewer at /viewer.
+"""The browser side: GraphiQL on assets installed from npm, the node viewer at /viewer and the
+attribution graph page at /graph (drawn with d3, from the same npm folder).
 
 `npm ci` in interpql/static (run by `make serve` and `make test`) installs GraphiQL, React and
 ReactDOM into static/node_modules; this module serves the few built files the GraphiQL page loads,
@@ -23,8 +24,9 @@ GRAPHIQL_ASSETS = {
     "react-dom.production.min.js": "react-dom/umd/react-dom.production.min.js",
     "graphiql.min.js": "graphiql/graphiql.min.js",
     "graphiql.min.css": "graphiql/graphiql.min.css",
+    "d3.min.js": "d3/dist/d3.min.js",  # the graph page's drawing
 }
-VIEWER_ASSETS = ("viewer.js", "viewer.css")
+VIEWER_ASSETS = ("viewer.js", "viewer.css", "graph.js", "graph.css")
 
 
 def graphiql_assets_installed() -> bool:
@@ -54,5 +56,13 @@ async def viewer(_: Request) -> HTMLResponse:
     return HTMLResponse((STATIC / "viewer.html").read_text())
 
 
+async def graph_page(_: Request) -> HTMLResponse:
+    return HTMLResponse((STATIC / "graph.html").read_text())
+
+
 def routes() -> list[BaseRoute]:
-    return [Route("/viewer", viewer), Route("/static/{name}", static_asset)]
+    return [
+        Route("/viewer", viewer),
+        Route("/graph", graph_page),
+        Route("/static/{name}", static_asset),
+    ]

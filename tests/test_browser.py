@@ -101,9 +101,9 @@ def page(browser: BrowserContext, served: Served) -> Iterator[Page]:
     assert errors == [], f"the page raised: {errors}"
 
 
-def screenshot(page: Page, name: str) -> None:
+def screenshot(page: Page, name: str, full_page: bool = False) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=ARTIFACTS / name)
+    page.screenshot(path=ARTIFACTS / name, full_page=full_page)
 
 
 def alpha(css_colour: str) -> float:
@@ -241,3 +241,59 @@ def test_viewer_shows_records_and_explanation(page: Page, served: Served) -> Non
     expect(page.locator("#explanation")).to_contain_text("score 0.61")
     expect(page.locator("#live .token").first).to_be_visible()
     screenshot(page, "viewer-records.png")
+
+
+GRAPH_PROMPT = "import os\nimport sys\nimport"
+
+
+def test_graph_page_draws_the_apis_graph_and_explains_a_latent(page: Page, served: Served) -> None:
+    model = served.model["name"]
+    graph = served.query(
+        "query($m: String!, $p: String!) { model(name: $m) { attributionGraph(input: "
+        '{prompt: $p, dictionary: "transcoder"}) { id nodes { id type influence activation '
+        "node { id } } edges { weight } } } }",
+        {"m": model, "p": GRAPH_PROMPT},
+    )["model"]["attributionGraph"]
+    params = httpx.QueryParams({"model": model, "dictionary": "transcoder", "prompt": GRAPH_PROMPT})
+    page.goto(f"{served.url}/graph?{params}")
+    expect(page.locator("#status")).to_have_text(graph["id"])
+    expect(page.locator("#graph .node")).to_have_count(len(graph["nodes"]))
+    expect(page.locator("#graph .edge")).to_have_count(len(graph["edges"]))
+    for kind in ("embedding", "feature", "logit"):
+        assert page.locator(f"#graph .node.{kind}").count() == sum(
+            n["type"] == kind.upper() for n in graph["nodes"]
+        )
+    # Edges coloured by sign.
+    positives = sum(e["weight"] >= 0 for e in graph["edges"])
+    assert page.locator("#graph .edge.positive").count() == positives
+    screenshot(page, "graph.png", full_page=True)
+    feature = max(
+        (n for n in graph["nodes"] if n["type"] == "FEATURE"), key=lambda n: n["influence"]
+    )
+    stored = served.query(
+        "query($id: ID!, $p: String!) { node(id: $id) { bestExplanation { text } "
+        "topActivations(first: 5) { tokens } activations(prompt: $p) { values } } }",
+        {"id": feature["node"]["id"], "p": "<|endoftext|>" + GRAPH_PROMPT},
+    )["node"]
+    page.locator(f'#graph .node[data-id="{feature["id"]}"]').click()
+    details = page.locator("#details")
+    expect(details.locator(".activation-here")).to_contain_text(f"{feature['activation']:.4f}")
+    if stored["bestExplanation"]:
+        expect(details.locator(".explanation")).to_contain_text(stored["bestExplanation"]["text"])
+    expect(details.locator(".record.top")).to_have_count(len(stored["topActivations"]))
+    live = details.locator(".record.live .token")
+    expect(live).to_have_count(len(stored["activations"]["values"]))
+    shown = [float(v) for v in live.evaluate_all("ts => ts.map(t => t.dataset.activation)")]
+    assert shown == pytest.approx(stored["activations"]["values"])
+    assert f"node={feature['id']}" in page.url
+    screenshot(page, "graph-feature.png", full_page=True)
+    # The state is in the URL: reloading opens the same latent.
+    page.reload()
+    expect(page.locator("#graph .node.selected")).to_have_count(1)
+    expect(details.locator(".activation-here")).to_contain_text(f"{feature['activation']:.4f}")
+
+
+def test_graph_page_shows_the_apis_error(page: Page, served: Served) -> None:
+    params = httpx.QueryParams({"model": served.model["name"], "prompt": "x" * 2000})
+    page.goto(f"{served.url}/graph?{params}")
+    expect(page.locator("#status.error")).to_contain_text("INVALID_ARGUMENT")

@@ -87,3 +87,16 @@ def test_generation_runs_a_pass_per_new_token(steps: int, steered: bool) -> None
     rows = 2 if steered else 1
     passes = sum(4 + step for step in range(steps))  # step s runs the prompt and s new tokens
     assert cost(document) == 1 + 1 + rows * passes + 1
+
+
+@pytest.mark.parametrize(("cap", "latents"), [("", 40 * 6), (", maxFeatureNodes: 100", 100)])
+def test_an_attribution_graph_costs_a_backward_pass_per_batch_of_targets(
+    cap: str, latents: int
+) -> None:
+    document = (
+        f'{{ model(name: "m") {{ attributionGraph(input: {{prompt: "abcde", dictionary: "t"{cap}}}) '
+        "{ id } } }"
+    )
+    tokens_with_bos = 6
+    batches = -(-(latents + 10) // 32)  # latents and the 10 logits, 32 a pass
+    assert cost(document) == 1 + 1 + 3 * tokens_with_bos * (1 + batches) + 1

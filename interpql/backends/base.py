@@ -77,6 +77,7 @@ from typing import Literal, Protocol
 import torch
 
 from interpql.backends.dictionaries.base import Dictionary
+from interpql.errors import UnavailableError
 from interpql.specs import AttentionTrace, LossSpec
 
 
@@ -241,6 +242,19 @@ class ForwardResult:
     pass_rows: int | None = None
 
 
+class HookSessionLike(Protocol):
+    """What a backend's forward asks of a hook session (hooks.HookSession is the one)."""
+
+    def wants(self, point: HookPoint) -> bool: ...
+
+    def process(self, point: HookPoint, act: torch.Tensor) -> torch.Tensor: ...
+
+    def freezes_norm(self, reads: HookPoint) -> bool: ...
+
+    @property
+    def frozen_norms(self) -> frozenset[HookPoint]: ...
+
+
 class Tokenizer(Protocol):
     """What backends offer for text (tiktoken's `Encoding` has it; wrap other tokenizers)."""
 
@@ -389,6 +403,17 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def forward(self, request: ForwardRequest) -> ForwardResult:
         """Runs the batch forward (and backward when asked); see the module docstring."""
+
+    def session_forward(
+        self, tokens: torch.Tensor, session: HookSessionLike, track_grad: bool
+    ) -> torch.Tensor:
+        """The model's own forward over [row, position] ids with `session` at every hook:
+        logits [row, position, vocab], autograd left to the caller. Analyses that need their
+        own session (attribution graphs' linearised pass) run through it; a backend that cannot
+        hand it out answers UNSUPPORTED."""
+        raise UnavailableError(
+            f"the {self.name} backend cannot run an analysis's own pass", code="UNSUPPORTED"
+        )
 
     @abc.abstractmethod
     def weight(self, name: str) -> torch.Tensor:

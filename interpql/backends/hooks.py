@@ -67,6 +67,10 @@ class HookSession:
             or point in self._trace_points
         )
 
+    @property
+    def frozen_norms(self) -> frozenset[HookPoint]:
+        return self._frozen_norms
+
     def freezes_norm(self, reads: HookPoint) -> bool:
         """Whether the LayerNorm reading the stream at `reads` holds its scale (see
         ForwardRequest.frozen_norm_inputs)."""

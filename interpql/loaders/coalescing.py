@@ -133,11 +133,12 @@ class InferenceRunner:
             observe(entry.name, "pass", len(results), time.perf_counter() - started)
         return results
 
-    async def compute(self, entry: ModelEntry, work: str, fn: Work[T]) -> T:
+    async def compute(self, entry: ModelEntry, work: str, fn: Work[T], bounded: bool = True) -> T:
         """Every other computation with the model (generation, similar nodes, scored tokens):
-        on the model's worker thread, in turn with its passes, under the same timeout and
-        out-of-memory handling. `fn` gets an event that is set when the caller stops waiting
-        (timeout, cancellation): work of many steps checks it between steps."""
+        on the model's worker thread, in turn with its passes, under the same timeout (unless
+        not `bounded`: a job's work, which no request waits for) and out-of-memory handling.
+        `fn` gets an event that is set when the caller stops waiting (timeout, cancellation):
+        work of many steps checks it between steps."""
         loop = asyncio.get_running_loop()
         stop = threading.Event()
 
@@ -148,7 +149,7 @@ class InferenceRunner:
 
         try:
             result, seconds = await asyncio.wait_for(
-                loop.run_in_executor(entry.executor, guarded), self.timeout_s
+                loop.run_in_executor(entry.executor, guarded), self.timeout_s if bounded else None
             )
         except TimeoutError:
             raise inference_timeout(self.timeout_s or 0) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from interpql.loaders.attribution_graph import GraphStore
 from interpql.loaders.auth import ApiKeys
 from interpql.loaders.cache import NodeDataCache
 from interpql.loaders.coalescing import InferenceRunner
@@ -37,6 +38,8 @@ class Services:
     rate_limiter: RateLimiter | None = None
     # An OpenTelemetry TracerProvider (--otel): operations and resolvers are traced to it.
     tracer_provider: Any = None
+    # Attribution graphs computed here, by id (their JSON URL and follow-up queries).
+    graphs: GraphStore = field(default_factory=GraphStore)
 
     @property
     def model_runner(self) -> InferenceRunner:

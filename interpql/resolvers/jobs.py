@@ -60,7 +60,7 @@ class JobEventView:
     message: str
 
 
-def _view(ctx: RequestContext, job: Job) -> JobView:
+def job_view(job: Job) -> JobView:
     stored: list[StoredExplanation] = job.result or []
     return JobView(
         id=job.id,
@@ -101,7 +101,7 @@ async def explain_node(ctx: RequestContext, node_id: str, args: ExplainArgs) -> 
     options = ExplainOptions(args.method, args.examples, args.explanations, args.held_out_random)
     node = node_from_id(ctx, node_id)
     entry = ctx.registry.get(node.model)
-    return _view(ctx, await _service(ctx).submit_explain(entry, node, options, key_id))
+    return job_view(await _service(ctx).submit_explain(entry, node, options, key_id))
 
 
 async def score_explanation(
@@ -116,11 +116,11 @@ async def score_explanation(
     node = node_from_id(ctx, node_id)
     entry = ctx.registry.get(node.model)
     job = await _service(ctx).submit_score(entry, node, text.strip(), options, key_id)
-    return _view(ctx, job)
+    return job_view(job)
 
 
 async def job(ctx: RequestContext, job_id: str) -> JobView:
-    return _view(ctx, await ctx.services.jobs.get(job_id, _caller(ctx)))
+    return job_view(await ctx.services.jobs.get(job_id, _caller(ctx)))
 
 
 async def follow(ctx: RequestContext, job_id: str) -> AsyncIterator[JobEventView]:

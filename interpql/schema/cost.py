@@ -46,6 +46,10 @@ from graphql.execution.values import VariableValues, get_argument_values, get_va
 UNKNOWN_LIST_SIZE = 10
 BACKWARD_FACTOR = 3
 DEFAULT_NEW_TOKENS = 20  # GenerateInput.maxTokens when not given
+# An attribution graph: one backward pass over the prompt per batch of this many targets, and
+# (before it runs, when maxFeatureNodes is not given) this many active latents per token.
+GRAPH_TARGETS_PER_PASS = 32
+GRAPH_LATENTS_PER_TOKEN = 40
 _SIZE_ARGUMENTS = ("first", "k")
 _LIST_ARGUMENTS = ("ids", "nodeIds", "inputs", "representations")
 _GRADIENT_GROUPS = frozenset({"DIRECT_EFFECT", "ACT_TIMES_GRAD"})
@@ -157,6 +161,8 @@ class CostEstimator:
             return self._count_tokens(arguments["prompt"])
         elif name == "generate":
             return self._generation(arguments.get("input"))
+        elif name == "attributionGraph" and "input" in arguments:
+            return self._graph(arguments["input"])
         else:
             return 0
         backward = node.selection_set is not None and self._asks_gradients(node.selection_set)
@@ -168,6 +174,19 @@ class CostEstimator:
                 factor = BACKWARD_FACTOR if backward or traced else 1
                 total += factor * self._count_tokens(prompt)
         return total
+
+    def _graph(self, spec: Any) -> int:
+        """Backward passes over the prompt, one per batch of targets (latents and logits)."""
+        prompt_text = _input_field(spec, "prompt", "prompt")
+        if not isinstance(prompt_text, str):
+            return 0
+        tokens = self._count_tokens(prompt_text) + 1  # the beginning-of-sequence token
+        cap = _input_field(spec, "maxFeatureNodes", "max_feature_nodes")
+        latents = cap if isinstance(cap, int) else GRAPH_LATENTS_PER_TOKEN * tokens
+        logits = _input_field(spec, "maxLogits", "max_logits")
+        targets = max(0, latents) + (logits if isinstance(logits, int) else 10)
+        passes = 1 + -(-targets // GRAPH_TARGETS_PER_PASS)
+        return BACKWARD_FACTOR * tokens * passes
 
     def _generation(self, spec: Any) -> int:
         prompt_text = _input_field(spec, "prompt", "prompt")

@@ -9,7 +9,8 @@ import strawberry
 from interpql.resolvers import generation as generation_resolvers
 from interpql.resolvers.generation import Generated, GenerationStep
 from interpql.resolvers.models import token_text
-from interpql.schema.inputs import GenerateInput
+from interpql.schema.attribution_graph import AttributionGraphEvent, graph_events
+from interpql.schema.inputs import AttributionGraphInput, GenerateInput
 from interpql.schema.jobs import JobEvent, job_updates
 from interpql.schema.types import Info, Token
 
@@ -70,6 +71,16 @@ class Subscription:
     )
     async def job_updates(self, info: Info, id: strawberry.ID) -> AsyncGenerator[JobEvent, None]:
         async for event in job_updates(info, id):
+            yield event
+
+    @strawberry.subscription(
+        description="Compute Model.attributionGraph with its progress: an event per batch of "
+        "targets whose edges are done, then one with the graph."
+    )
+    async def attribution_graph(
+        self, info: Info, model: str, input: AttributionGraphInput
+    ) -> AsyncGenerator[AttributionGraphEvent, None]:
+        async for event in graph_events(info, model, input):
             yield event
 
     @strawberry.subscription(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import strawberry
 
+from interpql.resolvers.attribution_graph import GraphArgs
 from interpql.schema.enums import (
     AttentionComponent,
     AttentionTraceType,
@@ -170,4 +171,61 @@ class GenerateInput:
     )
     steering: list[SteeringInput] = strawberry.field(
         default_factory=list, description="Applied to the steered continuation only."
+    )
+
+
+@strawberry.input(
+    description="An attribution graph's prompt and parameters (circuit-tracer's defaults)."
+)
+class AttributionGraphInput:
+    prompt: str = strawberry.field(description="The text.")
+    dictionary: str = strawberry.field(
+        description="A transcoder set with a transcoder in every layer (Model.dictionaries)."
+    )
+    max_feature_nodes: int | None = strawberry.field(
+        default=None,
+        description="At most this many latents, chosen greedily by their estimated influence on "
+        "the logits; null: every active latent.",
+    )
+    max_logits: int = strawberry.field(default=10, description="At most this many logit targets.")
+    logit_probability: float = strawberry.field(
+        default=0.95,
+        description="The most probable next tokens are targets until they hold this much "
+        "probability (or maxLogits is reached).",
+    )
+    node_threshold: float = strawberry.field(
+        default=0.8, description="Pruning keeps the nodes holding this share of all influence."
+    )
+    edge_threshold: float = strawberry.field(
+        default=0.98,
+        description="Then the edges holding this share of the node-pruned graph's edge influence.",
+    )
+    prepend_bos: bool = strawberry.field(
+        default=True,
+        description="Put the beginning-of-sequence token (<|endoftext|> for GPT-2) first, as "
+        "circuit-tracer does.",
+    )
+
+    def args(self) -> GraphArgs:
+        return GraphArgs(
+            prompt=self.prompt,
+            dictionary=self.dictionary,
+            max_feature_nodes=self.max_feature_nodes,
+            max_logits=self.max_logits,
+            logit_probability=self.logit_probability,
+            node_threshold=self.node_threshold,
+            edge_threshold=self.edge_threshold,
+            prepend_bos=self.prepend_bos,
+        )
+
+
+@strawberry.input(description="Set or scale one transcoder latent at one position.")
+class GraphInterventionInput:
+    node_id: str = strawberry.field(
+        description="The latent as a graph node id, {layer}_{index}_{tokenIndex}; it need not "
+        "be active or in the pruned graph."
+    )
+    value: float | None = strawberry.field(default=None, description="Its new activation.")
+    scale: float | None = strawberry.field(
+        default=None, description="Or: multiply its activation on the prompt by this."
     )

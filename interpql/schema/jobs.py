@@ -6,10 +6,13 @@ from collections.abc import AsyncGenerator
 
 import strawberry
 
+from interpql.resolvers import attribution_graph as graph_resolvers
 from interpql.resolvers import jobs as job_resolvers
 from interpql.resolvers.jobs import JobView
 from interpql.resolvers.models import node_from_id
+from interpql.schema.attribution_graph import AttributionGraph
 from interpql.schema.enums import JobStatus
+from interpql.schema.inputs import AttributionGraphInput
 from interpql.schema.node_data import Explanation
 from interpql.schema.types import Info, Node
 
@@ -44,7 +47,9 @@ class JobEvent:
     message: str = strawberry.field(description="What it is doing, or why it failed.")
 
 
-@strawberry.type(description="A long-running job: explaining or scoring a node.")
+@strawberry.type(
+    description="A long-running job: explaining or scoring a node, or an attribution graph."
+)
 class Job:
     data: strawberry.Private[JobView]
 
@@ -52,7 +57,7 @@ class Job:
     def id(self) -> strawberry.ID:
         return strawberry.ID(self.data.id)
 
-    @strawberry.field(description="explain or score.")
+    @strawberry.field(description="explain, score or attribution_graph.")
     def kind(self) -> str:
         return self.data.kind
 
@@ -68,9 +73,19 @@ class Job:
     def message(self) -> str:
         return self.data.message
 
-    @strawberry.field(description="The node it is about.")
-    def node(self, info: Info) -> Node:
+    @strawberry.field(description="The node it is about (null for an attribution graph).")
+    def node(self, info: Info) -> Node | None:
+        if self.data.kind == graph_resolvers.GRAPH_JOB:
+            return None
         return Node(ref=node_from_id(info.context, self.data.node_id))
+
+    @strawberry.field(
+        description="An attribution graph job's graph once it succeeded (null before, for other "
+        "jobs, and once this server no longer keeps it)."
+    )
+    async def graph(self, info: Info) -> AttributionGraph | None:
+        found = await graph_resolvers.graph_of_job(info.context, self.data)
+        return None if found is None else AttributionGraph(data=found)
 
     @strawberry.field(description="The explanations it stored (on success).")
     def result(self) -> list[Explanation]:
@@ -122,6 +137,20 @@ class Mutation:
         given = options or ScoreOptionsInput()
         data = await job_resolvers.score_explanation(info.context, str(node_id), text, given)
         return Job(data=data)
+
+    @strawberry.mutation(
+        description=(
+            "Compute Model.attributionGraph as a job of the caller's key, for graphs too large "
+            "to wait for in one request: its progress over Subscription.jobUpdates, the graph "
+            "in Job.graph (and Query.attributionGraph) once it succeeded. Not bounded by the "
+            "inference timeout. Needs 'Authorization: Bearer <key>'."
+        )
+    )
+    async def start_attribution_graph(
+        self, info: Info, model: str, input: AttributionGraphInput
+    ) -> Job:
+        spec = graph_resolvers.graph_spec(info.context, model, input.args())
+        return Job(data=await graph_resolvers.start_graph_job(info.context, spec))
 
 
 async def job(info: Info, id: strawberry.ID) -> Job:

@@ -7,6 +7,7 @@ import strawberry
 from interpql.resolvers import models as model_resolvers
 from interpql.resolvers import neuronpedia as neuronpedia_resolvers
 from interpql.resolvers import search as search_resolvers
+from interpql.schema.attribution_graph import AttributionGraph, graph_by_id
 from interpql.schema.jobs import Job, job
 from interpql.schema.types import Info, Model, Node, PageInfo
 
@@ -39,6 +40,13 @@ class Query:
     @strawberry.field(description="One model by name; MODEL_NOT_FOUND when none has that name.")
     def model(self, info: Info, name: str) -> Model:
         return Model(view=model_resolvers.model(info.context, name))
+
+    @strawberry.field(
+        description="An attribution graph this server computed recently, by its id "
+        "(GRAPH_NOT_FOUND once it is no longer kept)."
+    )
+    async def attribution_graph(self, info: Info, id: strawberry.ID) -> AttributionGraph:
+        return await graph_by_id(info, id)
 
     @strawberry.field(description="One node by id (<model>/<kind>/<layer>/<index>).")
     def node(self, info: Info, id: strawberry.ID) -> Node:

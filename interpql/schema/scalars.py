@@ -13,6 +13,7 @@ FloatArray = NewType("FloatArray", object)
 StringArray = NewType("StringArray", object)
 IntArray = NewType("IntArray", object)
 NeuronpediaFeature = NewType("NeuronpediaFeature", object)
+NeuronpediaGraph = NewType("NeuronpediaGraph", object)
 
 
 def _serialize_array(value: Any) -> Any:
@@ -40,6 +41,20 @@ SCALARS: dict[object, ScalarDefinition] = {
             "column of token indices. One scalar rather than nested [Int] lists."
         ),
         serialize=_serialize_array,
+        parse_value=lambda value: value,
+    ),
+    NeuronpediaGraph: strawberry.scalar(
+        name="NeuronpediaGraph",
+        description=(
+            "A JSON object in the graph format circuit-tracer writes and Neuronpedia's graph "
+            "viewer reads (schema_version 1): metadata {slug, scan, transcoder_list, "
+            "prompt_tokens, prompt, node_threshold, schema_version}, qParams {pinnedIds, "
+            "supernodes, linkType, clickedId, sg_pos}, nodes [{node_id, feature, layer, "
+            "ctx_idx, feature_type, token_prob, is_target_logit, run_idx, reverse_ctx_idx, "
+            "jsNodeId, clerp, influence (circuit-tracer's cumulative share: this node's and "
+            "every more influential node's), activation}] and links [{source, target, weight}]."
+        ),
+        serialize=lambda value: value,
         parse_value=lambda value: value,
     ),
     NeuronpediaFeature: strawberry.scalar(

@@ -17,13 +17,14 @@ from interpql.resolvers import search as search_resolvers
 from interpql.resolvers.context import RequestContext
 from interpql.resolvers.models import ModelView
 from interpql.schema.enums import NodeKind, NodeOrder, dictionary_of, kind_name, node_kind
-from interpql.schema.inputs import GenerateInput, InferenceInput
+from interpql.schema.inputs import AttributionGraphInput, GenerateInput, InferenceInput
 from interpql.schema.node_data import ActivationRecord, Explanation, NodeStatistics
 from interpql.schema.packed import PackedTensor, TensorDType, lower_triangle, pack
 from interpql.schema.scalars import FloatArray, NeuronpediaFeature
 from interpql.specs import NodeRef
 
 if TYPE_CHECKING:
+    from interpql.schema.attribution_graph import AttributionGraph
     from interpql.schema.generation import GenerationResult
     from interpql.schema.inference import InferenceResult
 
@@ -253,6 +254,22 @@ class Model:
         from interpql.schema import generation
 
         return await generation.generate(info, self.view.name, input)
+
+    @strawberry.field(
+        description=(
+            "The attribution graph of a prompt over a transcoder set (circuit tracing): the "
+            "circuit from embeddings through active latents to the next-token logits, each latent "
+            "an API node with its explanations and examples. Computed once per prompt and "
+            "parameters and kept by id; Subscription.attributionGraph streams its progress."
+        )
+    )
+    async def attribution_graph(
+        self, info: Info, input: AttributionGraphInput
+    ) -> Annotated[AttributionGraph, strawberry.lazy("interpql.schema.attribution_graph")]:
+        # Imported here: attribution_graph.py builds on this module's types.
+        from interpql.schema import attribution_graph
+
+        return await attribution_graph.attribution_graph(info, self.view.name, input)
 
     @strawberry.field(
         description=(

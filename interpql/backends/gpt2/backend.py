@@ -10,6 +10,7 @@ from interpql.backends.base import (
     Backend,
     ForwardRequest,
     ForwardResult,
+    HookSessionLike,
     Location,
 )
 from interpql.backends.gpt2.loading import build_model, load_weights
@@ -49,8 +50,14 @@ class NativeGPT2Backend(Backend):
             request,
             HookSession(request, self.dictionaries),
             self.device,
-            lambda tokens, hooks, track_grad: self.model(tokens, hooks, track_grad),
+            self.session_forward,
         )
+
+    def session_forward(
+        self, tokens: torch.Tensor, session: HookSessionLike, track_grad: bool
+    ) -> torch.Tensor:
+        logits: torch.Tensor = self.model(tokens, session, track_grad)
+        return logits
 
     def weight(self, name: str) -> torch.Tensor:
         cfg, model = self.cfg, self.model

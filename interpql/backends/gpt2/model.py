@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from interpql.backends.base import Architecture, HookPoint, Location
-from interpql.backends.hooks import HookSession
+from interpql.backends.base import Architecture, HookPoint, HookSessionLike, Location
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ class _Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, d_attn)
         self.out_proj = nn.Linear(d_attn, cfg.d_model)
 
-    def forward(self, x: torch.Tensor, layer: int, hooks: HookSession | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int, hooks: HookSessionLike | None) -> torch.Tensor:
         batch, n_tok, _ = x.shape
         split = (batch, n_tok, self.n_heads, self.d_head)
         q = _hook(hooks, layer, Location.ATTN_Q, self.q_proj(x).view(split))
@@ -122,7 +121,7 @@ class _Attention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         layer: int,
-        hooks: HookSession | None,
+        hooks: HookSessionLike | None,
     ) -> torch.Tensor:
         n_tok = q.shape[1]
         scores = torch.einsum("bqhd,bkhd->bqhk", q.float(), k.float()) / math.sqrt(self.d_head)
@@ -139,7 +138,7 @@ class _MLP(nn.Module):
         self.in_layer = nn.Linear(cfg.d_model, cfg.d_mlp)
         self.out_layer = nn.Linear(cfg.d_mlp, cfg.d_model)
 
-    def forward(self, x: torch.Tensor, layer: int, hooks: HookSession | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int, hooks: HookSessionLike | None) -> torch.Tensor:
         pre = _hook(hooks, layer, Location.MLP_PRE, self.in_layer(x))
         post = _hook(hooks, layer, Location.MLP_POST, F.gelu(pre, approximate="tanh"))
         out: torch.Tensor = self.out_layer(post)
@@ -154,7 +153,7 @@ class _Block(nn.Module):
         self.ln_2 = _LayerNorm(cfg.d_model, cfg.ln_eps)
         self.mlp = _MLP(cfg)
 
-    def forward(self, x: torch.Tensor, layer: int, hooks: HookSession | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int, hooks: HookSessionLike | None) -> torch.Tensor:
         x = _hook(hooks, layer, Location.RESID_PRE, x)
         h = self.ln_1(x, _frozen(hooks, layer, Location.RESID_PRE))
         attn_out = _hook(hooks, layer, Location.ATTN_OUT, self.attn(h, layer, hooks))
@@ -182,7 +181,7 @@ class GPT2(nn.Module):
         self.unembed = nn.Linear(cfg.d_model, cfg.n_vocab, bias=False)
 
     def forward(
-        self, tokens: torch.Tensor, hooks: HookSession | None = None, track_grad: bool = False
+        self, tokens: torch.Tensor, hooks: HookSessionLike | None = None, track_grad: bool = False
     ) -> torch.Tensor:
         """[batch, token] ids -> [batch, token, vocab] logits.
 
@@ -206,7 +205,7 @@ class GPT2(nn.Module):
 
 
 def _hook(
-    hooks: HookSession | None, layer: int, location: Location, act: torch.Tensor
+    hooks: HookSessionLike | None, layer: int, location: Location, act: torch.Tensor
 ) -> torch.Tensor:
     if hooks is None:
         return act
@@ -214,7 +213,7 @@ def _hook(
     return hooks.process(point, act) if hooks.wants(point) else act
 
 
-def _frozen(hooks: HookSession | None, layer: int, reads: Location) -> bool:
+def _frozen(hooks: HookSessionLike | None, layer: int, reads: Location) -> bool:
     return hooks is not None and hooks.freezes_norm(HookPoint(layer, reads))
 
 

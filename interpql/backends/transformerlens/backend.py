@@ -32,6 +32,7 @@ from interpql.backends.base import (
     ForwardRequest,
     ForwardResult,
     HookPoint,
+    HookSessionLike,
     Location,
     Tokenizer,
 )
@@ -102,17 +103,18 @@ class TransformerLensBackend(Backend):
     def forward(self, request: ForwardRequest) -> ForwardResult:
         session = HookSession(request, self.dictionaries)
         self._check(request, session)
+        return execute(request, session, self.device, self.session_forward)
 
-        def forward(tokens: torch.Tensor, hooks: HookSession, track_grad: bool) -> torch.Tensor:
-            fwd_hooks = self._hooks(hooks, track_grad) + self._frozen_scales(request)
-            with self.bridge.hooks(fwd_hooks=fwd_hooks), warnings.catch_warnings():
-                # A held scale is an edited hook_scale, which TransformerLens reports each
-                # time: we ask for it.
-                warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
-                logits: torch.Tensor = self.bridge(tokens, return_type="logits")
-            return logits
-
-        return execute(request, session, self.device, forward)
+    def session_forward(
+        self, tokens: torch.Tensor, session: HookSessionLike, track_grad: bool
+    ) -> torch.Tensor:
+        fwd_hooks = self._hooks(session, track_grad) + self._frozen_scales(session.frozen_norms)
+        with self.bridge.hooks(fwd_hooks=fwd_hooks), warnings.catch_warnings():
+            # A held scale is an edited hook_scale, which TransformerLens reports each time: we
+            # ask for it.
+            warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
+            logits: torch.Tensor = self.bridge(tokens, return_type="logits")
+        return logits
 
     def _check(self, request: ForwardRequest, session: HookSession) -> None:
         # Asking the session covers every way a request reaches a point: saves, writes,
@@ -142,11 +144,11 @@ class TransformerLensBackend(Backend):
             location=what,
         )
 
-    def _frozen_scales(self, request: ForwardRequest) -> list[tuple[str, Hook]]:
+    def _frozen_scales(self, frozen: frozenset[HookPoint]) -> list[tuple[str, Hook]]:
         """LayerNorm scales the backward pass holds fixed: their hook_scale returns the scale
         detached (TransformerLens divides by what the hook returns)."""
         hooks = []
-        for reads in request.frozen_norm_inputs:
+        for reads in sorted(frozen):
             name = norm_scale_hook(reads, self.architecture.n_layers)
             if name not in self.bridge.hook_dict:
                 raise self._unsupported(
@@ -156,7 +158,7 @@ class TransformerLensBackend(Backend):
             hooks.append((name, _detached))
         return hooks
 
-    def _hooks(self, session: HookSession, backward: bool) -> list[tuple[str, Hook]]:
+    def _hooks(self, session: HookSessionLike, backward: bool) -> list[tuple[str, Hook]]:
         """(TransformerLens hook name, function) for every point this request touches."""
         hooks: list[tuple[str, Hook]] = []
         resid_pre: dict[int, torch.Tensor] = {}  # kept for resid_mid, by layer
@@ -217,14 +219,14 @@ def _detached(scale: torch.Tensor, hook: Any) -> torch.Tensor:
     return scale.detach()
 
 
-def _plain_hook(session: HookSession, point: HookPoint) -> Hook:
+def _plain_hook(session: HookSessionLike, point: HookPoint) -> Hook:
     def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
         return session.process(point, act)
 
     return hook
 
 
-def _head_major_hook(session: HookSession, point: HookPoint) -> Hook:
+def _head_major_hook(session: HookSessionLike, point: HookPoint) -> Hook:
     def hook(act_bhqk: torch.Tensor, hook: Any) -> torch.Tensor:
         out = session.process(point, act_bhqk.transpose(1, 2)).transpose(1, 2)
         if point.location is Location.ATTN_SCORES:
@@ -238,7 +240,7 @@ def _head_major_hook(session: HookSession, point: HookPoint) -> Hook:
 
 
 def _resid_pre_hook(
-    session: HookSession, point: HookPoint, track_grad: bool, keep: dict[int, torch.Tensor]
+    session: HookSessionLike, point: HookPoint, track_grad: bool, keep: dict[int, torch.Tensor]
 ) -> Hook:
     def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
         if track_grad:
@@ -253,7 +255,7 @@ def _resid_pre_hook(
 
 
 def _attn_out_and_mid_hook(
-    session: HookSession, point: HookPoint, mid: HookPoint, resid_pre: dict[int, torch.Tensor]
+    session: HookSessionLike, point: HookPoint, mid: HookPoint, resid_pre: dict[int, torch.Tensor]
 ) -> Hook:
     def hook(attn_out: torch.Tensor, hook: Any) -> torch.Tensor:
         if session.wants(point):
