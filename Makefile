@@ -8,10 +8,14 @@ PORT ?= 8000
 # npm folders, each installed by `npm ci` again only when its package-lock.json changes.
 GRAPHIQL_ASSETS := interpql/static/node_modules/.interpql-installed
 NPM_STAMPS := $(GRAPHIQL_ASSETS) tests/federation/node_modules/.interpql-installed \
-	clients/typescript/node_modules/.interpql-installed
+	clients/typescript/node_modules/.interpql-installed explorer/node_modules/.interpql-installed
+# The explorer (/explore): built from explorer/ (TypeScript, typed from schema.graphql) by Vite.
+EXPLORER_BUILT := interpql/static/explore/explore.js
+EXPLORER_SOURCES := $(wildcard explorer/src/*.ts) explorer/vite.config.ts explorer/codegen.ts \
+	explorer/tsconfig.json schema.graphql
 
 .PHONY: setup serve test lint typecheck imports schema check-schema pytest bench clean \
-	system-deps npm-deps node-tools graphiql-assets clients
+	system-deps npm-deps node-tools graphiql-assets explorer-assets clients
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-serve: $(STAMP) graphiql-assets
+serve: $(STAMP) graphiql-assets explorer-assets
 	$(BIN)/interpql serve --host $(HOST) --port $(PORT) $(ARGS)
 
 # GraphiQL served from local npm packages where npm is at hand; otherwise the server falls back
@@ -31,7 +35,17 @@ graphiql-assets:
 			|| echo "GraphiQL assets not installed: /graphql serves the CDN page"; \
 	else echo "npm not found: /graphql serves GraphiQL's CDN page"; fi
 
-test: $(STAMP) system-deps npm-deps lint typecheck imports check-schema pytest
+# The explorer where npm is at hand (without it, /explore says how to build it).
+explorer-assets:
+	@if command -v npm >/dev/null; then \
+		$(MAKE) --no-print-directory $(EXPLORER_BUILT) \
+			|| echo "explorer not built: /explore says how to build it"; \
+	else echo "npm not found: the explorer is not built"; fi
+
+$(EXPLORER_BUILT): explorer/node_modules/.interpql-installed $(EXPLORER_SOURCES)
+	cd explorer && npm run build --silent
+
+test: $(STAMP) system-deps npm-deps $(EXPLORER_BUILT) lint typecheck imports check-schema pytest
 
 # Services the tests start for real (Debian packages); installed only where missing.
 # chromium: the browser tests drive Debian's build (/usr/bin/chromium) through Playwright.
@@ -85,4 +99,4 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache test-artifacts \
-		$(dir $(NPM_STAMPS)) clients/typescript/src/gql
+		$(dir $(NPM_STAMPS)) clients/typescript/src/gql explorer/src/gql interpql/static/explore

@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
@@ -137,6 +137,10 @@ def create_app(
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "models": [e.name for e in registry.all()]})
 
+    async def explore(_: Request) -> HTMLResponse:
+        models = registry.all()
+        return HTMLResponse(web.explore_page(models[0].name if models else ""))
+
     async def graph_json(request: Request) -> JSONResponse:
         """An attribution graph's JSON by id (Neuronpedia's viewer and circuit-tracer read it);
         behind the same key as every operation when keys are required."""
@@ -171,6 +175,7 @@ def create_app(
             WebSocketRoute("/graphql", graphql),
             Route("/healthz", healthz),
             Route("/graphs/{id:str}.json", graph_json),
+            Route("/explore", explore),
             *web.routes(),
             *observability.routes(),
         ],

@@ -1,5 +1,6 @@
 """The browser side: GraphiQL on assets installed from npm, the node viewer at /viewer and the
-attribution graph page at /graph (drawn with d3, from the same npm folder).
+attribution graph page at /graph (drawn with d3, from the same npm folder), and the explorer at
+/explore (built from explorer/ by Vite; the server adds its first model's name to the page).
 
 `npm ci` in interpql/static (run by `make serve` and `make test`) installs GraphiQL, React and
 ReactDOM into static/node_modules; this module serves the few built files the GraphiQL page loads,
@@ -9,6 +10,7 @@ which loads the same libraries from a CDN.
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 from starlette.requests import Request
@@ -26,7 +28,9 @@ GRAPHIQL_ASSETS = {
     "graphiql.min.css": "graphiql/graphiql.min.css",
     "d3.min.js": "d3/dist/d3.min.js",  # the graph page's drawing
 }
-VIEWER_ASSETS = ("viewer.js", "viewer.css", "graph.js", "graph.css")
+VIEWER_ASSETS = ("viewer.js", "viewer.css", "graph.js", "graph.css", "explore.css")
+# The explorer's script, built from explorer/ by Vite (`make serve`, `make test`).
+BUILT_ASSETS = {"explore.js": "explore/explore.js"}
 
 
 def graphiql_assets_installed() -> bool:
@@ -42,6 +46,8 @@ def _asset_path(name: str) -> Path | None:
         return NODE_MODULES / GRAPHIQL_ASSETS[name]
     if name in VIEWER_ASSETS:
         return STATIC / name
+    if name in BUILT_ASSETS:
+        return STATIC / BUILT_ASSETS[name]
     return None
 
 
@@ -54,6 +60,11 @@ async def static_asset(request: Request) -> Response:
 
 async def viewer(_: Request) -> HTMLResponse:
     return HTMLResponse((STATIC / "viewer.html").read_text())
+
+
+def explore_page(model: str) -> str:
+    """The explorer's page, opening on `model` unless its URL names another."""
+    return (STATIC / "explore.html").read_text().replace("{{MODEL}}", html.escape(model))
 
 
 async def graph_page(_: Request) -> HTMLResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 import numpy as np
@@ -335,3 +336,22 @@ async def test_packed_layer_activations(client: httpx.AsyncClient) -> None:
         layer["shape"]
     )
     np.testing.assert_allclose(f16, values, rtol=1e-3, atol=1e-4)
+
+
+async def test_token_losses_are_each_positions_next_token_loss(
+    client: httpx.AsyncClient, small_backend: Any
+) -> None:
+    """-ln softmax(logits[t])[token t+1] at each position, from the plain-torch reference; their
+    mean is the loss."""
+    body = await graphql(
+        client,
+        '{ model(name: "small") { infer(input: {prompt: "The quick brown fox jumps"}) '
+        "{ loss tokenLosses tokens { id } } } }",
+    )
+    found = body["data"]["model"]["infer"]
+    ids = [t["id"] for t in found["tokens"]]
+    logits, _ = reference_forward(SMALL, small_backend.state_dict(), ids)
+    expected = -logits[:-1].log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert found["tokenLosses"][-1] is None
+    assert found["tokenLosses"][:-1] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert found["loss"] == pytest.approx(float(expected.mean()), abs=1e-5)

@@ -41,6 +41,8 @@ class Needs:
     norm_scales: frozenset[HookPoint] = frozenset()
     # The final LayerNorm bias's share of the loss, per position (see RowResult).
     final_norm_bias: bool = False
+    # Each position's next-token loss (RowResult.token_losses).
+    token_losses: bool = False
 
     def __or__(self, other: Needs) -> Needs:
         return Needs(
@@ -51,6 +53,7 @@ class Needs:
             self.pair_layers | other.pair_layers,
             self.norm_scales | other.norm_scales,
             self.final_norm_bias or other.final_norm_bias,
+            self.token_losses or other.token_losses,
         )
 
     def covered_by(self, other: Needs) -> bool:
@@ -98,6 +101,8 @@ class RowResult:
     needs: Needs
     next_token_loss: float | None
     last_logits: np.ndarray  # [vocab] at the last position
+    # -log p(token t+1 | tokens <= t) at each position t, nan at the last (`Needs.token_losses`).
+    token_losses: np.ndarray | None = None
     scores: dict[LayerKind, NodeScores] = field(default_factory=dict)
     patterns: dict[int, np.ndarray] = field(default_factory=dict)  # [query, head, key]
     pair_attributions: dict[int, np.ndarray] = field(default_factory=dict)  # [query, head, key]
@@ -153,6 +158,8 @@ def row_result(
     )
     loss = float(result.next_token_loss[row])
     done.next_token_loss = None if np.isnan(loss) else loss
+    if needs.token_losses:
+        done.token_losses = _token_losses(result, row, spec)
     for layer, kind in needs.all_layer_kinds():
         done.scores[(layer, kind)], biases = part.node_scores(layer, kind)
         if biases is not None:
@@ -292,6 +299,17 @@ def _final_norm_bias_effect(
 
 def _numpy_of(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().float().cpu().numpy()
+
+
+def _token_losses(result: ForwardResult, row: int, spec: InferenceSpec) -> np.ndarray:
+    """[position] -log softmax(logits[t])[token t+1], nan at the last position."""
+    n_tok = len(spec.tokens)
+    logits = result.logits[row, : n_tok - 1].float()
+    following = torch.tensor(spec.tokens[1:], dtype=torch.long, device=logits.device)
+    picked = logits.log_softmax(-1).gather(-1, following[:, None])[:, 0]
+    losses = np.full(n_tok, np.nan)
+    losses[: n_tok - 1] = -picked.double().cpu().numpy()
+    return losses
 
 
 def _objective(result: ForwardResult, row: int, spec: InferenceSpec) -> float:

@@ -215,6 +215,12 @@ async def next_token_loss(ctx: RequestContext, spec: InferenceSpec) -> float | N
     return (await result(ctx, spec)).next_token_loss
 
 
+async def token_losses(ctx: RequestContext, spec: InferenceSpec) -> list[float | None]:
+    found = (await result(ctx, spec, Needs(token_losses=True))).token_losses
+    assert found is not None
+    return [None if np.isnan(v) else float(v) for v in found.tolist()]
+
+
 async def objective(ctx: RequestContext, spec: InferenceSpec) -> float:
     return (await result(ctx, spec)).objective
 

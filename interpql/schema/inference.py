@@ -85,6 +85,15 @@ class InferenceResult:
         return await inference_resolvers.next_token_loss(info.context, self.spec)
 
     @strawberry.field(
+        description=(
+            "Each position's next-token loss, -ln p(the next token | the tokens so far), in "
+            "nats; null at the last position (no next token). Their mean is loss."
+        )
+    )
+    async def token_losses(self, info: Info) -> list[float | None]:
+        return await inference_resolvers.token_losses(info.context, self.spec)
+
+    @strawberry.field(
         description="The value of the input's loss (default NEXT_TOKEN, then equal to loss)."
     )
     async def objective(self, info: Info) -> float:
