@@ -106,6 +106,18 @@ class GraphData:
     pruned_completeness_score: float
     elapsed_s: float
 
+    @property
+    def pruned(self) -> Sizes:
+        count = {t: sum(1 for n in self.nodes if n.type is t) for t in NodeType}
+        return Sizes(
+            active_features=self.unpruned.active_features,
+            features=count[NodeType.FEATURE],
+            errors=count[NodeType.ERROR],
+            embeddings=count[NodeType.EMBEDDING],
+            logits=count[NodeType.LOGIT],
+            edges=len(self.weights),
+        )
+
 
 @dataclass(frozen=True)
 class TopLogit:

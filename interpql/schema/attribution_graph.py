@@ -12,7 +12,6 @@ from interpql.resolvers import attribution_graph as graph_resolvers
 from interpql.resolvers.attribution_graph import (
     GraphData,
     GraphProgress,
-    NodeType,
 )
 from interpql.resolvers.attribution_graph import (
     GraphNode as GraphNodeData,
@@ -246,17 +245,7 @@ class AttributionGraph:
 
     @strawberry.field(description="The sizes after pruning.")
     def pruned(self) -> GraphSizes:
-        nodes = self.data.nodes
-        count = {t: sum(1 for n in nodes if n.type is t) for t in NodeType}
-        return GraphSizes(
-            active_features=self.data.unpruned.active_features,
-            features=count[NodeType.FEATURE],
-            errors=count[NodeType.ERROR],
-            embeddings=count[NodeType.EMBEDDING],
-            logits=count[NodeType.LOGIT],
-            nodes=len(nodes),
-            edges=len(self.data.weights),
-        )
+        return _sizes(self.data.pruned)
 
     @strawberry.field(description="The pruning applied.")
     def pruning(self) -> GraphPruning:
