@@ -8,12 +8,13 @@ alternately in one run so that machine noise hits both alike.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import httpx
 import orjson
 
 from bench.common import save, server, summary, timed
-from interpql.backends.base import ForwardRequest, HookPoint, Location
+from interpql.backends.base import ForwardRequest, HookPoint, Location, LogitPositions
 from interpql.backends.gpt2 import NativeGPT2Backend
 
 QUERY = """query($p: String!) { model(name: "random-gpt2-small") { infer(input: {prompt: $p}) {
@@ -28,6 +29,8 @@ def main(repeats: int = 30) -> dict[str, object]:
     prompt = backend.tokenizer.decode(list(tokens))
     assert backend.tokenizer.encode(prompt) == list(tokens)
     request = ForwardRequest(tokens=(tokens,), save=frozenset({HookPoint(5, Location.MLP_POST)}))
+    # What the server now runs for this query: no field reads a logit, so none is unembedded.
+    no_logits = replace(request, logits=LogitPositions.NONE)
 
     with (
         server("--model", "random:gpt2-small", "--cached-runs", "0") as url,
@@ -44,16 +47,24 @@ def main(repeats: int = 30) -> dict[str, object]:
         for _ in range(3):  # warm-up: first calls pay for allocation and caches
             over_http()
             backend.forward(request)
-        bare, http = [], []
+            backend.forward(no_logits)
+        bare, same, http = [], [], []
         for _ in range(repeats):
             bare.append(timed(lambda: backend.forward(request)))
+            same.append(timed(lambda: backend.forward(no_logits)))
             http.append(timed(over_http))
 
-    result = {"bare_forward": summary(bare), "graphql_http": summary(http)}
-    result["ratio_of_medians"] = (
-        result["graphql_http"]["median_ms"] / result["bare_forward"]["median_ms"]
-    )
-    result["target_ratio"] = 1.3
+    result: dict[str, object] = {
+        "bare_forward": summary(bare),
+        "bare_forward_without_logits": summary(same),
+        "graphql_http": summary(http),
+    }
+    http_ms = summary(http)["median_ms"]
+    # Against the bare forward as issue 2 defined it (every position unembedded), and against
+    # the same work as the server's (no logits): the second is the transport and GraphQL alone.
+    result["ratio_of_medians"] = http_ms / summary(bare)["median_ms"]
+    result["ratio_to_same_work"] = http_ms / summary(same)["median_ms"]
+    result["target_ratio"] = 1.15
     save("overhead", result)
     return result
 

@@ -7,6 +7,7 @@ from bench import (
     backends,
     concurrency,
     dictionaries,
+    generation,
     load,
     node_lookup,
     overhead,
@@ -25,6 +26,7 @@ def main() -> None:
     tdb_request.main()
     node_lookup.main()
     concurrency.main()
+    generation.main()
     payload.main()
     startup.main()
     load.main()

@@ -42,6 +42,7 @@ from interpql.loaders.models import (
     default_name,
     load_model,
 )
+from interpql.loaders.rate_limits import Limiter, RedisRateLimiter
 from interpql.loaders.registry import ModelEntry, ModelRegistry
 from interpql.loaders.sources import ExplanationStore, TdbFolderSource
 from interpql.loaders.sources.neuronpedia import NeuronpediaFolderSource
@@ -145,8 +146,9 @@ class ServeOptions:
         group=groups.DATA,
         metavar="redis://host:port[/db]",
         help="state shared by replicas: jobs, their events and per-key job limits (any replica "
-        "answers job(id) and jobUpdates), and the node-data cache unless --cache is given "
-        "(default: jobs in a SQLite file beside --explanation-store)",
+        "answers job(id) and jobUpdates), the per-client rate limits, and the node-data cache "
+        "unless --cache is given (default: jobs in a SQLite file beside --explanation-store, "
+        "rate limits per process)",
     )
     explanation_store: str = option(
         ".interpql/explanations.sqlite",
@@ -251,14 +253,23 @@ def build_services(options: ServeOptions) -> Services:
             "(give --api-key)",
             SNAPSHOT_PATH,
         )
+    settings = options.settings
+    limiter: Limiter | None = None
+    if options.redis is not None:
+        limiter = RedisRateLimiter(
+            options.redis,
+            settings.rate_limit_requests_per_minute,
+            settings.rate_limit_cost_per_minute,
+        )
     return Services(
         registry,
-        options.settings,
+        settings,
         NodeDataCache(options.cache or options.redis, ttl_s=options.cache_ttl_s),
         jobs,
         ExplanationService(store, registry.search, jobs, api),
         ApiKeys(keys, options.api_key_hashes),
         tracer_provider=tracer_provider,
+        rate_limiter=limiter,
     )
 
 

@@ -9,9 +9,11 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -43,12 +45,9 @@ class Listen:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-    from uvicorn.config import LOGGING_CONFIG
-
     from interpql.bootstrap import ServeOptions, build_services
     from interpql.host_check import default_allowed_hosts
-    from interpql.http_protocol import HeaderTimeoutProtocol
+    from interpql.observability.metrics import MULTIPROCESS_ENV
     from interpql.server import create_app
 
     listen = from_args(Listen, args)
@@ -74,8 +73,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"interpql: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     settings = services.settings
-    app: Any = create_app(services)
-    if listen.workers > 1:
+    metric_files = None
+    if listen.workers == 1:
+        app: Any = create_app(services)
+    else:
         # Each worker process builds its own services from the same options (checked above,
         # where this process's copy is then let go).
         services.registry.close()
@@ -83,9 +84,28 @@ def _serve(args: argparse.Namespace) -> int:
             {"options": dataclasses.asdict(options), "log_format": listen.log_format}
         )
         app = f"{__name__}:worker_app"
+        if not os.environ.get(MULTIPROCESS_ENV):
+            # The workers' metric values, added up by whichever worker is scraped (they import
+            # prometheus_client afresh, and read this then).
+            metric_files = tempfile.mkdtemp(prefix="interpql-metrics-")
+            os.environ[MULTIPROCESS_ENV] = metric_files
     # uvicorn raises SIGTERM again once it has shut down gracefully (jobs failed and written by
     # then): end as a clean stop, exit status 0, rather than as killed by the signal.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    try:
+        _run_uvicorn(app, listen, settings)
+    finally:
+        if metric_files is not None:
+            shutil.rmtree(metric_files, ignore_errors=True)
+    return 0
+
+
+def _run_uvicorn(app: Any, listen: Listen, settings: Settings) -> None:
+    import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
+
+    from interpql.http_protocol import HeaderTimeoutProtocol
+
     uvicorn.run(
         app,
         factory=listen.workers > 1,
@@ -106,7 +126,6 @@ def _serve(args: argparse.Namespace) -> int:
         # app's shutdown fails what jobs still run and closes the model.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
     )
-    return 0
 
 
 def _refused(listen: Listen, options: Any) -> str | None:

@@ -21,7 +21,8 @@ masked before it reaches a client.
     │   ├── BACKEND_UNAVAILABLE      a remote (Ray Serve) model did not answer; retry later
     │   ├── RESOURCE_EXHAUSTED       the pass ran out of memory (this request only)
     │   ├── INFERENCE_TIMEOUT        the request's passes did not finish within the time limit
-    │   └── SHARED_STATE_UNAVAILABLE the job store (Redis, or its SQLite file) cannot be reached
+    │   └── SHARED_STATE_UNAVAILABLE the job store or the shared rate limits (Redis, or the jobs'
+    │                                SQLite file) cannot be reached
     ├── QueryTooComplexError
     │   ├── QUERY_TOO_COMPLEX        depth, alias, token or estimated cost limits were exceeded
     │   ├── REQUEST_TOO_LARGE        the HTTP body or WebSocket message is over the size limit

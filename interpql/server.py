@@ -5,6 +5,7 @@ the body-size limit in front of everything."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -159,12 +160,18 @@ def create_app(
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         # Fails the jobs a killed server left unfinished in a shared store, and takes a lease.
         await services.jobs.start()
+        # What start-up built (weights, tables, the demo's records) lives as long as the
+        # server: kept out of the collector's scans, so that a full collection, which a
+        # 1,000-node answer's allocations trigger, takes milliseconds rather than ~150 ms.
+        gc.freeze()
         yield
         await services.jobs.shutdown()
         if services.explaining is not None:
             await services.explaining.close()
         if services.cache is not None:
             await services.cache.close()
+        if services.rate_limiter is not None:
+            await services.rate_limiter.close()
         registry.close()
         observability.close()
 

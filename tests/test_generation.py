@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import httpx
 import pytest
 import torch
 
+from interpql.backends.base import Backend
 from interpql.backends.tokenizer import gpt2_encoding
+from interpql.loaders.generation import generate as run_generation
+from interpql.loaders.registry import ModelEntry
 from interpql.resolvers.context import RequestContext
 from interpql.schema.build import build_schema
 from interpql.settings import Settings
+from interpql.specs import Ablation, GenerationSpec, NodeRef, Steering
 from tests.conftest import SMALL, CountingBackend, error_codes, graphql
 from tests.reference import reference_forward
 
@@ -134,3 +139,63 @@ async def test_subscription_streams_tokens_in_order(registry: Any) -> None:
         t["id"] for t in final["unsteered"]["tokens"]
     ]
     assert [e["steeredToken"]["id"] for e in steps] == [t["id"] for t in final["steered"]["tokens"]]
+
+
+def generated_both_ways(backend: Backend, spec: GenerationSpec) -> tuple[Any, Any]:
+    """The same generation with the backend's key-value cache, and rerunning every step."""
+    entry = ModelEntry(spec.model, backend.architecture, backend, backend.name, "cpu", "float32")
+    cached = run_generation(entry, spec, threading.Event())
+    backend.caches_keys_and_values = False  # this instance only
+    try:
+        rerun = run_generation(entry, spec, threading.Event())
+    finally:
+        del backend.caches_keys_and_values
+    return cached, rerun
+
+
+def edited_spec(model: str, tokens: list[int], max_tokens: int) -> GenerationSpec:
+    """Greedy, with an ablation inside the prompt, steering everywhere and steering at one
+    position the continuation reaches only later."""
+    return GenerationSpec(
+        model=model,
+        prompt="",
+        tokens=tuple(tokens),
+        max_tokens=max_tokens,
+        ablations=(Ablation(node=NodeRef(model, "mlp_neuron", 0, 7), value=0.0, position=2),),
+        steering=(
+            Steering(node=NodeRef(model, "mlp_neuron", 1, 5), strength=3.0),
+            Steering(
+                node=NodeRef(model, "mlp_neuron", 2, 9),
+                strength=25.0,
+                positions=(len(tokens) + 3,),
+            ),
+        ),
+    )
+
+
+def test_cached_generation_equals_rerunning_every_step(small_backend: CountingBackend) -> None:
+    tokens = gpt2_encoding().encode(PROMPT)
+    spec = edited_spec("small", tokens, 24)
+    cached, rerun = generated_both_ways(small_backend, spec)
+    assert cached.unsteered == rerun.unsteered and cached.steered == rerun.steered
+    assert len(cached.unsteered) == 24 and cached.steered != cached.unsteered
+    # The one-position steering acted once it was reached: against the reference, stepwise.
+    w_out = small_backend.model.xf_layers[2].mlp.out_layer.weight[:, 9].double()
+    w_mid = small_backend.model.xf_layers[1].mlp.out_layer.weight[:, 5].double()
+    late, everywhere = 25.0 * w_out / w_out.norm(), 3.0 * w_mid / w_mid.norm()
+    position = len(tokens) + 3
+
+    def edit(layer: int, name: str, act: torch.Tensor) -> torch.Tensor:
+        if (layer, name) == (0, "mlp_post"):
+            act = act.clone()
+            act[2, 7] = 0.0
+        if (layer, name) == (1, "mlp_out"):
+            act = act + everywhere
+        if (layer, name) == (2, "mlp_out") and act.shape[0] > position:
+            act = act.clone()
+            act[position] += late
+        return act
+
+    assert cached.steered == greedy_reference(state_of(small_backend), tokens, 24, edit)
+    # One pass a step: the prompt, then a token per row.
+    assert [rows for _, rows in cached.passes] == [2] * 24

@@ -136,17 +136,17 @@ async def test_over_the_cost_limit_nothing_runs(
 def test_rate_limiter_sliding_minute() -> None:
     now = [0.0]
     limiter = RateLimiter(requests_per_minute=3, cost_per_minute=100, clock=lambda: now[0])
-    assert [limiter.charge("a", 10) for _ in range(3)] == [None, None, None]
+    assert [limiter.charge_now("a", 10) for _ in range(3)] == [None, None, None]
     now[0] = 20.0
-    assert limiter.charge("a", 10) == pytest.approx(40.0)  # the first leaves the window at 60
-    assert limiter.charge("b", 10) is None  # clients are counted apart
+    assert limiter.charge_now("a", 10) == pytest.approx(40.0)  # the first leaves the window at 60
+    assert limiter.charge_now("b", 10) is None  # clients are counted apart
     now[0] = 60.0
-    assert limiter.charge("a", 10) is None
+    assert limiter.charge_now("a", 10) is None
     # Cost: 80 spent at t=60 plus 30 is over 100; it fits once t=60's request has left.
-    assert limiter.charge("b", 80) is None
+    assert limiter.charge_now("b", 80) is None
     now[0] = 61.0
-    assert limiter.charge("b", 30) == pytest.approx(59.0)
-    assert limiter.charge("c", 101) == 60.0  # more than a minute's budget never fits
+    assert limiter.charge_now("b", 30) == pytest.approx(59.0)
+    assert limiter.charge_now("c", 101) == 60.0  # more than a minute's budget never fits
     assert not RateLimiter()
 
 

@@ -33,6 +33,7 @@ from interpql.backends.base import (
     HookPoint,
     Intervention,
     Location,
+    LogitPositions,
     Trace,
 )
 from interpql.backends.gpt2 import NativeGPT2Backend
@@ -110,6 +111,21 @@ def test_merged_forward_gives_each_caller_its_own_pass(backend: NativeGPT2Backen
         SMALL.n_heads,
         3,
     )
+
+
+def test_each_caller_gets_the_logits_it_asked_for_and_no_more(backend: NativeGPT2Backend) -> None:
+    prompts = [((11, 12, 13, 14, 15), (16, 17)), ((9, 8, 7),), ((3, 4, 5, 6),)]
+    requests = [
+        ForwardRequest(tokens=tokens, logits=positions)
+        for tokens, positions in zip(
+            prompts, (LogitPositions.LAST, LogitPositions.ALL, LogitPositions.NONE), strict=True
+        )
+    ]
+    shared = run_merged(backend, requests)
+    for alone, part in zip([backend.forward(r) for r in requests], shared, strict=True):
+        assert part.logit_positions is alone.logit_positions
+        assert_same(alone, part)
+    assert [tuple(p.logits.shape[:2]) for p in shared] == [(2, 1), (1, 3), (1, 0)]
 
 
 def test_merged_backward_and_trace_give_each_caller_its_gradients(

@@ -36,9 +36,10 @@ from interpql.errors import UnavailableError
 from interpql.loaders.models import load_model
 from interpql.loaders.registry import ModelEntry, ModelRegistry
 from interpql.server import create_app
-from interpql.specs import AttentionTrace, LossKind, LossSpec
+from interpql.specs import Ablation, AttentionTrace, GenerationSpec, LossKind, LossSpec, NodeRef
 from tests.conftest import SMALL, error_codes, graphql
 from tests.test_autoencoder_latents import with_two_autoencoders
+from tests.test_generation import edited_spec, generated_both_ways
 
 PROMPTS = [
     [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13],
@@ -642,3 +643,35 @@ async def test_both_backends_serve_the_demo_alike() -> None:
     registry.close()
     # The issue's 1e-4 (fp32): a trained model's activations are larger than random ones'.
     assert_same_answers(answers[0], answers[1], abs_tolerance=1e-4)
+
+
+# --- generation with Hugging Face's key-value cache ---------------------------------------------
+
+
+def test_cached_generation_equals_rerunning_every_step(
+    lens: TransformerLensBackend, native: NativeGPT2Backend
+) -> None:
+    tokens = PROMPTS[0]
+    spec = edited_spec("small", tokens, 16)
+    cached, rerun = generated_both_ways(lens, spec)
+    assert cached.unsteered == rerun.unsteered and cached.steered == rerun.steered
+    assert cached.steered != cached.unsteered
+    native_cached, _ = generated_both_ways(native, spec)  # the same model, our own code
+    assert native_cached.steered == cached.steered
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_cached_generation_on_a_rotary_model(tmp_path: Path, gqa: bool) -> None:
+    """Rotary positions continue from the cache's length; grouped-query keys and values are
+    cached per key-value head."""
+    tiny_hf_model("llama", tmp_path, gqa=gqa)
+    backend = TransformerLensBackend.load(str(tmp_path))
+    spec = GenerationSpec(
+        model="other",
+        prompt="",
+        tokens=tuple(PROMPTS[2]),
+        max_tokens=12,
+        ablations=(Ablation(node=NodeRef("other", "mlp_neuron", 0, 3), value=0.0, position=1),),
+    )
+    cached, rerun = generated_both_ways(backend, spec)
+    assert cached.unsteered == rerun.unsteered and len(cached.unsteered) == 12

@@ -25,7 +25,7 @@ from interpql.backends.base import (
     Location,
 )
 from interpql.backends.hooks import HookSession
-from interpql.backends.runtime import execute
+from interpql.backends.runtime import at_positions, execute
 from interpql.backends.tokenizer import gpt2_encoding
 
 
@@ -46,7 +46,13 @@ class ToyBackend(Backend):
         self.calls.append(request)
         return execute(request, HookSession(request, self.dictionaries), self.device, self._run)
 
-    def _run(self, tokens: torch.Tensor, session: HookSession, track_grad: bool) -> torch.Tensor:
+    def _run(
+        self,
+        tokens: torch.Tensor,
+        session: HookSession,
+        track_grad: bool,
+        positions: torch.Tensor | None,
+    ) -> torch.Tensor:
         s, arch = self.state, self.architecture
 
         def hook(layer: int, location: Location, act: torch.Tensor) -> torch.Tensor:
@@ -101,6 +107,7 @@ class ToyBackend(Backend):
             mlp_out = hook(layer, Location.MLP_OUT, linear(post, p + "mlp.out_layer"))
             x = hook(layer, Location.RESID_POST, x + mlp_out)
         last = HookPoint(arch.n_layers - 1, Location.RESID_POST)
+        x = at_positions(x, positions)  # only the positions asked for are unembedded
         logits: torch.Tensor = norm(x, "final_ln", last) @ s["unembed.weight"].T
         return logits
 

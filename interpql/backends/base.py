@@ -29,8 +29,8 @@ and implement two methods:
     `runtime.execute(request, session, self.device, forward_fn)`, which pads the batch on the
     right (a causal model needs no mask then), chooses grad or inference mode, computes the
     losses (`losses.py`), runs the backward pass and collects the results. `forward_fn(tokens
-    [row, position], session, track_grad) -> logits [row, position, vocab]` is the only code
-    of your own: run the model, and pass every activation of every layer through
+    [row, position], session, track_grad, positions) -> logits` is the only code of your own
+    (`session_forward` below): run the model, and pass every activation of every layer through
     `session.process(point, activation)` (skip the call where `session.wants(point)` is
     False), using what it returns downstream. Activations go in token-major, with the shapes
     listed on `Location` (attention patterns [row, query, head, key]: transpose head-major
@@ -46,12 +46,22 @@ and implement two methods:
       trace reads attn_q before attn_k, a V trace attn_v before attn_probs; resid_mid is
       resid_pre + attn_out, as the MLP reads it);
     * never write an activation in place: autograd may still need the original;
-    * return float32 logits for every position; `runtime.execute` does the rest.
+    * return float32 logits [row, position, vocab] for every position when `positions` is
+      None, else only at `positions` ([row, k] indices: `runtime.at_positions` picks them from
+      the final residual stream, so that only they are unembedded) as [row, k, vocab];
+      `runtime.execute` does the rest.
 
 `weight(name) -> Tensor`
     Float32 weights by TransformerLens's names, shaped as `WEIGHT_SHAPES` says. With
     grouped-query attention W_K and W_V have `n_kv_heads` heads: query head h reads key-value
     head h // (n_heads // n_kv_heads). Raise KeyError for a weight the model does not have.
+
+Optionally, `forward_cached(request, cache) -> (ForwardResult, cache)` with
+`caches_keys_and_values = True`: the request's tokens continue the positions the (opaque) cache
+holds, so that generation runs one new token a step. Build the session with
+`HookSession(request, self.dictionaries, position_offset=<positions cached>)`, so that
+interventions and additions at absolute positions land where they fall. Without it, generation
+reruns the whole sequence each step.
 
 Errors: raise `errors.InvalidInputError` for a request the model cannot take (a token outside
 the vocabulary), `errors.UnavailableError(code="UNSUPPORTED")` for a location or trace it does
@@ -70,7 +80,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from types import MappingProxyType
 from typing import Literal, Protocol
 
@@ -205,6 +215,16 @@ class Trace:
     value_directions: tuple[tuple[float, ...], ...] | None = None
 
 
+class LogitPositions(IntEnum):
+    """Where a pass unembeds. The unembedding is a large share of a pass (GPT-2's 50,257 × 768
+    per position, about a third of GPT-2-small's multiply-adds), and most fields need one
+    position (top predictions, a logit-difference loss) or none (activations)."""
+
+    NONE = 0
+    LAST = 1  # each row's last real token
+    ALL = 2  # every position: the next-token loss, per-token losses
+
+
 @dataclass(frozen=True, kw_only=True)
 class ForwardRequest:
     tokens: tuple[tuple[int, ...], ...]  # one row of token ids per prompt
@@ -224,13 +244,17 @@ class ForwardRequest:
     # untouched that is the original activation. False drops the error term, running the model
     # on the reconstruction alone.
     autoencoder_error_term: bool = True
+    # Where logits are wanted; the pass widens it to what its backward loss reads.
+    logits: LogitPositions = LogitPositions.ALL
 
 
 @dataclass
 class ForwardResult:
     lengths: list[int]
-    logits: torch.Tensor  # [batch, token, vocab], float32; positions >= length are padding
-    next_token_loss: torch.Tensor  # [batch]; nan for one-token prompts
+    # float32 [batch, token, vocab] with ALL (positions >= length are padding), [batch, 1,
+    # vocab] with LAST (each row's last real token), [batch, 0, vocab] with NONE.
+    logits: torch.Tensor
+    next_token_loss: torch.Tensor  # [batch]; nan for one-token prompts, and unless ALL
     activations: dict[HookPoint, torch.Tensor] = field(default_factory=dict)
     gradients: dict[HookPoint, torch.Tensor] = field(default_factory=dict)
     backward_loss: torch.Tensor | None = None  # [batch], when request.backward was set
@@ -240,6 +264,15 @@ class ForwardResult:
     # Rows of the whole pass when the backend ran this request together with other callers'
     # (a Ray Serve deployment does); None: the pass was this request's alone.
     pass_rows: int | None = None
+    logit_positions: LogitPositions = LogitPositions.ALL
+
+    def last_logits(self, row: int) -> torch.Tensor:
+        """[vocab] at the row's last real token (ValueError when the pass unembedded none)."""
+        if self.logit_positions is LogitPositions.NONE:
+            raise ValueError("this pass computed no logits")
+        if self.logit_positions is LogitPositions.LAST:
+            return self.logits[row, 0]
+        return self.logits[row, self.lengths[row] - 1]
 
 
 class HookSessionLike(Protocol):
@@ -405,14 +438,33 @@ class Backend(abc.ABC):
         """Runs the batch forward (and backward when asked); see the module docstring."""
 
     def session_forward(
-        self, tokens: torch.Tensor, session: HookSessionLike, track_grad: bool
+        self,
+        tokens: torch.Tensor,
+        session: HookSessionLike,
+        track_grad: bool,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The model's own forward over [row, position] ids with `session` at every hook:
-        logits [row, position, vocab], autograd left to the caller. Analyses that need their
+        logits [row, position, vocab] (at `positions` only, [row, k, vocab], when given),
+        autograd left to the caller. Analyses that need their
         own session (attribution graphs' linearised pass) run through it; a backend that cannot
         hand it out answers UNSUPPORTED."""
         raise UnavailableError(
             f"the {self.name} backend cannot run an analysis's own pass", code="UNSUPPORTED"
+        )
+
+    # Whether `forward_cached` runs here (else generation reruns the whole sequence a step).
+    caches_keys_and_values: bool = False
+
+    def forward_cached(
+        self, request: ForwardRequest, cache: object | None
+    ) -> tuple[ForwardResult, object]:
+        """`request.tokens` as the continuation of the positions `cache` holds (None: from the
+        first position), every row as long as the others, and the cache holding them too.
+        Interventions and additions name absolute positions. Forward only (no backward,
+        trace or saves); logits as `request.logits` asks, for these positions."""
+        raise UnavailableError(
+            f"the {self.name} backend keeps no key-value cache", code="UNSUPPORTED"
         )
 
     @abc.abstractmethod

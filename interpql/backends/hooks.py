@@ -29,7 +29,12 @@ class HookSession:
         self,
         request: ForwardRequest,
         dictionaries: Mapping[HookPoint, AttachedDictionary] | None = None,
+        position_offset: int | None = None,
     ) -> None:
+        """`position_offset`: where a pass runs some positions of a longer sequence (generation
+        with a key-value cache), the absolute position of the first; interventions and
+        additions name absolute positions, and apply where they fall among these."""
+        self._offset = position_offset
         self._save = request.save | request.save_grads
         backward = request.backward is not None or request.trace is not None
         self._keep_grads = request.save_grads if backward else frozenset()
@@ -175,16 +180,18 @@ class HookSession:
             act = act.clone()
             for iv in interventions:
                 row = slice(None) if iv.row is None else iv.row
-                position = slice(None) if iv.position is None else iv.position
-                act[(row, position, *iv.index)] = iv.value
+                position = self._position(iv.position, act)
+                if position is not None:
+                    act[(row, position, *iv.index)] = iv.value
         additions = self._additions.get(point)
         if additions:
             act = act.clone()
             for add in additions:
                 row = slice(None) if add.row is None else add.row
-                position = slice(None) if add.position is None else add.position
-                vector = torch.tensor(add.vector, dtype=act.dtype, device=act.device)
-                act[row, position] += vector
+                position = self._position(add.position, act)
+                if position is not None:
+                    vector = torch.tensor(add.vector, dtype=act.dtype, device=act.device)
+                    act[row, position] += vector
         if point in self._save:
             if point in self._keep_grads and act.requires_grad:
                 act.retain_grad()
@@ -192,6 +199,16 @@ class HookSession:
         if point in self._trace_points:
             self._follow_trace(point, act)
         return act
+
+    def _position(self, position: int | None, act: torch.Tensor) -> int | slice | None:
+        """Where an absolute position (None: every one) falls in `act`'s positions; None when
+        it is not among them."""
+        if position is None:
+            return slice(None)
+        if self._offset is None:
+            return position
+        local = position - self._offset
+        return local if 0 <= local < act.shape[1] else None
 
     def gradients(self) -> dict[HookPoint, torch.Tensor]:
         grads = {}

@@ -12,8 +12,11 @@ def next_token_loss(
     logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
 ) -> torch.Tensor:
     """Mean cross-entropy of each real next token; [batch, token, vocab] -> [batch]."""
-    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # [batch, token - 1]
+    predicting = logits[:, :-1].float()
+    # logsumexp minus the picked logit: log_softmax's value without writing it for the whole
+    # vocabulary at every position.
+    picked = predicting.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    nll = torch.logsumexp(predicting, dim=-1) - picked  # [batch, token - 1]
     positions = torch.arange(nll.shape[1], device=nll.device)
     real = positions[None, :] < (lengths[:, None] - 1)
     counts = real.sum(dim=1)
@@ -26,13 +29,25 @@ def last_token_logits(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tens
     return logits[torch.arange(logits.shape[0], device=logits.device), lengths - 1]
 
 
+def reads_every_position(spec: LossSpec) -> bool:
+    """Whether the loss reads the logits of every position (else the last one's alone)."""
+    return spec.kind is LossKind.NEXT_TOKEN
+
+
 def spec_loss(
     spec: LossSpec, logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
 ) -> torch.Tensor:
     """The loss `spec` describes, per prompt: [batch]."""
     if spec.kind is LossKind.NEXT_TOKEN:
         return next_token_loss(logits, tokens, lengths)
-    last = last_token_logits(logits, lengths).float()
+    return last_logits_loss(spec, last_token_logits(logits, lengths))
+
+
+def last_logits_loss(spec: LossSpec, last: torch.Tensor) -> torch.Tensor:
+    """A loss that reads the last position alone, from its logits [batch, vocab]: [batch]."""
+    if reads_every_position(spec):
+        raise ValueError(f"a {spec.kind} loss reads every position")
+    last = last.float()
     targets = list(spec.targets)
     if spec.kind is LossKind.ZERO:
         return last.sum(dim=-1) * 0.0

@@ -1,20 +1,22 @@
 """Sampling continuations, with ablations and steering, on the model's worker thread.
 
 The unsteered and the steered continuation are two rows of one batch, sampled with generators
-seeded alike, so that steering with strength 0 reproduces the unsteered text exactly. Every step
-reruns the whole sequence (no key-value cache): simple and exact, and fast enough for the short
-continuations interpretability work uses.
+seeded alike, so that steering with strength 0 reproduces the unsteered text exactly. Where the
+backend keeps a key-value cache, the first step runs the prompt and every later step the one
+new token of each row (ablations and steering apply at every step, at the positions they name);
+elsewhere every step reruns the whole sequence. Each step is one pass, counted in the request's
+inference figures.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from interpql.backends.base import Addition, ForwardRequest, HookPoint
+from interpql.backends.base import Addition, ForwardRequest, HookPoint, LogitPositions
 from interpql.backends.node_kinds import AttentionHeads
 from interpql.backends.tokenizer import END_OF_TEXT_ID
 from interpql.loaders.analysis import write_directions
@@ -33,6 +35,8 @@ class GenerationStep:
 class Generated:
     unsteered: list[int]
     steered: list[int] | None
+    # Each step's pass: its time on the model and its rows (the request's inference figures).
+    passes: list[tuple[float, int]] = field(default_factory=list)
 
 
 def steering_direction(entry: ModelEntry, node: NodeRef) -> torch.Tensor:
@@ -67,33 +71,54 @@ def generate(
         for a in spec.ablations
     )
     additions = tuple(_additions(entry, spec.steering, row=1)) if spec.steering else ()
+    cached = backend.caches_keys_and_values
+    cache: object | None = None
+    new = [list(spec.tokens) for _ in range(rows)]  # what the next pass runs, per row
+    passes: list[tuple[float, int]] = []
     for step in range(spec.max_tokens):
         if stop.is_set():  # nobody waits for the rest
             break
-        result = backend.forward(
-            ForwardRequest(
-                tokens=tuple(tuple(s) for s in sequences),
-                interventions=interventions,
-                additions=additions,
-            )
+        request = ForwardRequest(
+            tokens=tuple(tuple(t) for t in (new if cached else sequences)),
+            interventions=interventions,
+            # Steering may name positions the continuation has not reached yet.
+            additions=additions if cached else _reached(additions, sequences),
+            logits=LogitPositions.LAST,
         )
+        if cached:
+            result, cache = backend.forward_cached(request, cache)
+        else:
+            result = backend.forward(request)
+        passes.append((result.elapsed_s, rows))
         chosen: list[int | None] = []
         for row in range(rows):
             if done[row]:
                 chosen.append(None)
                 continue
-            logits = result.logits[row, len(sequences[row]) - 1]
+            logits = result.last_logits(row)
             token = _sample(logits, spec.temperature, spec.top_p, generators[row])
             sequences[row].append(token)
             done[row] = token == END_OF_TEXT_ID
             chosen.append(token)
+        # A row that has ended is fed on (its output unread), so that the rows stay as long
+        # as each other in the cache.
+        new = [[END_OF_TEXT_ID if token is None else token] for token in chosen]
         if on_step is not None:
             on_step(GenerationStep(step, chosen[0], chosen[1] if rows == 2 else None))
         if all(done):
             break
     prompt_length = len(spec.tokens)
     continuations = [s[prompt_length:] for s in sequences]
-    return Generated(continuations[0], continuations[1] if rows == 2 else None)
+    return Generated(continuations[0], continuations[1] if rows == 2 else None, passes)
+
+
+def _reached(additions: tuple[Addition, ...], sequences: list[list[int]]) -> tuple[Addition, ...]:
+    """The additions at positions each one's row already has."""
+    return tuple(
+        add
+        for add in additions
+        if add.position is None or add.position < len(sequences[add.row or 0])
+    )
 
 
 def _additions(entry: ModelEntry, steering: tuple[Steering, ...], row: int) -> list[Addition]:

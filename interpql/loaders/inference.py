@@ -26,11 +26,27 @@ from interpql.loaders.cache import BoundedMemoryCache
 from interpql.loaders.coalescing import InferenceRunner
 from interpql.loaders.inference_stats import InferenceStats
 from interpql.loaders.out_of_memory import out_of_memory_as_error
-from interpql.loaders.pass_results import LayerKind, Needs, RowResult, row_result
+from interpql.loaders.pass_results import (
+    LayerKind,
+    LogitPositions,
+    Needs,
+    RowResult,
+    objective_needs,
+    row_result,
+)
 from interpql.loaders.registry import ModelEntry, ModelRegistry
 from interpql.specs import InferenceSpec, LayerNormScale
 
-__all__ = ["InferenceLoader", "LayerKind", "Needs", "ResultCache", "RowResult", "default_runner"]
+__all__ = [
+    "InferenceLoader",
+    "LayerKind",
+    "LogitPositions",
+    "Needs",
+    "ResultCache",
+    "RowResult",
+    "default_runner",
+    "objective_needs",
+]
 
 
 @dataclass(frozen=True)
@@ -164,6 +180,7 @@ def _run_rows(entry: ModelEntry, keys: list[_Key]) -> dict[Hashable, RowResult]:
         interventions=interventions,
         backward=first.loss if union.backward else None,
         autoencoder_error_term=first.keep_error_term,
+        logits=union.logit_positions,
     )
     stream_point = HookPoint(entry.architecture.n_layers - 1, Location.RESID_POST)
     if first.layer_norm_scale is LayerNormScale.FROZEN:

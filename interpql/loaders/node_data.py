@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from strawberry.dataloader import DataLoader
 
@@ -28,10 +28,30 @@ from interpql.loaders.sources import (
 )
 from interpql.specs import NodeRef
 
-__all__ = ["NodeDataLoaders", "normalize_activations"]
+__all__ = ["UNREAD", "NodeDataLoaders", "Unread", "normalize_activations"]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Unread:
+    """What `NodeDataLoaders.read_*` answer for a node this request has not read (yet)."""
+
+
+UNREAD = Unread()
+
+
+def _settled(loader: DataLoader[K, V], key: K) -> V | Unread:
+    """The loader's answer for `key` if this request already has it, without awaiting."""
+    future = loader.cache_map.get(key)
+    if future is None or not future.done() or future.cancelled() or future.exception():
+        return UNREAD  # a failed read is raised again by awaiting it, in its own field
+    return future.result()
+
 
 RecordResult = NodeRecordData | None | Exception
 ExplanationsResult = list[ExplanationData] | Exception
+_BatchLoad = Callable[[Sequence[NodeRef]], Awaitable[Sequence[Any]]]
 
 
 class NodeDataLoaders:
@@ -42,6 +62,36 @@ class NodeDataLoaders:
         self.explanations = DataLoader[NodeRef, list[ExplanationData]](
             load_fn=self._load_explanations
         )
+
+    async def read_all(self, nodes: Sequence[NodeRef], records: bool, explanations: bool) -> None:
+        """Reads the records and/or explanations of `nodes` in one batch per source, and keeps
+        each node's answer (or error) as the loaders' own for the rest of the request: a list of
+        nodes is read without a future awaited per node."""
+        loop = asyncio.get_running_loop()
+
+        async def read(loader: DataLoader[NodeRef, Any], load: _BatchLoad) -> None:
+            missing = [n for n in dict.fromkeys(nodes) if loader.cache_map.get(n) is None]
+            if not missing:
+                return
+            for node, answer in zip(missing, await load(missing), strict=True):
+                future = loop.create_future()
+                if isinstance(answer, Exception):
+                    future.set_exception(answer)
+                    future.exception()  # seen: the node's own field raises it when it awaits
+                else:
+                    future.set_result(answer)
+                loader.cache_map.set(node, future)
+
+        await asyncio.gather(
+            *([read(self.records, self._load_records)] if records else []),
+            *([read(self.explanations, self._load_explanations)] if explanations else []),
+        )
+
+    def read_record(self, node: NodeRef) -> NodeRecordData | Unread | None:
+        return _settled(self.records, node)
+
+    def read_explanations(self, node: NodeRef) -> list[ExplanationData] | Unread:
+        return _settled(self.explanations, node)
 
     def _by_model(self, nodes: Sequence[NodeRef]) -> dict[str, list[NodeRef]]:
         groups: dict[str, list[NodeRef]] = defaultdict(list)

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from interpql.backends.base import ForwardResult, HookPoint, Location
-from interpql.backends.losses import spec_loss
+from interpql.backends.base import ForwardResult, HookPoint, Location, LogitPositions
+from interpql.backends.losses import last_logits_loss, reads_every_position, spec_loss
 from interpql.backends.node_kinds import AttentionHeads
 from interpql.loaders import tracing
 from interpql.loaders.analysis import (
@@ -22,6 +22,15 @@ from interpql.loaders.analysis import (
 )
 from interpql.loaders.registry import ModelEntry
 from interpql.specs import InferenceSpec
+
+__all__ = [
+    "LayerKind",
+    "LogitPositions",
+    "Needs",
+    "RowResult",
+    "objective_needs",
+    "row_result",
+]
 
 LayerKind = tuple[int, str]  # (layer, kind name)
 
@@ -43,6 +52,9 @@ class Needs:
     final_norm_bias: bool = False
     # Each position's next-token loss (RowResult.token_losses).
     token_losses: bool = False
+    # Where logits are read: the last position for top predictions and last-token losses,
+    # every position for the next-token loss; the pass unembeds only there.
+    logits: LogitPositions = LogitPositions.NONE
 
     def __or__(self, other: Needs) -> Needs:
         return Needs(
@@ -54,7 +66,15 @@ class Needs:
             self.norm_scales | other.norm_scales,
             self.final_norm_bias or other.final_norm_bias,
             self.token_losses or other.token_losses,
+            max(self.logits, other.logits),
         )
+
+    @property
+    def logit_positions(self) -> LogitPositions:
+        """Where the pass must unembed for these needs."""
+        if self.token_losses or self.final_norm_bias:
+            return LogitPositions.ALL
+        return self.logits
 
     def covered_by(self, other: Needs) -> bool:
         return (self | other) == other
@@ -93,14 +113,20 @@ class Needs:
         return frozenset(points)
 
 
+def objective_needs(spec: InferenceSpec) -> Needs:
+    """What the input's loss (RowResult.objective) reads of a pass without a backward."""
+    every = reads_every_position(spec.loss)
+    return Needs(logits=LogitPositions.ALL if every else LogitPositions.LAST)
+
+
 @dataclass
 class RowResult:
     """What one pass computed for one input (one row of the batch), as numpy arrays."""
 
     spec: InferenceSpec
     needs: Needs
-    next_token_loss: float | None
-    last_logits: np.ndarray  # [vocab] at the last position
+    next_token_loss: float | None  # None for one-token prompts, and unless logits were ALL
+    last_logits: np.ndarray | None  # [vocab] at the last position, unless logits were NONE
     # -log p(token t+1 | tokens <= t) at each position t, nan at the last (`Needs.token_losses`).
     token_losses: np.ndarray | None = None
     scores: dict[LayerKind, NodeScores] = field(default_factory=dict)
@@ -147,7 +173,11 @@ def row_result(
         spec=spec,
         needs=needs,
         next_token_loss=None,
-        last_logits=result.logits[row, part.n_tok - 1].float().cpu().numpy(),
+        last_logits=(
+            None
+            if result.logit_positions is LogitPositions.NONE
+            else result.last_logits(row).float().cpu().numpy()
+        ),
         pairs={layer: part.pair_scores(layer) for layer in needs.pair_layers},
         norm_scales={point: part.norm_scale(point) for point in needs.norm_scales},
         objective=_objective(result, row, spec),
@@ -313,9 +343,12 @@ def _token_losses(result: ForwardResult, row: int, spec: InferenceSpec) -> np.nd
 
 
 def _objective(result: ForwardResult, row: int, spec: InferenceSpec) -> float:
+    """The input's loss; nan where the pass unembedded too little to compute it (no field
+    asked for it)."""
     if result.backward_loss is not None:
         return float(result.backward_loss[row])
-    tokens = torch.tensor([spec.tokens], device=result.logits.device)
-    lengths = torch.tensor([len(spec.tokens)], device=result.logits.device)
-    logits = result.logits[row : row + 1, : len(spec.tokens)]
-    return float(spec_loss(spec.loss, logits, tokens, lengths)[0])
+    if reads_every_position(spec.loss):
+        return float(result.next_token_loss[row])  # nan unless the logits were ALL
+    if result.logit_positions is LogitPositions.NONE:
+        return float("nan")
+    return float(last_logits_loss(spec.loss, result.last_logits(row)[None])[0])

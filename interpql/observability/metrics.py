@@ -7,6 +7,7 @@ what services already hold (jobs, the node-data cache, the process) is read at e
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 from prometheus_client import (
@@ -19,6 +20,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
@@ -27,6 +29,8 @@ from starlette.routing import Route
 from interpql.loaders.inference_stats import InferenceStats
 from interpql.resolvers.context import Services
 
+# prometheus_client's own variable: set before it is imported, values go to files there.
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -34,7 +38,13 @@ ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 class Metrics:
     def __init__(self, services: Services) -> None:
         self.registry = CollectorRegistry()
-        registry = self.registry
+        registry: CollectorRegistry | None = self.registry
+        if multiprocess_dir() is not None:
+            # --workers: each worker writes its values to files there (prometheus_client chose
+            # them when it was imported), and a scrape, whichever worker answers it, adds up
+            # every worker's files. The metrics themselves are then registered nowhere.
+            MultiProcessCollector(self.registry, path=multiprocess_dir())  # type: ignore[no-untyped-call]
+            registry = None
         self.requests = Counter(
             "interpql_graphql_requests",
             "GraphQL operations by type and outcome: ok, or the code of the first error.",
@@ -58,6 +68,7 @@ class Metrics:
             "interpql_graphql_requests_in_flight",
             "GraphQL operations running now (subscriptions while they stream).",
             registry=registry,
+            multiprocess_mode="livesum",  # over the workers that are alive
         )
         self.pass_seconds = Histogram(
             "interpql_inference_pass_duration_seconds",
@@ -75,8 +86,9 @@ class Metrics:
         )
         self.work_seconds = Histogram(
             "interpql_model_work_duration_seconds",
-            "Time on the model's worker per piece of work: batched passes (work=pass), and "
-            "generation, similar nodes and scored tokens.",
+            "Time on the model's worker per piece of work: batched passes (work=pass; "
+            "generation's steps are passes too), and whole generations, similar nodes and "
+            "scored tokens.",
             ["model", "work"],
             buckets=SECONDS_BUCKETS,
             registry=registry,
@@ -92,8 +104,11 @@ class Metrics:
             ["result"],
             registry=registry,
         )
-        ProcessCollector(registry=registry)  # process_resident_memory_bytes, CPU, open files
-        registry.register(_ServicesCollector(services))
+        if registry is not None:
+            # process_resident_memory_bytes, CPU, open files: one process's, so not with
+            # --workers (prometheus_client's multiprocess mode has none).
+            ProcessCollector(registry=registry)
+        self.registry.register(_ServicesCollector(services))
         if services.runner is not None:
             services.runner.pass_observers.append(self.observe_pass)
 
@@ -120,6 +135,11 @@ class Metrics:
             return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
         return Route("/metrics", metrics, methods=["GET"])
+
+
+def multiprocess_dir() -> str | None:
+    """Where workers' metric files go (cli.py sets it for --workers), or None."""
+    return os.environ.get(MULTIPROCESS_ENV) or None
 
 
 class _ServicesCollector(Collector):

@@ -29,7 +29,7 @@ from interpql.loaders.jobs import Job
 from interpql.resolvers.context import RequestContext
 from interpql.resolvers.jobs import JobView, job_view
 from interpql.resolvers.models import encode_prompt
-from interpql.resolvers.node_data import best_explanation
+from interpql.resolvers.node_data import best_explanation, settled
 from interpql.specs import FeatureIntervention, GraphSpec
 
 __all__ = [
@@ -284,7 +284,9 @@ async def neuronpedia_json(ctx: RequestContext, graph: GraphData) -> dict[str, A
     with its best explanation as the `clerp`."""
     entry = ctx.registry.get(graph.spec.model)
     features = [n for n in graph.nodes if n.type is NodeType.FEATURE]
-    found = await asyncio.gather(*(best_explanation(ctx, n.ref) for n in features if n.ref))
+    found = await asyncio.gather(
+        *(settled(best_explanation(ctx, n.ref)) for n in features if n.ref)
+    )
     clerps = {n.id: (e.text if e is not None else "") for n, e in zip(features, found, strict=True)}
     tokens = [entry.token_text(t) for t in graph.spec.tokens]
     # The most probable logit is the target the viewer opens on.

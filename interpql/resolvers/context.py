@@ -13,7 +13,7 @@ from interpql.loaders.explaining import ExplanationService
 from interpql.loaders.inference import InferenceLoader, ResultCache, default_runner
 from interpql.loaders.jobs import JobManager
 from interpql.loaders.node_data import NodeDataLoaders
-from interpql.loaders.rate_limits import RateLimiter
+from interpql.loaders.rate_limits import Limiter, RateLimiter
 from interpql.loaders.registry import ModelRegistry
 from interpql.loaders.search import index_model
 from interpql.loaders.sources import ExplanationStore
@@ -34,8 +34,9 @@ class Services:
     runner: InferenceRunner | None = None
     # Earlier requests' results, for identical inputs.
     results: ResultCache | None = None
-    # Requests and estimated cost per client per minute (limits from settings).
-    rate_limiter: RateLimiter | None = None
+    # Requests and estimated cost per client per minute (limits from settings): in memory,
+    # or in Redis for every replica (--redis).
+    rate_limiter: Limiter | None = None
     # An OpenTelemetry TracerProvider (--otel): operations and resolvers are traced to it.
     tracer_provider: Any = None
     # Attribution graphs computed here, by id (their JSON URL and follow-up queries).

@@ -63,9 +63,19 @@ def generation_spec(ctx: RequestContext, model_name: str, args: GenerateArgs) ->
 
 async def run_generation(ctx: RequestContext, spec: GenerationSpec) -> Generated:
     entry = ctx.registry.get(spec.model)
-    return await ctx.services.model_runner.compute(
+    generated = await ctx.services.model_runner.compute(
         entry, "generation", lambda stop: generate(entry, spec, stop)
     )
+    _count_passes(ctx, spec.model, generated)
+    return generated
+
+
+def _count_passes(ctx: RequestContext, model: str, generated: Generated) -> None:
+    """Each step was a pass of this request: in its inference figures (log line, metrics)."""
+    for seconds, rows in generated.passes:
+        ctx.inference.stats.add_pass(seconds, rows, rows)
+        for observe in ctx.services.model_runner.pass_observers:
+            observe(model, "pass", rows, seconds)
 
 
 async def stream_generation(
@@ -92,6 +102,8 @@ async def stream_generation(
                 yield next_step.result()
             else:
                 next_step.cancel()
-        yield work.result()  # the whole result, or the error that stopped it
+        generated = work.result()  # the whole result, or the error that stopped it
+        _count_passes(ctx, spec.model, generated)
+        yield generated
     finally:
         work.cancel()

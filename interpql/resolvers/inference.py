@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from interpql.errors import InvalidInputError, check_range, invalid_argument, invalid_node
-from interpql.loaders.inference import Needs, RowResult
+from interpql.loaders.inference import LogitPositions, Needs, RowResult, objective_needs
 from interpql.loaders.registry import ModelEntry
 from interpql.loaders.tracing import reads_after
 from interpql.resolvers.context import RequestContext
@@ -212,7 +212,7 @@ async def result(ctx: RequestContext, spec: InferenceSpec, needs: Needs | None =
 
 
 async def next_token_loss(ctx: RequestContext, spec: InferenceSpec) -> float | None:
-    return (await result(ctx, spec)).next_token_loss
+    return (await result(ctx, spec, Needs(logits=LogitPositions.ALL))).next_token_loss
 
 
 async def token_losses(ctx: RequestContext, spec: InferenceSpec) -> list[float | None]:
@@ -222,7 +222,7 @@ async def token_losses(ctx: RequestContext, spec: InferenceSpec) -> list[float |
 
 
 async def objective(ctx: RequestContext, spec: InferenceSpec) -> float:
-    return (await result(ctx, spec)).objective
+    return (await result(ctx, spec, objective_needs(spec))).objective
 
 
 async def pass_figures(ctx: RequestContext, spec: InferenceSpec) -> PassFigures:
@@ -284,7 +284,9 @@ async def top_predictions(
     ctx: RequestContext, spec: InferenceSpec, k: int, bottom: bool = False
 ) -> list[Prediction]:
     check_range("k", k, 1, ctx.settings.max_top_k + 1)
-    logits = (await result(ctx, spec)).last_logits.astype(np.float64)
+    last = (await result(ctx, spec, Needs(logits=LogitPositions.LAST))).last_logits
+    assert last is not None
+    logits = last.astype(np.float64)
     k = min(k, logits.shape[0])
     ranked = logits if bottom else -logits
     top = np.argpartition(ranked, k - 1)[:k]

@@ -26,9 +26,9 @@ def node_of(ctx: RequestContext, model_id: str, source: str, index: int) -> Node
 
 async def feature(ctx: RequestContext, node: NodeRef) -> dict[str, Any]:
     entry = ctx.registry.get(node.model)
-    stats = await node_data.statistics(ctx, node)
-    examples = await node_data.top_activations(ctx, node, ACTIVATIONS)
-    explanations = await node_data.explanations(ctx, node)
+    stats = await node_data.settled(node_data.statistics(ctx, node))
+    examples = await node_data.settled(node_data.top_activations(ctx, node, ACTIVATIONS))
+    explanations = await node_data.settled(node_data.explanations(ctx, node))
     shaped: dict[str, Any] = {
         "modelId": node.model,
         "source": source_name(node),

@@ -89,7 +89,7 @@ class Job:
 
     @strawberry.field(description="The explanations it stored (on success).")
     def result(self) -> list[Explanation]:
-        return [Explanation(data=e) for e in self.data.result]
+        return [Explanation.of(e) for e in self.data.result]
 
     @strawberry.field(
         description="True when an identical earlier request answered it from the store."

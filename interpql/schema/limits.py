@@ -8,7 +8,7 @@ only event. Every result carries `extensions.cost`, so clients can see what they
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from graphql import (
@@ -29,7 +29,7 @@ class OperationLimits(SchemaExtension):
     def __init__(self) -> None:
         self.cost: int | None = None
 
-    def on_execute(self) -> Iterator[None]:
+    async def on_execute(self) -> AsyncIterator[None]:
         context = self.execution_context
         ctx: Any = context.context
         services = getattr(ctx, "services", None)
@@ -49,14 +49,14 @@ class OperationLimits(SchemaExtension):
                         "or an HTTP request that accepts multipart/mixed.",
                         code="BAD_REQUEST",
                     )
-                self._check(ctx, operation)
+                await self._check(ctx, operation)
             except InterpqlError as refused:
                 if streamed:
                     raise  # strawberry turns it into the subscription's error event
                 _refuse(context, ctx, refused)
         yield
 
-    def _check(self, ctx: Any, operation: OperationDefinitionNode) -> None:
+    async def _check(self, ctx: Any, operation: OperationDefinitionNode) -> None:
         settings = ctx.services.settings
         if settings.require_api_key and ctx.key_id is None:
             raise UnauthenticatedError(
@@ -87,7 +87,7 @@ class OperationLimits(SchemaExtension):
             )
         limiter = ctx.services.rate_limiter
         if limiter:
-            wait_s = limiter.charge(ctx.client_id, self.cost)
+            wait_s = await limiter.charge(ctx.client_id, self.cost)
             if wait_s is not None:
                 raise InterpqlError(
                     f"Rate limit reached for this client; retry in {wait_s:.1f} s.",

@@ -8,23 +8,29 @@ from interpql.resolvers.node_data import ExampleView, ExplanationData, Statistic
 from interpql.schema.scalars import FloatArray, StringArray
 
 
+# The fields clients ask of thousands of examples and explanations at once are plain values
+# (strawberry reads them without a resolver call each); the rarer ones are computed on demand.
 @strawberry.type(description="A dataset example: a window of tokens with the node's activations.")
 class ActivationRecord:
-    view: strawberry.Private[ExampleView]
-
-    @strawberry.field(description="The window's tokens, as text.")
-    def tokens(self) -> StringArray:
-        return StringArray(self.view.tokens)
-
-    @strawberry.field(
+    tokens: StringArray = strawberry.field(description="The window's tokens, as text.")
+    token_ids: list[int] | None = strawberry.field(
         description="The window's token ids; null where the source keeps only the text."
     )
-    def token_ids(self) -> list[int] | None:
-        return None if self.view.token_ids is None else list(self.view.token_ids)
+    activations: FloatArray = strawberry.field(
+        description="The node's activation at each token (a list of floats)."
+    )
+    source: str = strawberry.field(description="The source (dataset) this example comes from.")
+    view: strawberry.Private[ExampleView]
 
-    @strawberry.field(description="The node's activation at each token (a list of floats).")
-    def activations(self) -> FloatArray:
-        return FloatArray(list(self.view.activations))
+    @classmethod
+    def of(cls, view: ExampleView) -> ActivationRecord:
+        return cls(
+            tokens=StringArray(view.tokens),
+            token_ids=None if view.token_ids is None else list(view.token_ids),
+            activations=FloatArray(view.activations),
+            source=view.source,
+            view=view,
+        )
 
     @strawberry.field(
         description=(
@@ -37,10 +43,6 @@ class ActivationRecord:
     @strawberry.field(description="The largest activation in this window.")
     def max_activation(self) -> float:
         return self.view.max_activation
-
-    @strawberry.field(description="The source (dataset) this example comes from.")
-    def source(self) -> str:
-        return self.view.source
 
 
 @strawberry.type(description="Statistics of a node's activation over a dataset's tokens.")
@@ -80,30 +82,26 @@ class NodeStatistics:
 
 @strawberry.type(description="A natural-language explanation of what a node does, and its score.")
 class Explanation:
-    data: strawberry.Private[ExplanationData]
-
-    @strawberry.field(description="The explanation.")
-    def text(self) -> str:
-        return self.data.text
-
-    @strawberry.field(
+    text: str = strawberry.field(description="The explanation.")
+    score: float | None = strawberry.field(
         description="Correlation between simulated and true activations on held-out examples."
     )
-    def score(self) -> float | None:
-        return self.data.score
+    scorer: str = strawberry.field(description="The simulator that scored it.")
+    explainer_model: str = strawberry.field(
+        description="The explainer (model or method) that wrote it."
+    )
+    source: str = strawberry.field(description="The source it was read from.")
+    created: str | None = strawberry.field(
+        description="When it was written (ISO 8601), where known."
+    )
 
-    @strawberry.field(description="The simulator that scored it.")
-    def scorer(self) -> str:
-        return self.data.scorer
-
-    @strawberry.field(description="The explainer (model or method) that wrote it.")
-    def explainer_model(self) -> str:
-        return self.data.explainer
-
-    @strawberry.field(description="The source it was read from.")
-    def source(self) -> str:
-        return self.data.source
-
-    @strawberry.field(description="When it was written (ISO 8601), where known.")
-    def created(self) -> str | None:
-        return self.data.created
+    @classmethod
+    def of(cls, data: ExplanationData) -> Explanation:
+        return cls(
+            text=data.text,
+            score=data.score,
+            scorer=data.scorer,
+            explainer_model=data.explainer,
+            source=data.source,
+            created=data.created,
+        )

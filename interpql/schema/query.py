@@ -9,7 +9,7 @@ from interpql.resolvers import neuronpedia as neuronpedia_resolvers
 from interpql.resolvers import search as search_resolvers
 from interpql.schema.attribution_graph import AttributionGraph, graph_by_id
 from interpql.schema.jobs import Job, job
-from interpql.schema.types import Info, Model, Node, PageInfo
+from interpql.schema.types import Info, Model, Node, PageInfo, with_node_data
 
 
 @strawberry.type(description="A node found by a search.")
@@ -98,8 +98,6 @@ class Query:
         return await job(info, id)
 
     @strawberry.field(description="Several nodes by id, in the order given.")
-    def nodes(self, info: Info, ids: list[strawberry.ID]) -> list[Node]:
-        return [
-            Node(ref=ref)
-            for ref in model_resolvers.nodes_from_ids(info.context, [str(i) for i in ids])
-        ]
+    async def nodes(self, info: Info, ids: list[strawberry.ID]) -> list[Node]:
+        refs = model_resolvers.nodes_from_ids(info.context, [str(i) for i in ids])
+        return await with_node_data(info, refs)

@@ -78,7 +78,8 @@ SCALARS: dict[object, ScalarDefinition] = {
             "A JSON array of strings, e.g. the tokens of a dataset example. One scalar rather "
             "than [String] keeps answers about thousands of nodes fast."
         ),
-        serialize=lambda value: list(value),
+        # Tuples go out as they are: orjson writes them as arrays.
+        serialize=lambda value: value if isinstance(value, list | tuple) else list(value),
         parse_value=lambda value: value,
     ),
 }

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 import numpy as np
 import strawberry
+from strawberry.types.nodes import SelectedField
 
 from interpql.errors import check_range, invalid_argument
 from interpql.resolvers import analysis as analysis_resolvers
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from interpql.schema.inference import InferenceResult
 
 Info = strawberry.Info[RequestContext, None]
+T = TypeVar("T")
 
 
 def _key_field(type_name: str, key: str, representation: dict[str, object]) -> str:
@@ -482,20 +484,24 @@ class Node:
     def layer(self, info: Info) -> Layer:
         return Layer(model_name=self.ref.model, index=self.ref.layer)
 
+    # The node-data fields are plain functions answering the value, or an awaitable of it where
+    # this request has not read the node's data yet (resolvers/node_data.py, `Soon`).
     @strawberry.field(description="Dataset examples where this node activates most, highest first.")
-    async def top_activations(self, info: Info, first: int = 10) -> list[ActivationRecord]:
-        views = await node_data_resolvers.top_activations(info.context, self.ref, first)
-        return [_record(v) for v in views]
+    def top_activations(self, info: Info, first: int = 10) -> list[ActivationRecord]:
+        views = node_data_resolvers.top_activations(info.context, self.ref, first)
+        return _answer(node_data_resolvers.then(views, _records))
 
     @strawberry.field(description="Dataset examples drawn at random, for contrast.")
-    async def random_sample(self, info: Info, first: int = 10) -> list[ActivationRecord]:
-        views = await node_data_resolvers.random_sample(info.context, self.ref, first)
-        return [_record(v) for v in views]
+    def random_sample(self, info: Info, first: int = 10) -> list[ActivationRecord]:
+        views = node_data_resolvers.random_sample(info.context, self.ref, first)
+        return _answer(node_data_resolvers.then(views, _records))
 
     @strawberry.field(description="Activation statistics over a dataset; null when unknown.")
-    async def statistics(self, info: Info) -> NodeStatistics | None:
-        data = await node_data_resolvers.statistics(info.context, self.ref)
-        return None if data is None else NodeStatistics(data=data)
+    def statistics(self, info: Info) -> NodeStatistics | None:
+        data = node_data_resolvers.statistics(info.context, self.ref)
+        return _answer(
+            node_data_resolvers.then(data, lambda d: None if d is None else NodeStatistics(data=d))
+        )
 
     @strawberry.field(
         description=(
@@ -508,14 +514,16 @@ class Node:
         return [SimilarNode(node=Node(ref=ref), cosine=cosine) for ref, cosine in found]
 
     @strawberry.field(description="Every known explanation of this node, best score first.")
-    async def explanations(self, info: Info) -> list[Explanation]:
-        found = await node_data_resolvers.explanations(info.context, self.ref)
-        return [Explanation(data=e) for e in found]
+    def explanations(self, info: Info) -> list[Explanation]:
+        found = node_data_resolvers.explanations(info.context, self.ref)
+        return _answer(node_data_resolvers.then(found, lambda es: [Explanation.of(e) for e in es]))
 
     @strawberry.field(description="The best-scoring explanation; null when there is none.")
-    async def best_explanation(self, info: Info) -> Explanation | None:
-        best = await node_data_resolvers.best_explanation(info.context, self.ref)
-        return None if best is None else Explanation(data=best)
+    def best_explanation(self, info: Info) -> Explanation | None:
+        best = node_data_resolvers.best_explanation(info.context, self.ref)
+        return _answer(
+            node_data_resolvers.then(best, lambda b: None if b is None else Explanation.of(b))
+        )
 
     @strawberry.field(
         description=(
@@ -560,8 +568,39 @@ class Node:
         return node_activations(info.context, values)
 
 
-def _record(view: node_data_resolvers.ExampleView) -> ActivationRecord:
-    return ActivationRecord(view=view)
+def _records(views: list[node_data_resolvers.ExampleView]) -> list[ActivationRecord]:
+    return [ActivationRecord.of(v) for v in views]
+
+
+def _answer(soon: node_data_resolvers.Soon[T]) -> T:
+    """A field's answer, now or awaitable: graphql-core awaits what is awaitable, while
+    strawberry types the field by the value's type (the annotation)."""
+    return cast(T, soon)
+
+
+def _selected(info: Info) -> set[str]:
+    """The field names selected on this field's items, through fragments too."""
+    names: set[str] = set()
+    stack: list[Any] = list(info.selected_fields)
+    while stack:
+        for selection in stack.pop().selections:
+            if isinstance(selection, SelectedField):
+                names.add(selection.name)
+            else:  # a fragment: its selections are the items' own
+                stack.append(selection)
+    return names
+
+
+async def with_node_data(info: Info, refs: list[NodeRef]) -> list[Node]:
+    """Nodes whose records and explanations, where selected, are read for all at once."""
+    selected = _selected(info)
+    await node_data_resolvers.prefetch(
+        info.context,
+        refs,
+        records=bool(selected & node_data_resolvers.RECORD_FIELDS),
+        known=bool(selected & node_data_resolvers.EXPLANATION_FIELDS),
+    )
+    return [Node(ref=ref) for ref in refs]
 
 
 def tokens_of(ctx: RequestContext, model: str, ids: tuple[int, ...]) -> list[Token]:

@@ -14,9 +14,9 @@ from interpql.backends.base import (
     Location,
 )
 from interpql.backends.gpt2.loading import build_model, load_weights
-from interpql.backends.gpt2.model import GPT2, GPT2Config
+from interpql.backends.gpt2.model import GPT2, GPT2Config, KeyValueCache
 from interpql.backends.hooks import HookSession
-from interpql.backends.runtime import execute
+from interpql.backends.runtime import check_cacheable, execute
 from interpql.backends.tokenizer import gpt2_encoding
 
 
@@ -54,10 +54,34 @@ class NativeGPT2Backend(Backend):
         )
 
     def session_forward(
-        self, tokens: torch.Tensor, session: HookSessionLike, track_grad: bool
+        self,
+        tokens: torch.Tensor,
+        session: HookSessionLike,
+        track_grad: bool,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        logits: torch.Tensor = self.model(tokens, session, track_grad)
+        logits: torch.Tensor = self.model(tokens, session, track_grad, positions)
         return logits
+
+    caches_keys_and_values = True
+
+    def forward_cached(
+        self, request: ForwardRequest, cache: object | None
+    ) -> tuple[ForwardResult, object]:
+        check_cacheable(request)
+        kv = cache if isinstance(cache, KeyValueCache) else KeyValueCache(self.model.cfg.n_layers)
+        session = HookSession(request, self.dictionaries, position_offset=kv.length)
+
+        def run(
+            tokens: torch.Tensor,
+            session: HookSessionLike,
+            track_grad: bool,
+            positions: torch.Tensor | None,
+        ) -> torch.Tensor:
+            logits: torch.Tensor = self.model(tokens, session, track_grad, positions, kv)
+            return logits
+
+        return execute(request, session, self.device, run), kv
 
     def weight(self, name: str) -> torch.Tensor:
         cfg, model = self.cfg, self.model

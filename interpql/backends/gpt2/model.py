@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from interpql.backends.base import Architecture, HookPoint, HookSessionLike, Location
+from interpql.backends.runtime import at_positions
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,32 @@ class _LayerNorm(nn.Module):
         return normalized * self.weight.float() + self.bias.float()
 
 
+class KeyValueCache:
+    """Each layer's keys and values [row, position, head, d_head] of the positions run so far,
+    as the hooks left them (an edited key stays edited), so that generation runs one new
+    token a step rather than the whole sequence again."""
+
+    def __init__(self, n_layers: int) -> None:
+        self._keys: list[torch.Tensor | None] = [None] * n_layers
+        self._values: list[torch.Tensor | None] = [None] * n_layers
+
+    @property
+    def length(self) -> int:
+        """Positions held."""
+        first = self._keys[0]
+        return 0 if first is None else first.shape[1]
+
+    def extend(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values of every position so far, these new ones included."""
+        past_k, past_v = self._keys[layer], self._values[layer]
+        if past_k is not None and past_v is not None:
+            keys, values = torch.cat([past_k, keys], dim=1), torch.cat([past_v, values], dim=1)
+        self._keys[layer], self._values[layer] = keys, values
+        return keys, values
+
+
 class _Attention(nn.Module):
     def __init__(self, cfg: GPT2Config) -> None:
         super().__init__()
@@ -94,12 +121,20 @@ class _Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, d_attn)
         self.out_proj = nn.Linear(d_attn, cfg.d_model)
 
-    def forward(self, x: torch.Tensor, layer: int, hooks: HookSessionLike | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        layer: int,
+        hooks: HookSessionLike | None,
+        cache: KeyValueCache | None = None,
+    ) -> torch.Tensor:
         batch, n_tok, _ = x.shape
         split = (batch, n_tok, self.n_heads, self.d_head)
         q = _hook(hooks, layer, Location.ATTN_Q, self.q_proj(x).view(split))
         k = _hook(hooks, layer, Location.ATTN_K, self.k_proj(x).view(split))
         v = _hook(hooks, layer, Location.ATTN_V, self.v_proj(x).view(split))
+        if cache is not None:
+            k, v = cache.extend(layer, k, v)
         wants_pattern = hooks is not None and (
             hooks.wants(HookPoint(layer, Location.ATTN_SCORES))
             or hooks.wants(HookPoint(layer, Location.ATTN_PROBS))
@@ -108,8 +143,18 @@ class _Attention(nn.Module):
             z = self._explicit_attention(q, k, v, layer, hooks)
         else:
             # The fused kernel computes the same thing faster when nobody looks at the pattern.
+            # New queries after cached keys see every earlier key: the causal mask is offset.
+            n_keys = k.shape[1]
+            mask = None
+            if n_tok not in (1, n_keys):
+                mask = torch.ones(n_tok, n_keys, dtype=torch.bool, device=q.device)
+                mask = mask.tril(diagonal=n_keys - n_tok)
             z = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=mask,
+                is_causal=n_tok == n_keys and n_tok > 1,
             ).transpose(1, 2)
         z = _hook(hooks, layer, Location.ATTN_Z, z)
         out: torch.Tensor = self.out_proj(z.reshape(batch, n_tok, self.n_heads * self.d_head))
@@ -123,10 +168,11 @@ class _Attention(nn.Module):
         layer: int,
         hooks: HookSessionLike | None,
     ) -> torch.Tensor:
-        n_tok = q.shape[1]
+        n_tok, n_keys = q.shape[1], k.shape[1]
         scores = torch.einsum("bqhd,bkhd->bqhk", q.float(), k.float()) / math.sqrt(self.d_head)
         scores = _hook(hooks, layer, Location.ATTN_SCORES, scores)
-        causal = torch.ones(n_tok, n_tok, dtype=torch.bool, device=q.device).tril()
+        causal = torch.ones(n_tok, n_keys, dtype=torch.bool, device=q.device)
+        causal = causal.tril(diagonal=n_keys - n_tok)
         masked = scores.masked_fill(~causal[None, :, None, :], float("-inf"))
         probs = _hook(hooks, layer, Location.ATTN_PROBS, masked.softmax(dim=-1))
         return torch.einsum("bqhk,bkhd->bqhd", probs.to(v.dtype), v)
@@ -153,10 +199,16 @@ class _Block(nn.Module):
         self.ln_2 = _LayerNorm(cfg.d_model, cfg.ln_eps)
         self.mlp = _MLP(cfg)
 
-    def forward(self, x: torch.Tensor, layer: int, hooks: HookSessionLike | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        layer: int,
+        hooks: HookSessionLike | None,
+        cache: KeyValueCache | None = None,
+    ) -> torch.Tensor:
         x = _hook(hooks, layer, Location.RESID_PRE, x)
         h = self.ln_1(x, _frozen(hooks, layer, Location.RESID_PRE))
-        attn_out = _hook(hooks, layer, Location.ATTN_OUT, self.attn(h, layer, hooks))
+        attn_out = _hook(hooks, layer, Location.ATTN_OUT, self.attn(h, layer, hooks, cache))
         x = _hook(hooks, layer, Location.RESID_MID, x + attn_out)
         frozen = _frozen(hooks, layer, Location.RESID_MID)
         if hooks is not None and hooks.wants(HookPoint(layer, Location.MLP_NORMALIZED)):
@@ -181,20 +233,29 @@ class GPT2(nn.Module):
         self.unembed = nn.Linear(cfg.d_model, cfg.n_vocab, bias=False)
 
     def forward(
-        self, tokens: torch.Tensor, hooks: HookSessionLike | None = None, track_grad: bool = False
+        self,
+        tokens: torch.Tensor,
+        hooks: HookSessionLike | None = None,
+        track_grad: bool = False,
+        positions: torch.Tensor | None = None,
+        cache: KeyValueCache | None = None,
     ) -> torch.Tensor:
-        """[batch, token] ids -> [batch, token, vocab] logits.
+        """[batch, token] ids -> [batch, token, vocab] logits ([batch, k, vocab] at `positions`
+        [batch, k] when given: only those are unembedded). With `cache`, the tokens continue
+        the positions it holds, and it grows by them.
 
         With `track_grad`, autograd follows the residual stream from the embeddings on, so that
         activations have gradients while the (frozen) weights get none.
         """
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.tok_embed(tokens) + self.pos_embed(positions)[None]
+        start = 0 if cache is None else cache.length
+        where = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        x = self.tok_embed(tokens) + self.pos_embed(where)[None]
         if track_grad:
             x = x.detach().requires_grad_(True)
         for layer, block in enumerate(self.xf_layers):
-            x = block(x, layer, hooks)
+            x = block(x, layer, hooks, cache)
         last = self.cfg.n_layers - 1
+        x = at_positions(x, positions)
         logits: torch.Tensor = self.unembed(
             self.final_ln(x, _frozen(hooks, last, Location.RESID_POST))
         )

@@ -24,7 +24,9 @@ from interpql.backends.base import (
     HookPoint,
     Intervention,
     Location,
+    LogitPositions,
 )
+from interpql.backends.runtime import logit_positions
 
 _KEY_AXIS = frozenset({Location.ATTN_SCORES, Location.ATTN_PROBS})  # [batch, query, head, key]
 
@@ -111,6 +113,7 @@ def merge(requests: Sequence[ForwardRequest]) -> ForwardRequest:
         save_grads=frozenset().union(*(r.save_grads for r in requests)),
         autoencoder_error_term=first.autoencoder_error_term,
         frozen_norm_inputs=first.frozen_norm_inputs,
+        logits=max(logit_positions(r) for r in requests),
     )
 
 
@@ -124,11 +127,16 @@ def split(result: ForwardResult, requests: Sequence[ForwardRequest]) -> list[For
         offset += len(request.tokens)
         longest = _longest(request)
         wanted = request.save | request.save_grads
+        positions = logit_positions(request)
         parts.append(
             ForwardResult(
                 lengths=result.lengths[rows],
-                logits=owned(result.logits[rows, :longest]),
-                next_token_loss=owned(result.next_token_loss[rows]),
+                logits=owned(_logits_at(result, rows, longest, positions)),
+                next_token_loss=owned(
+                    result.next_token_loss[rows]
+                    if positions is LogitPositions.ALL
+                    else torch.full((len(request.tokens),), torch.nan)
+                ),
                 activations={
                     p: owned(_trim(p, t[rows], longest))
                     for p, t in result.activations.items()
@@ -146,9 +154,24 @@ def split(result: ForwardResult, requests: Sequence[ForwardRequest]) -> list[For
                 memory_before_bytes=result.memory_before_bytes,
                 memory_after_bytes=result.memory_after_bytes,
                 pass_rows=total,
+                logit_positions=positions,
             )
         )
     return parts
+
+
+def _logits_at(
+    result: ForwardResult, rows: slice, longest: int, positions: LogitPositions
+) -> torch.Tensor:
+    """A caller's rows of the merged pass's logits, at the positions it asked for (the pass
+    unembedded where any caller asked): only those cross back to it."""
+    logits = result.logits[rows]
+    if positions is LogitPositions.NONE:
+        return logits[:, :0]
+    if positions is LogitPositions.ALL or result.logit_positions is LogitPositions.LAST:
+        return logits[:, :longest]
+    last = torch.tensor(result.lengths[rows], device=logits.device) - 1
+    return logits[torch.arange(len(last), device=logits.device), last][:, None]
 
 
 def on_cpu(result: ForwardResult) -> ForwardResult:

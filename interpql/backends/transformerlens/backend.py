@@ -20,9 +20,11 @@ UNSUPPORTED with the reason. Beyond renaming hooks:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, cast
 
 import torch
 
@@ -37,7 +39,7 @@ from interpql.backends.base import (
     Tokenizer,
 )
 from interpql.backends.hooks import HookSession
-from interpql.backends.runtime import execute
+from interpql.backends.runtime import at_positions, check_cacheable, execute
 from interpql.backends.transformerlens.loading import boot, boot_hf_model
 from interpql.backends.transformerlens.locations import (
     HEAD_MAJOR,
@@ -106,7 +108,11 @@ class TransformerLensBackend(Backend):
         return execute(request, session, self.device, self.session_forward)
 
     def session_forward(
-        self, tokens: torch.Tensor, session: HookSessionLike, track_grad: bool
+        self,
+        tokens: torch.Tensor,
+        session: HookSessionLike,
+        track_grad: bool,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         fwd_hooks = self._hooks(session, track_grad) + self._frozen_scales(session.frozen_norms)
         with self.bridge.hooks(fwd_hooks=fwd_hooks), warnings.catch_warnings():
@@ -114,7 +120,44 @@ class TransformerLensBackend(Backend):
             # ask for it.
             warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
             logits: torch.Tensor = self.bridge(tokens, return_type="logits")
-        return logits
+        # The bridge unembeds every position (Hugging Face's forward does); only the choice of
+        # positions is ours.
+        return at_positions(logits, positions)
+
+    caches_keys_and_values = True
+
+    def forward_cached(
+        self, request: ForwardRequest, cache: object | None
+    ) -> tuple[ForwardResult, object]:
+        """Hugging Face's own cache, handed back to the bridge each step (its manual
+        key-value entry point); the hooks see the new positions alone."""
+        check_cacheable(request)
+        start = 0 if cache is None else int(cast(Any, cache).get_seq_length())
+        session = HookSession(request, self.dictionaries, position_offset=start)
+        self._check(request, session)
+        grown: list[object] = []
+
+        def run(
+            tokens: torch.Tensor,
+            session: HookSessionLike,
+            track_grad: bool,
+            positions: torch.Tensor | None,
+        ) -> torch.Tensor:
+            # `cache`: Hugging Face 5's name for what it called past_key_values (the bridge
+            # passes it through as it is).
+            extra = {} if cache is None else {"cache": cache}
+            with (
+                self.bridge.hooks(fwd_hooks=self._hooks(session, track_grad)),
+                _attention_reads_the_cache(self.bridge),
+            ):
+                logits, after = self.bridge(
+                    tokens, return_type="logits_and_cache", use_cache=True, **extra
+                )
+            grown.append(after)
+            return at_positions(logits, positions)
+
+        result = execute(request, session, self.device, run)
+        return result, grown[0]
 
     def _check(self, request: ForwardRequest, session: HookSession) -> None:
         # Asking the session covers every way a request reaches a point: saves, writes,
@@ -202,6 +245,27 @@ class TransformerLensBackend(Backend):
 
 
 # --- hook functions ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _attention_reads_the_cache(bridge: Any) -> Iterator[None]:
+    """Hugging Face 5 hands each attention layer its cache as `cache`; TransformerLens 4.3's
+    attention components look for `past_key_values` (or `layer_past`), and without it neither
+    store the new keys and values nor read the old ones. This passes it under that name too."""
+
+    def rename(_: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+            kwargs = {**kwargs, "past_key_values": kwargs["cache"]}
+        return args, kwargs
+
+    handles = [
+        block.attn.register_forward_pre_hook(rename, with_kwargs=True) for block in bridge.blocks
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def norm_scale_hook(reads: HookPoint, n_layers: int) -> str:

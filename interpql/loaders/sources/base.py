@@ -45,9 +45,14 @@ class Statistics:
 @dataclass(frozen=True)
 class NodeRecordData:
     source: str
-    top: tuple[Example, ...]  # highest first
-    random: tuple[Example, ...]
+    # Tuples, or sequences that build each example when it is read (CompactSource's: a
+    # 1,000-node lookup shows 5 of each node's 15 windows).
+    top: Sequence[Example]  # highest first
+    random: Sequence[Example]
     statistics: Statistics
+    # The largest activation of the top examples, where the source knows it without building
+    # them (None: computed from `top`).
+    top_peak: float | None = None
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ FORMAT_VERSION = 1
 EXPLANATIONS_FILE = "explanations.json.gz"
 EXPLANATIONS_FORMAT = "interpql-explanations"
 EXPLANATIONS_FORMAT_VERSION = 1
-_STATS = ("max", "mean", "variance", "skewness", "kurtosis", "density")
+STATISTICS = ("max", "mean", "variance", "skewness", "kurtosis", "density")
 
 
 def quantile_probs(n_quantiles: int) -> tuple[float, ...]:
@@ -141,14 +141,14 @@ class RecordStore:
                 for q in range(n_buckets)
             ),
             quantile_boundaries=tuple(a["quantile_boundaries"][index].tolist()),
-            stats=StoredStats(**{name: float(a[name][index]) for name in _STATS}),
+            stats=StoredStats(**{name: float(a[name][index]) for name in STATISTICS}),
         )
 
     def _examples(self, offsets: np.ndarray, acts: np.ndarray) -> tuple[StoredWindow, ...]:
         window = self.layout.window
         return tuple(
-            StoredWindow(int(o), tuple(self.tokens[o : o + window].tolist()), tuple(x.tolist()))
-            for o, x in zip(offsets, acts, strict=True)
+            StoredWindow(o, tuple(self.tokens[o : o + window].tolist()), tuple(x))
+            for o, x in zip(offsets.tolist(), acts.tolist(), strict=True)
             if o >= 0
         )
 

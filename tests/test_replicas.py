@@ -1,0 +1,114 @@
+"""What replicas share: the per-client rate limits, counted in a real redis-server for two
+`interpql serve` processes at once, and the metrics of `--workers` processes, added up by
+whichever worker is scraped."""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from interpql.loaders.rate_limits import WINDOW_S, RateLimiter, RedisRateLimiter
+from tests.processes import redis_server, serve, serve_process
+from tests.test_observability import scrape
+
+QUERY = {"query": "{ models { name } }"}
+
+
+def test_rate_limits_hold_exactly_across_two_servers(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as (redis_url, _):
+        common = ("--redis", redis_url, "--rate-limit-requests", "12")
+        with (
+            serve(*common, "--explanation-store", str(tmp_path / "a.sqlite")) as first,
+            serve(*common, "--explanation-store", str(tmp_path / "b.sqlite")) as second,
+        ):
+
+            def send(i: int) -> httpx.Response:
+                # A new connection each: both servers see one client (the loopback address).
+                return httpx.post((first, second)[i % 2] + "/graphql", json=QUERY, timeout=30)
+
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                answers = list(pool.map(send, range(40)))
+            by_server = [[a for i, a in enumerate(answers) if i % 2 == s] for s in (0, 1)]
+            # Each server alone would let 12 through: together they let 12 through in all.
+            assert sum(a.status_code == 200 for a in answers) == 12
+            refused = [a for a in answers if a.status_code != 200]
+            assert len(refused) == 28
+            for answer in refused:
+                assert answer.status_code == 429
+                assert answer.json()["errors"][0]["extensions"]["code"] == "RATE_LIMITED"
+                assert 1 <= int(answer.headers["Retry-After"]) <= WINDOW_S
+            # Both servers refused some: the window really is the shared one.
+            assert all(any(a.status_code == 429 for a in group) for group in by_server)
+
+
+async def test_redis_counts_as_memory_does(tmp_path: Path) -> None:
+    """The Lua script and the in-memory limiter decide alike, request by request, for a cost
+    limit and a request limit together (all within a second, so nothing leaves the window)."""
+    costs = [30, 50, 10, 40, 5, 5, 120, 1, 1, 1]
+    with redis_server(tmp_path) as (redis_url, _):
+        shared = RedisRateLimiter(redis_url, requests_per_minute=6, cost_per_minute=100)
+        now = [0.0]
+        local = RateLimiter(requests_per_minute=6, cost_per_minute=100, clock=lambda: now[0])
+        try:
+            for cost in costs:
+                expected = local.charge_now("client", cost)
+                found = await shared.charge("client", cost)
+                assert (found is None) == (expected is None), (cost, expected, found)
+                if expected is not None:
+                    assert found == pytest.approx(expected, abs=1.0)
+            assert await shared.charge("someone else", 100) is None  # clients apart
+        finally:
+            await shared.close()
+
+
+def test_a_server_whose_redis_is_gone_refuses_with_a_typed_error(tmp_path: Path) -> None:
+    with (
+        redis_server(tmp_path) as (redis_url, process),
+        serve(
+            "--redis",
+            redis_url,
+            "--rate-limit-requests",
+            "100",
+            "--explanation-store",
+            str(tmp_path / "a.sqlite"),
+        ) as url,
+    ):
+        assert httpx.post(url + "/graphql", json=QUERY).status_code == 200
+        process.terminate()
+        process.wait()
+        answer = httpx.post(url + "/graphql", json=QUERY, timeout=30).json()
+        assert answer["errors"][0]["extensions"]["code"] == "SHARED_STATE_UNAVAILABLE"
+        assert "127.0.0.1" not in answer["errors"][0]["message"]
+        assert httpx.get(url + "/healthz").status_code == 200  # the server lives on
+
+
+def test_metrics_of_two_workers_add_up(tmp_path: Path) -> None:
+    files = tmp_path / "metrics"
+    files.mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(files)
+    try:
+        with serve_process(
+            "--workers", "2", "--explanation-store", str(tmp_path / "a.sqlite"), drain_output=True
+        ) as (url, _):
+            sent = 40
+            for _ in range(sent):
+                # A connection each, so that the kernel spreads them over both workers.
+                with httpx.Client() as client:
+                    assert client.post(url + "/graphql", json=QUERY).status_code == 200
+            workers = {p.stem.rsplit("_", 1)[-1] for p in files.glob("counter_*.db")}
+            assert len(workers) == 2, workers  # both answered some
+            for _ in range(4):  # whichever worker answers the scrape counts both
+                samples = scrape(httpx.get(url + "/metrics").text)
+                key = (
+                    "interpql_graphql_requests_total",
+                    (("operation_type", "query"), ("outcome", "ok")),
+                )
+                assert samples[key] == sent
+                time.sleep(0.05)
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
