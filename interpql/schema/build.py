@@ -25,6 +25,7 @@ from strawberry.types import ExecutionContext, Info
 
 from interpql.errors import check_range, invalid_argument
 from interpql.schema.errors import MaskInternalErrors, add_codes
+from interpql.schema.execution import LeafObjectsExecution, read_plain_fields_directly
 from interpql.schema.generation import Subscription
 from interpql.schema.inference import InferenceResult
 from interpql.schema.jobs import Mutation
@@ -138,35 +139,13 @@ def build_schema(
         extensions=extensions,
         # Pinned, so that the @link in schema.graphql moves only when we choose.
         federation_version="2.11",
+        execution_context_class=LeafObjectsExecution,
     )
     schema.max_representations = settings.max_nodes_per_request
     schema.hide_suggestions = not settings.introspection
     _describe(schema._schema, FEDERATION_DESCRIPTIONS)
-    _read_plain_fields_directly(schema)
+    read_plain_fields_directly(schema)
     return schema
-
-
-def _read_plain_fields_directly(schema: strawberry.Schema) -> None:
-    """A field without a resolver is an attribute of its object: strawberry reads it through
-    three calls (its wrapper, `get_result`, the config's default resolver, which is getattr);
-    here graphql-core calls getattr itself. Most of a 1,000-node answer's ~15,000 fields are
-    such leaves."""
-    for name, concrete in schema.schema_converter.type_map.items():
-        definition = getattr(concrete, "definition", None)
-        graphql_type: Any = schema._schema.type_map.get(name)
-        if definition is None or not hasattr(graphql_type, "fields") or definition.is_input:
-            continue
-        for field in definition.fields:
-            graphql_name = schema.config.name_converter.get_graphql_name(field)
-            if field.is_basic_field and graphql_name in graphql_type.fields:
-                graphql_type.fields[graphql_name].resolve = _attribute(field.python_name)
-
-
-def _attribute(python_name: str) -> Callable[..., Any]:
-    def read(source: Any, _info: Any) -> Any:
-        return getattr(source, python_name)
-
-    return read
 
 
 def _describe(schema: GraphQLSchema, descriptions: dict[str, str]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import strawberry
 
 from interpql.resolvers.node_data import ExampleView, ExplanationData, Statistics
@@ -13,7 +15,7 @@ from interpql.schema.scalars import FloatArray, StringArray
 @strawberry.type(description="A dataset example: a window of tokens with the node's activations.")
 class ActivationRecord:
     tokens: StringArray = strawberry.field(description="The window's tokens, as text.")
-    token_ids: list[int] | None = strawberry.field(
+    token_ids: Sequence[int] | None = strawberry.field(
         description="The window's token ids; null where the source keeps only the text."
     )
     activations: FloatArray = strawberry.field(
@@ -26,7 +28,7 @@ class ActivationRecord:
     def of(cls, view: ExampleView) -> ActivationRecord:
         return cls(
             tokens=StringArray(view.tokens),
-            token_ids=None if view.token_ids is None else list(view.token_ids),
+            token_ids=view.token_ids,  # a tuple: graphql-core takes any sequence for a list
             activations=FloatArray(view.activations),
             source=view.source,
             view=view,
