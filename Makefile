@@ -9,12 +9,15 @@ PORT ?= 8000
 GRAPHIQL_ASSETS := interpql/static/node_modules/.interpql-installed
 NPM_STAMPS := $(GRAPHIQL_ASSETS) tests/federation/node_modules/.interpql-installed \
 	clients/typescript/node_modules/.interpql-installed explorer/node_modules/.interpql-installed
+# The files the GraphiQL and graph pages load, copied from GRAPHIQL_ASSETS's npm folder with their
+# licenses into what the package carries (web.py's vendor_assets).
+VENDORED := interpql/static/vendor/LICENSES.txt
 # The explorer (/explore): built from explorer/ (TypeScript, typed from schema.graphql) by Vite.
 EXPLORER_BUILT := interpql/static/explore/explore.js
 EXPLORER_SOURCES := $(wildcard explorer/src/*.ts) explorer/vite.config.ts explorer/codegen.ts \
 	explorer/tsconfig.json schema.graphql
 
-.PHONY: setup serve test lint typecheck imports schema check-schema pytest bench clean \
+.PHONY: setup serve test lint typecheck imports schema check-schema pytest bench clean dist \
 	system-deps npm-deps node-tools graphiql-assets explorer-assets clients
 
 $(STAMP): pyproject.toml constraints.txt
@@ -31,7 +34,7 @@ serve: $(STAMP) graphiql-assets explorer-assets
 # to GraphiQL's CDN page, and `make serve` still needs nothing but python.
 graphiql-assets:
 	@if command -v npm >/dev/null; then \
-		$(MAKE) --no-print-directory $(GRAPHIQL_ASSETS) \
+		$(MAKE) --no-print-directory $(VENDORED) \
 			|| echo "GraphiQL assets not installed: /graphql serves the CDN page"; \
 	else echo "npm not found: /graphql serves GraphiQL's CDN page"; fi
 
@@ -45,7 +48,18 @@ explorer-assets:
 $(EXPLORER_BUILT): explorer/node_modules/.interpql-installed $(EXPLORER_SOURCES)
 	cd explorer && npm run build --silent
 
-test: $(STAMP) system-deps npm-deps $(EXPLORER_BUILT) lint typecheck imports check-schema pytest
+$(VENDORED): $(GRAPHIQL_ASSETS) $(STAMP) interpql/web.py
+	$(BIN)/python -c "from interpql.web import vendor_assets; vendor_assets()"
+
+test: $(STAMP) system-deps npm-deps $(VENDORED) $(EXPLORER_BUILT) lint typecheck imports \
+	check-schema pytest
+
+# An sdist and a wheel in dist/ (PyPA build), carrying the demo and the browser assets built
+# above: npm is needed here, never where the wheel is installed.
+dist: $(STAMP) $(VENDORED) $(EXPLORER_BUILT)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	@ls -l dist
 
 # Services the tests start for real (Debian packages); installed only where missing.
 # chromium: the browser tests drive Debian's build (/usr/bin/chromium) through Playwright.
@@ -99,4 +113,5 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache test-artifacts \
-		$(dir $(NPM_STAMPS)) clients/typescript/src/gql explorer/src/gql interpql/static/explore
+		$(dir $(NPM_STAMPS)) clients/typescript/src/gql explorer/src/gql interpql/static/explore \
+		interpql/static/vendor dist build

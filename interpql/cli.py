@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
+from interpql import __version__
 from interpql.observability.log_format import LOG_FORMATS, configure_logging
 from interpql.options import add_options, flags, from_args, groups, option
 from interpql.settings import Settings
@@ -258,6 +259,7 @@ def parser() -> argparse.ArgumentParser:
     from interpql.bootstrap import ServeOptions
 
     root = argparse.ArgumentParser(prog="interpql", description=__doc__)
+    root.add_argument("--version", action="version", version=f"interpql {__version__}")
     commands = root.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the GraphQL API")

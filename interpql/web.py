@@ -2,15 +2,18 @@
 attribution graph page at /graph (drawn with d3, from the same npm folder), and the explorer at
 /explore (built from explorer/ by Vite; the server adds its first model's name to the page).
 
-`npm ci` in interpql/static (run by `make serve` and `make test`) installs GraphiQL, React and
-ReactDOM into static/node_modules; this module serves the few built files the GraphiQL page loads,
-so GraphiQL works with no internet. Without them, GET /graphql falls back to strawberry's page,
-which loads the same libraries from a CDN.
+`npm ci` in interpql/static (run by `make serve`, `make test` and `make dist`) installs GraphiQL,
+React, ReactDOM and d3 into static/node_modules, and `vendor_assets` copies the few built files
+the pages load into static/vendor/ with their licenses: what the package carries, so that a
+pip-installed server works with no internet. Without them, GET /graphql falls back to
+strawberry's page, which loads the same libraries from a CDN.
 """
 
 from __future__ import annotations
 
 import html
+import json
+import shutil
 from pathlib import Path
 
 from starlette.requests import Request
@@ -19,8 +22,10 @@ from starlette.routing import BaseRoute, Route
 
 STATIC = Path(__file__).parent / "static"
 NODE_MODULES = STATIC / "node_modules"
+VENDOR = STATIC / "vendor"
 
-# What the GraphiQL page loads, by the name it loads it under, inside NODE_MODULES.
+# What the GraphiQL and graph pages load, by the name they load it under (in VENDOR), from where
+# npm puts it in NODE_MODULES.
 GRAPHIQL_ASSETS = {
     "react.production.min.js": "react/umd/react.production.min.js",
     "react-dom.production.min.js": "react-dom/umd/react-dom.production.min.js",
@@ -33,8 +38,29 @@ VIEWER_ASSETS = ("viewer.js", "viewer.css", "graph.js", "graph.css", "explore.cs
 BUILT_ASSETS = {"explore.js": "explore/explore.js"}
 
 
+# Whose code the vendored files are, for their licenses.
+VENDORED_PACKAGES = ("react", "react-dom", "graphiql", "graphql", "d3")
+
+
 def graphiql_assets_installed() -> bool:
-    return all((NODE_MODULES / path).is_file() for path in GRAPHIQL_ASSETS.values())
+    return all((VENDOR / name).is_file() for name in GRAPHIQL_ASSETS)
+
+
+def vendor_assets() -> None:
+    """Copies the npm-built files the pages load from NODE_MODULES into VENDOR, with the
+    licenses of the packages they come from (VENDOR/LICENSES.txt). Run at build time."""
+    VENDOR.mkdir(exist_ok=True)
+    for name, path in GRAPHIQL_ASSETS.items():
+        shutil.copyfile(NODE_MODULES / path, VENDOR / name)
+    notices = []
+    for package in VENDORED_PACKAGES:
+        version = json.loads((NODE_MODULES / package / "package.json").read_text())["version"]
+        [license_file] = sorted((NODE_MODULES / package).glob("LICENSE*"))[:1]
+        notices.append(f"{package} {version}\n\n{license_file.read_text().strip()}\n")
+    (VENDOR / "LICENSES.txt").write_text(
+        "The files in this folder are copied from these npm packages, under their licenses:\n\n"
+        + "\n\n".join(notices)
+    )
 
 
 def graphiql_page() -> str:
@@ -43,7 +69,7 @@ def graphiql_page() -> str:
 
 def _asset_path(name: str) -> Path | None:
     if name in GRAPHIQL_ASSETS:
-        return NODE_MODULES / GRAPHIQL_ASSETS[name]
+        return VENDOR / name
     if name in VIEWER_ASSETS:
         return STATIC / name
     if name in BUILT_ASSETS:

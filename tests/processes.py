@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,16 +36,22 @@ def serve_process(
     startup_s: float = 60,
     preexec_fn: Callable[[], None] | None = None,
     drain_output: bool = False,
+    command: Sequence[str] = (sys.executable, "-m", "interpql.cli"),
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Like `serve`, and the process too (to signal it, or read what it logged: the caller
     reads its stdout, or a chatty server blocks once the pipe is full). `preexec_fn` runs in
-    the child before it starts (e.g. to set resource limits)."""
+    the child before it starts (e.g. to set resource limits); `command` is what runs
+    `interpql` (another installation's, say), in `cwd` with `env`."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "interpql.cli", "serve", "--port", str(port), *args],
+        [*command, "serve", "--port", str(port), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         preexec_fn=preexec_fn,
+        cwd=cwd,
+        env=env,
     )
     url = f"http://127.0.0.1:{port}"
     drain: threading.Thread | None = None

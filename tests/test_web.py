@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -27,11 +28,25 @@ async def test_graphiql_page_loads_local_assets(client: httpx.AsyncClient) -> No
 async def test_graphiql_falls_back_to_the_cdn_page_without_assets(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(web, "NODE_MODULES", tmp_path)
+    monkeypatch.setattr(web, "VENDOR", tmp_path)
     page = await client.get("/graphql", headers={"Accept": "text/html"})
     assert page.status_code == 200
     assert "unpkg.com/graphiql" in page.text
     assert (await client.get("/static/graphiql.min.js")).status_code == 404
+
+
+def test_vendored_assets_are_npms_files_with_their_licenses(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(web, "VENDOR", tmp_path / "vendor")
+    web.vendor_assets()
+    for name, path in web.GRAPHIQL_ASSETS.items():
+        assert (tmp_path / "vendor" / name).read_bytes() == (web.NODE_MODULES / path).read_bytes()
+    notices = (tmp_path / "vendor" / "LICENSES.txt").read_text()
+    for package in web.VENDORED_PACKAGES:
+        version = json.loads((web.NODE_MODULES / package / "package.json").read_text())["version"]
+        assert f"{package} {version}" in notices
+    assert notices.count("Permission is hereby granted") >= 4  # MIT (react, graphiql, graphql)
 
 
 @pytest.mark.parametrize(
