@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,30 +65,33 @@ def served() -> Iterator[Served]:
         yield Served(url, model, f"{model['name']}/mlp_neuron/0/{peaks.index(max(peaks))}")
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext]:
+@contextmanager
+def chromium(profile: Path, timeout_ms: int = 20_000) -> Iterator[BrowserContext]:
+    """Debian's chromium, headless, driven by Playwright."""
     assert CHROMIUM.exists(), "Debian's chromium is needed: `make test` installs it"
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            tmp_path_factory.mktemp("chromium-profile"),
+            profile,
             executable_path=CHROMIUM,
             headless=True,
             args=CHROMIUM_ARGS,
             viewport={"width": 1280, "height": 800},
         )
-        context.set_default_timeout(20_000)
+        context.set_default_timeout(timeout_ms)
         yield context
         context.close()
 
 
-@pytest.fixture
-def page(browser: BrowserContext, served: Served) -> Iterator[Page]:
-    page = browser.new_page()
+@contextmanager
+def offline_page(context: BrowserContext, server: str) -> Iterator[Page]:
+    """A page whose requests to anything but `server` are refused; at the end, none may have
+    been asked for and the page may have raised nothing."""
+    page = context.new_page()
     outside: list[str] = []
     errors: list[str] = []
 
     def only_the_server(route: Route) -> None:
-        if route.request.url.startswith(served.url):
+        if route.request.url.startswith(server):
             route.continue_()
         else:
             outside.append(route.request.url)
@@ -99,6 +103,18 @@ def page(browser: BrowserContext, served: Served) -> Iterator[Page]:
     page.close()
     assert outside == [], f"the page asked for outside resources: {outside}"
     assert errors == [], f"the page raised: {errors}"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext]:
+    with chromium(tmp_path_factory.mktemp("chromium-profile")) as context:
+        yield context
+
+
+@pytest.fixture
+def page(browser: BrowserContext, served: Served) -> Iterator[Page]:
+    with offline_page(browser, served.url) as page:
+        yield page
 
 
 def screenshot(page: Page, name: str, full_page: bool = False) -> None:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import BrowserContext, Page, Route, expect
+from playwright.sync_api import BrowserContext, Page, expect
 
 from interpql import __version__, web
 from tests.processes import serve_process
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, screenshot
+from tests.test_browser import chromium, offline_page, screenshot
 from tests.test_server import ROOT
 
 WHEEL_LIMIT = 30 * 2**20
@@ -92,40 +92,14 @@ def test_the_installed_package_knows_its_version(venv: Path) -> None:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            tmp_path_factory.mktemp("chromium-profile"),
-            executable_path=CHROMIUM,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 800},
-        )
-        context.set_default_timeout(30_000)
+    with chromium(tmp_path_factory.mktemp("chromium-profile"), timeout_ms=30_000) as context:
         yield context
-        context.close()
 
 
 @pytest.fixture
 def page(browser: BrowserContext, installed: str) -> Iterator[Page]:
-    page = browser.new_page()
-    outside: list[str] = []
-    errors: list[str] = []
-
-    def only_the_server(route: Route) -> None:
-        if route.request.url.startswith(installed):
-            route.continue_()
-        else:
-            outside.append(route.request.url)
-            route.abort()
-
-    page.route("**/*", only_the_server)
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    yield page
-    page.close()
-    assert outside == [], f"the page asked for outside resources: {outside}"
-    assert errors == [], f"the page raised: {errors}"
+    with offline_page(browser, installed) as page:
+        yield page
 
 
 def model_name(url: str) -> str:

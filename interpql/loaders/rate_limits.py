@@ -18,12 +18,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-import redis.asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from interpql.errors import UnavailableError
+from interpql.loaders.jobs.redis_store import redis_client
 
 WINDOW_S = 60.0
 
@@ -164,14 +162,7 @@ class RedisRateLimiter:
         self.requests_per_minute = requests_per_minute
         self.cost_per_minute = cost_per_minute
         self.prefix = prefix
-        # No retries: a request that cannot reach Redis is answered at once.
-        self._client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=timeout_s,
-            socket_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._client = redis_client(url, timeout_s, timeout_s)
         self._charge = self._client.register_script(_CHARGE)
 
     def __bool__(self) -> bool:

@@ -86,6 +86,18 @@ def check_redis_url(url: str) -> str:
     return url
 
 
+def redis_client(url: str, timeout_s: float, read_timeout_s: float) -> redis.asyncio.Redis:
+    """A client that answers at once when Redis cannot be reached: no retries inside it (the
+    callers retry what they must, or refuse with a typed error)."""
+    return redis.asyncio.Redis.from_url(
+        check_redis_url(url),
+        decode_responses=True,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=read_timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
 class RedisJobStore:
     shared = True
 
@@ -99,15 +111,8 @@ class RedisJobStore:
         self.url = check_redis_url(url)
         self.prefix = prefix
         self.block_ms = block_ms
-        # No retries inside the client: a request that cannot reach Redis answers at once, and
-        # the job manager retries its own writes.
-        self._client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=timeout_s,
-            socket_timeout=timeout_s + block_ms / 1000,
-            retry=Retry(NoBackoff(), 0),
-        )
+        # The job manager retries its own writes.
+        self._client = redis_client(url, timeout_s, timeout_s + block_ms / 1000)
         self._create = self._client.register_script(_CREATE)
         self._update = self._client.register_script(_UPDATE)
 
