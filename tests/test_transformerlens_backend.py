@@ -675,3 +675,35 @@ def test_cached_generation_on_a_rotary_model(tmp_path: Path, gqa: bool) -> None:
     )
     cached, rerun = generated_both_ways(backend, spec)
     assert cached.unsteered == rerun.unsteered and len(cached.unsteered) == 12
+
+
+async def test_scored_key_tokens_of_grouped_query_heads(tmp_path: Path) -> None:
+    """Each query head's key tokens come from the key-value head it reads (Hugging Face's own
+    k_proj rows), for the heads past the number of key-value heads too."""
+    hf = tiny_hf_model("llama", tmp_path, gqa=True)
+    registry = ModelRegistry()
+    registry.add(load_model(str(tmp_path), name="other", backend="transformerlens"))
+    attention = hf.model.layers[1].self_attn
+    heads, kv_heads = hf.config.num_attention_heads, hf.config.num_key_value_heads
+    d_head = hf.config.hidden_size // heads
+    embeddings = hf.model.embed_tokens.weight.detach()
+    transport = httpx.ASGITransport(app=create_app(registry))
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        for head in range(heads):
+            body = await graphql(
+                client,
+                f'{{ node(id: "other/attention_head/1/{head}") {{ scoredTokens(k: 5) {{ '
+                "upvotingKeyTokens { token { id } value } "
+                "upvotingInputTokens { token { id } value } } } }",
+            )
+            assert "errors" not in body, body
+            scored = body["data"]["node"]["scoredTokens"]
+            kv = head // (heads // kv_heads)
+            w_k = attention.k_proj.weight.detach()[kv * d_head : (kv + 1) * d_head]
+            w_q = attention.q_proj.weight.detach()[head * d_head : (head + 1) * d_head]
+            for field, weight in (("upvotingKeyTokens", w_k), ("upvotingInputTokens", w_q)):
+                expected = torch.topk((embeddings @ weight.T).norm(dim=-1), 5)
+                assert [t["token"]["id"] for t in scored[field]] == expected.indices.tolist()
+                values = [t["value"] for t in scored[field]]
+                assert values == pytest.approx(expected.values.tolist(), rel=1e-5)
+    registry.close()

@@ -3,7 +3,8 @@
 * upvoted / downvoted output tokens: the logit lens of the node's write direction, d @ W_U;
 * upvoting input tokens: for an MLP neuron, the token embeddings' dot product with its input
   weights, W_E @ W_in[:, n]; for an attention head, the norm of what each token embedding
-  contributes to the head's query and key, |W_E @ W_Q[h]| and |W_E @ W_K[h]|.
+  contributes to the head's query and key, |W_E @ W_Q[h]| and |W_E @ W_K[h']| (h' its key-value
+  head: h itself, or h // (heads per key-value head) with grouped-query attention).
 
 These are raw weight products, without the LayerNorms in between: a lens, not an exact
 attribution. Attention heads write no fixed direction, so they have no output tokens.
@@ -40,8 +41,12 @@ def scored_tokens(entry: ModelEntry, node: NodeRef, k: int) -> TokenScores:
     kind = entry.kind(node.kind)
     w_e = backend.weight("W_E")  # [vocab, d_model]
     if isinstance(kind, AttentionHeads):
+        arch = backend.architecture
+        # Grouped-query attention: query head h reads key-value head h // group (base.py).
+        group = arch.n_heads // (arch.n_kv_heads or arch.n_heads)
         queries = (w_e @ backend.weight(f"blocks.{node.layer}.attn.W_Q")[node.index]).norm(dim=-1)
-        keys = (w_e @ backend.weight(f"blocks.{node.layer}.attn.W_K")[node.index]).norm(dim=-1)
+        w_k = backend.weight(f"blocks.{node.layer}.attn.W_K")[node.index // group]
+        keys = (w_e @ w_k).norm(dim=-1)
         return TokenScores([], [], _top(queries, k), _top(keys, k))
     if not kind.has_write_direction:
         raise UnavailableError(f"Nodes of kind {kind.name} have no scored tokens.")

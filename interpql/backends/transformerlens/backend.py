@@ -76,6 +76,7 @@ class TransformerLensBackend(Backend):
             n_vocab=cfg.d_vocab,
             family=family,
             norm_eps=float(getattr(cfg, "eps", 1e-5)),
+            n_kv_heads=_kv_heads(getattr(cfg, "n_key_value_heads", None), cfg.n_heads),
         )
         self.tokenizer = tokenizer
         self.dictionaries = {}
@@ -245,6 +246,11 @@ class TransformerLensBackend(Backend):
 
 
 # --- hook functions ------------------------------------------------------------------------
+
+
+def _kv_heads(n_kv_heads: int | None, n_heads: int) -> int | None:
+    """Heads of keys and values where grouped-query attention shares them, else None."""
+    return None if n_kv_heads is None or int(n_kv_heads) == n_heads else int(n_kv_heads)
 
 
 @contextlib.contextmanager

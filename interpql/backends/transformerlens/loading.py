@@ -128,6 +128,11 @@ def read_architecture(spec: str) -> Architecture:
             or getattr(config, "rms_norm_eps", None)
             or 1e-5
         ),
+        n_kv_heads=(
+            None
+            if getattr(config, "num_key_value_heads", None) in (None, n_heads)
+            else int(config.num_key_value_heads)
+        ),
     )
 
 
