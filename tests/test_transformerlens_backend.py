@@ -38,6 +38,7 @@ from interpql.loaders.registry import ModelEntry, ModelRegistry
 from interpql.server import create_app
 from interpql.specs import Ablation, AttentionTrace, GenerationSpec, LossKind, LossSpec, NodeRef
 from tests.conftest import SMALL, error_codes, graphql
+from tests.processes import serve
 from tests.test_autoencoder_latents import with_two_autoencoders
 from tests.test_generation import edited_spec, generated_both_ways
 
@@ -677,25 +678,24 @@ def test_cached_generation_on_a_rotary_model(tmp_path: Path, gqa: bool) -> None:
     assert cached.unsteered == rerun.unsteered and len(cached.unsteered) == 12
 
 
-async def test_scored_key_tokens_of_grouped_query_heads(tmp_path: Path) -> None:
+def test_scored_key_tokens_of_grouped_query_heads(tmp_path: Path) -> None:
     """Each query head's key tokens come from the key-value head it reads (Hugging Face's own
-    k_proj rows), for the heads past the number of key-value heads too."""
-    hf = tiny_hf_model("llama", tmp_path, gqa=True)
-    registry = ModelRegistry()
-    registry.add(load_model(str(tmp_path), name="other", backend="transformerlens"))
+    k_proj rows), for the heads past the number of key-value heads too, over HTTP from a real
+    `interpql serve` of the folder (where they answered INTERNAL_SERVER_ERROR)."""
+    hf = tiny_hf_model("llama", tmp_path / "llama", gqa=True)
     attention = hf.model.layers[1].self_attn
     heads, kv_heads = hf.config.num_attention_heads, hf.config.num_key_value_heads
     d_head = hf.config.hidden_size // heads
     embeddings = hf.model.embed_tokens.weight.detach()
-    transport = httpx.ASGITransport(app=create_app(registry))
-    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+    args = ("--backend", "transformerlens", "--model", str(tmp_path / "llama"), "--name", "other")
+    with serve(*args, "--explanation-store", str(tmp_path / "explanations.sqlite")) as url:
         for head in range(heads):
-            body = await graphql(
-                client,
+            query = (
                 f'{{ node(id: "other/attention_head/1/{head}") {{ scoredTokens(k: 5) {{ '
                 "upvotingKeyTokens { token { id } value } "
-                "upvotingInputTokens { token { id } value } } } }",
+                "upvotingInputTokens { token { id } value } } } }"
             )
+            body = httpx.post(url + "/graphql", json={"query": query}, timeout=60).json()
             assert "errors" not in body, body
             scored = body["data"]["node"]["scoredTokens"]
             kv = head // (heads // kv_heads)
@@ -706,4 +706,3 @@ async def test_scored_key_tokens_of_grouped_query_heads(tmp_path: Path) -> None:
                 assert [t["token"]["id"] for t in scored[field]] == expected.indices.tolist()
                 values = [t["value"] for t in scored[field]]
                 assert values == pytest.approx(expected.values.tolist(), rel=1e-5)
-    registry.close()

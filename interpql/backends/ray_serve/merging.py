@@ -170,8 +170,7 @@ def _logits_at(
         return logits[:, :0]
     if positions is LogitPositions.ALL or result.logit_positions is LogitPositions.LAST:
         return logits[:, :longest]
-    last = torch.tensor(result.lengths[rows], device=logits.device) - 1
-    return logits[torch.arange(len(last), device=logits.device), last][:, None]
+    return torch.stack([result.last_logits(row) for row in range(rows.start, rows.stop)])[:, None]
 
 
 def on_cpu(result: ForwardResult) -> ForwardResult:
