@@ -110,6 +110,17 @@ def invalid_argument(message: str) -> InvalidInputError:
     return InvalidInputError(message, code="INVALID_ARGUMENT")
 
 
+def check_position(name: str, index: int, n_tokens: int) -> int:
+    """A token index into `n_tokens` tokens, counted from the end when negative (-1 the last
+    token), as a position from 0; INVALID_ARGUMENT outside [-n_tokens, n_tokens)."""
+    if not -n_tokens <= index < n_tokens:
+        raise invalid_argument(
+            f"{name} must be in [{-n_tokens}, {n_tokens}) (negative counts from the end: -1 is "
+            f"the last token), got {index}."
+        )
+    return index % n_tokens
+
+
 def check_range(name: str, value: int, low: int, high: int) -> int:
     """Returns `value` when low <= value < high, else raises INVALID_ARGUMENT."""
     if not low <= value < high:

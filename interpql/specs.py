@@ -106,6 +106,16 @@ class Ablation:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Steering:
+    """Add `strength` x the node's unit write direction at `positions` (None: every position,
+    generated ones included)."""
+
+    node: NodeRef
+    strength: float
+    positions: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class TraceSpec:
     """Start the backward pass at an upstream node instead of at the loss. Attention heads are
     traced through Q, K or QK (their score between `position` and `key_position`) or V (their
@@ -127,6 +137,7 @@ class InferenceSpec:
     prompt: str
     tokens: tuple[int, ...]
     ablations: tuple[Ablation, ...] = ()
+    steering: tuple[Steering, ...] = ()
     loss: LossSpec = field(default_factory=LossSpec)
     trace: TraceSpec | None = None
     # Where dictionary latents are used, keep each dictionary's error term, so that untouched
@@ -147,6 +158,7 @@ class InferenceSpec:
             self.model,
             self.tokens,
             self.ablations,
+            self.steering,
             self.loss,
             self.trace,
             self.keep_error_term,
@@ -161,16 +173,6 @@ class InferenceSpec:
         if self.keep_error_term:
             return ()
         return (self.attention_kind, self.mlp_kind, self.residual_kinds)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Steering:
-    """Add `strength` x the node's unit write direction at `positions` (None: every position,
-    generated ones included)."""
-
-    node: NodeRef
-    strength: float
-    positions: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -256,6 +256,14 @@ async def test_unauthenticated(setup: tuple[httpx.AsyncClient, Services]) -> Non
         assert error_codes(body) == ["UNAUTHENTICATED"]
 
 
+async def test_no_configured_key_says_how_to_enable_one(client: httpx.AsyncClient) -> None:
+    # The session client's server has no keys: a caller cannot guess that none can work.
+    body = await graphql(client, SCORE, {"n": NODE, "t": EXPLANATION})
+    assert error_codes(body) == ["UNAUTHENTICATED"]
+    message = body["errors"][0]["message"]
+    assert "none configured" in message and "--api-key" in message
+
+
 async def test_per_key_job_limit(
     setup: tuple[httpx.AsyncClient, Services], fake: FakeOpenAI
 ) -> None:

@@ -33,6 +33,13 @@ class ApiKeys:
 
     def require(self, authorization: str | None) -> str:
         key_id = self.identify(authorization)
+        if key_id is None and not self._hashes:
+            raise UnauthenticatedError(
+                "This operation needs an API key, and this server has none configured, so no "
+                "key can work: start it with --api-key <key> (or $INTERPQL_API_KEYS, "
+                "comma-separated; --api-key-hash <sha256> keeps the key itself off the command "
+                "line)."
+            )
         if key_id is None:
             raise UnauthenticatedError(
                 "This operation needs an API key: send 'Authorization: Bearer <key>'."

@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from interpql.backends.base import Addition, ForwardRequest, HookPoint, LogitPositions
-from interpql.backends.node_kinds import AttentionHeads
+from interpql.backends.base import Addition, ForwardRequest, LogitPositions
 from interpql.backends.tokenizer import END_OF_TEXT_ID
-from interpql.loaders.analysis import write_directions
 from interpql.loaders.registry import ModelEntry
-from interpql.specs import GenerationSpec, NodeRef, Steering
+from interpql.loaders.steering import steering_additions
+from interpql.specs import GenerationSpec
 
 
 @dataclass(frozen=True)
@@ -29,27 +28,20 @@ class GenerationStep:
     step: int
     unsteered: int | None  # None once that row has ended
     steered: int | None
+    # The model's probability of each chosen token (softmax of the logits, temperature 1).
+    unsteered_probability: float | None = None
+    steered_probability: float | None = None
 
 
 @dataclass(frozen=True)
 class Generated:
     unsteered: list[int]
     steered: list[int] | None
+    # Per generated token, the model's probability of it where it was chosen (temperature 1).
+    unsteered_probabilities: list[float] = field(default_factory=list)
+    steered_probabilities: list[float] | None = None
     # Each step's pass: its time on the model and its rows (the request's inference figures).
     passes: list[tuple[float, int]] = field(default_factory=list)
-
-
-def steering_direction(entry: ModelEntry, node: NodeRef) -> torch.Tensor:
-    """A unit vector in the residual stream. An attention head writes no fixed direction; its
-    steering direction is the one it can write most strongly (W_O's top singular vector)."""
-    directions = write_directions(entry, node.layer, node.kind)
-    direction: torch.Tensor
-    if isinstance(entry.kind(node.kind), AttentionHeads):
-        direction = torch.linalg.svd(directions[node.index], full_matrices=False).Vh[0]
-    else:
-        direction = directions[node.index]
-    unit: torch.Tensor = direction / direction.norm().clamp(min=1e-12)
-    return unit
 
 
 def generate(
@@ -70,11 +62,12 @@ def generate(
         for row in range(rows)
         for a in spec.ablations
     )
-    additions = tuple(_additions(entry, spec.steering, row=1)) if spec.steering else ()
+    additions = tuple(steering_additions(entry, spec.steering, row=1))
     cached = backend.caches_keys_and_values
     cache: object | None = None
     new = [list(spec.tokens) for _ in range(rows)]  # what the next pass runs, per row
     passes: list[tuple[float, int]] = []
+    probabilities: list[list[float]] = [[] for _ in range(rows)]
     for step in range(spec.max_tokens):
         if stop.is_set():  # nobody waits for the rest
             break
@@ -91,25 +84,45 @@ def generate(
             result = backend.forward(request)
         passes.append((result.elapsed_s, rows))
         chosen: list[int | None] = []
+        chosen_probabilities: list[float | None] = []
         for row in range(rows):
             if done[row]:
                 chosen.append(None)
+                chosen_probabilities.append(None)
                 continue
             logits = result.last_logits(row)
             token = _sample(logits, spec.temperature, spec.top_p, generators[row])
             sequences[row].append(token)
+            probability = float(torch.softmax(logits.double(), dim=-1)[token])
+            probabilities[row].append(probability)
+            chosen_probabilities.append(probability)
             done[row] = token == END_OF_TEXT_ID
             chosen.append(token)
         # A row that has ended is fed on (its output unread), so that the rows stay as long
         # as each other in the cache.
         new = [[END_OF_TEXT_ID if token is None else token] for token in chosen]
         if on_step is not None:
-            on_step(GenerationStep(step, chosen[0], chosen[1] if rows == 2 else None))
+            steered = rows == 2
+            on_step(
+                GenerationStep(
+                    step,
+                    chosen[0],
+                    chosen[1] if steered else None,
+                    chosen_probabilities[0],
+                    chosen_probabilities[1] if steered else None,
+                )
+            )
         if all(done):
             break
     prompt_length = len(spec.tokens)
     continuations = [s[prompt_length:] for s in sequences]
-    return Generated(continuations[0], continuations[1] if rows == 2 else None, passes)
+    return Generated(
+        continuations[0],
+        continuations[1] if rows == 2 else None,
+        probabilities[0],
+        probabilities[1] if rows == 2 else None,
+        passes,
+    )
 
 
 def _reached(additions: tuple[Addition, ...], sequences: list[list[int]]) -> tuple[Addition, ...]:
@@ -119,16 +132,6 @@ def _reached(additions: tuple[Addition, ...], sequences: list[list[int]]) -> tup
         for add in additions
         if add.position is None or add.position < len(sequences[add.row or 0])
     )
-
-
-def _additions(entry: ModelEntry, steering: tuple[Steering, ...], row: int) -> list[Addition]:
-    additions = []
-    for steer in steering:
-        vector = tuple((steer.strength * steering_direction(entry, steer.node)).tolist())
-        point = HookPoint(steer.node.layer, entry.kind(steer.node.kind).side.writes)
-        for position in steer.positions if steer.positions is not None else (None,):
-            additions.append(Addition(point=point, vector=vector, position=position, row=row))
-    return additions
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, rng: torch.Generator) -> int:

@@ -35,6 +35,7 @@ from interpql.loaders.pass_results import (
     row_result,
 )
 from interpql.loaders.registry import ModelEntry, ModelRegistry
+from interpql.loaders.steering import steering_additions
 from interpql.specs import InferenceSpec, LayerNormScale
 
 __all__ = [
@@ -61,7 +62,7 @@ def default_runner(window_s: float = 0.002, timeout_s: float | None = None) -> I
 
 class ResultCache:
     """Results of earlier requests, shared by all requests: an identical input (its
-    `pass_key`: model, tokens, ablations, loss, trace, error-term switch, LayerNorm
+    `pass_key`: model, tokens, ablations, steering, loss, trace, error-term switch, LayerNorm
     convention) is answered without running again when the earlier pass computed what is
     asked now."""
 
@@ -168,6 +169,11 @@ def _run_rows(entry: ModelEntry, keys: list[_Key]) -> dict[Hashable, RowResult]:
         for row, spec in enumerate(rows)
         for a in spec.ablations
     )
+    additions = tuple(
+        addition
+        for row, spec in enumerate(rows)
+        for addition in steering_additions(entry, spec.steering, row)
+    )
     first = rows[0]
     save = union.hook_points(entry)
     if Location.ATTN_V not in backend.locations:
@@ -178,6 +184,7 @@ def _run_rows(entry: ModelEntry, keys: list[_Key]) -> dict[Hashable, RowResult]:
         tokens=tuple(spec.tokens for spec in rows),
         save=save,
         interventions=interventions,
+        additions=additions,
         backward=first.loss if union.backward else None,
         autoencoder_error_term=first.keep_error_term,
         logits=union.logit_positions,

@@ -52,6 +52,11 @@ class Needs:
     final_norm_bias: bool = False
     # Each position's next-token loss (RowResult.token_losses).
     token_losses: bool = False
+    # Positions (from 0) whose whole vocabulary of logits is kept (RowResult.position_logits):
+    # predictions and token probabilities at a token other than the last.
+    logit_rows: frozenset[int] = frozenset()
+    # Each layer's residual-stream norm after attention and after the MLP, per position.
+    stream_norms: bool = False
     # Where logits are read: the last position for top predictions and last-token losses,
     # every position for the next-token loss; the pass unembeds only there.
     logits: LogitPositions = LogitPositions.NONE
@@ -66,13 +71,15 @@ class Needs:
             self.norm_scales | other.norm_scales,
             self.final_norm_bias or other.final_norm_bias,
             self.token_losses or other.token_losses,
+            self.logit_rows | other.logit_rows,
+            self.stream_norms or other.stream_norms,
             max(self.logits, other.logits),
         )
 
     @property
     def logit_positions(self) -> LogitPositions:
         """Where the pass must unembed for these needs."""
-        if self.token_losses or self.final_norm_bias:
+        if self.token_losses or self.final_norm_bias or self.logit_rows:
             return LogitPositions.ALL
         return self.logits
 
@@ -101,6 +108,8 @@ class Needs:
         for layer in self.pattern_layers | self.pair_layers:
             points |= {HookPoint(layer, Location.ATTN_PROBS), HookPoint(layer, Location.ATTN_V)}
         points |= {HookPoint(layer, Location.ATTN_Z) for layer in self.pair_layers}
+        if self.stream_norms:
+            points |= set(stream_norm_points(entry))
         return frozenset(points | self.norm_scales)
 
     def gradient_points(self, entry: ModelEntry, stream_point: HookPoint) -> frozenset[HookPoint]:
@@ -111,6 +120,17 @@ class Needs:
         if self.stream_gradient or self.pair_layers:
             points.add(stream_point)
         return frozenset(points)
+
+
+def stream_norm_points(entry: ModelEntry) -> list[HookPoint]:
+    """Where residualNorms reads the stream: after each layer's attention and its MLP."""
+    locations = entry.require_backend().locations
+    return [
+        HookPoint(layer, location)
+        for layer in range(entry.architecture.n_layers)
+        for location in (Location.RESID_MID, Location.RESID_POST)
+        if location in locations
+    ]
 
 
 def objective_needs(spec: InferenceSpec) -> Needs:
@@ -129,6 +149,10 @@ class RowResult:
     last_logits: np.ndarray | None  # [vocab] at the last position, unless logits were NONE
     # -log p(token t+1 | tokens <= t) at each position t, nan at the last (`Needs.token_losses`).
     token_losses: np.ndarray | None = None
+    # [vocab] logits at each of `Needs.logit_rows`.
+    position_logits: dict[int, np.ndarray] = field(default_factory=dict)
+    # [position] the residual stream's L2 norm at each of `stream_norm_points` (Needs).
+    stream_norms: dict[HookPoint, np.ndarray] = field(default_factory=dict)
     scores: dict[LayerKind, NodeScores] = field(default_factory=dict)
     patterns: dict[int, np.ndarray] = field(default_factory=dict)  # [query, head, key]
     pair_attributions: dict[int, np.ndarray] = field(default_factory=dict)  # [query, head, key]
@@ -190,6 +214,11 @@ def row_result(
     done.next_token_loss = None if np.isnan(loss) else loss
     if needs.token_losses:
         done.token_losses = _token_losses(result, row, spec)
+    for position in needs.logit_rows:
+        done.position_logits[position] = _numpy_of(result.logits[row, position])
+    if needs.stream_norms:
+        for point in stream_norm_points(entry):
+            done.stream_norms[point] = _numpy_of(part.saved(point).float().norm(dim=-1))
     for layer, kind in needs.all_layer_kinds():
         done.scores[(layer, kind)], biases = part.node_scores(layer, kind)
         if biases is not None:

@@ -7,6 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from interpql.backends.base import Architecture, AutoencoderInput, Backend
 from interpql.backends.dictionaries.loading import hook_name
 from interpql.backends.node_kinds import DictionaryLatents, NodeKind, kind_table
@@ -122,6 +124,23 @@ class ModelEntry:
         # Served without weights, a GPT-2 model still has its tokenizer.
         tokenizer = self.backend.tokenizer if self.backend is not None else gpt2_encoding()
         return tokenizer.decode_single_token_bytes(token).decode("utf-8", errors="replace")
+
+    def unused_tokens(self) -> torch.Tensor | None:
+        """[vocab] bool: the tokens whose input embedding is zero, which the model never saw
+        in training (the demo's vocabulary outside its corpus); None when every token is used
+        or, without weights, unknown."""
+        if "unused_tokens" not in self.derived:
+            unused = None
+            if self.backend is not None:
+                zero = self.backend.weight("W_E").abs().amax(dim=-1) == 0
+                unused = zero if bool(zero.any()) else None
+            self.derived["unused_tokens"] = unused
+        found: torch.Tensor | None = self.derived["unused_tokens"]
+        return found
+
+    def token_in_use(self, token: int) -> bool:
+        unused = self.unused_tokens()
+        return unused is None or not (0 <= token < unused.shape[0] and bool(unused[token]))
 
     def require_backend(self) -> Backend:
         if self.backend is None:

@@ -7,7 +7,9 @@
   head: h itself, or h // (heads per key-value head) with grouped-query attention).
 
 These are raw weight products, without the LayerNorms in between: a lens, not an exact
-attribution. Attention heads write no fixed direction, so they have no output tokens.
+attribution. Attention heads write no fixed direction, so they have no output tokens. Tokens the
+model never learned (a zero input embedding: ModelEntry.unused_tokens) are left out: their
+unembedding columns are whatever training left there, and they would crowd every list.
 """
 
 from __future__ import annotations
@@ -31,15 +33,21 @@ class TokenScores:
     upvoting_input_keys: list[tuple[int, float]]  # attention heads: through their key
 
 
-def _top(values: torch.Tensor, k: int, largest: bool = True) -> list[tuple[int, float]]:
+def _top(
+    values: torch.Tensor, k: int, unused: torch.Tensor | None, largest: bool = True
+) -> list[tuple[int, float]]:
+    ids = torch.arange(values.shape[0])
+    if unused is not None:
+        ids, values = ids[~unused], values[~unused]
     found = torch.topk(values, min(k, values.shape[0]), largest=largest)
-    return list(zip(found.indices.tolist(), found.values.tolist(), strict=True))
+    return list(zip(ids[found.indices].tolist(), found.values.tolist(), strict=True))
 
 
 def scored_tokens(entry: ModelEntry, node: NodeRef, k: int) -> TokenScores:
     backend = entry.require_backend()
     kind = entry.kind(node.kind)
     w_e = backend.weight("W_E")  # [vocab, d_model]
+    unused = entry.unused_tokens()
     if isinstance(kind, AttentionHeads):
         arch = backend.architecture
         # Grouped-query attention: query head h reads key-value head h // group (base.py).
@@ -47,12 +55,14 @@ def scored_tokens(entry: ModelEntry, node: NodeRef, k: int) -> TokenScores:
         queries = (w_e @ backend.weight(f"blocks.{node.layer}.attn.W_Q")[node.index]).norm(dim=-1)
         w_k = backend.weight(f"blocks.{node.layer}.attn.W_K")[node.index // group]
         keys = (w_e @ w_k).norm(dim=-1)
-        return TokenScores([], [], _top(queries, k), _top(keys, k))
+        return TokenScores([], [], _top(queries, k, unused), _top(keys, k, unused))
     if not kind.has_write_direction:
         raise UnavailableError(f"Nodes of kind {kind.name} have no scored tokens.")
     direction = write_directions(entry, node.layer, node.kind)[node.index]  # [d_model]
     logits = direction @ backend.weight("W_U")  # [vocab]
     upvoting: list[tuple[int, float]] = []
     if isinstance(kind, MlpNeurons):
-        upvoting = _top(w_e @ kind.read_direction(backend, node.layer, node.index), k)
-    return TokenScores(_top(logits, k), _top(logits, k, largest=False), upvoting, [])
+        upvoting = _top(w_e @ kind.read_direction(backend, node.layer, node.index), k, unused)
+    return TokenScores(
+        _top(logits, k, unused), _top(logits, k, unused, largest=False), upvoting, []
+    )

@@ -8,7 +8,7 @@ from enum import StrEnum
 
 import numpy as np
 
-from interpql.errors import check_range, invalid_argument
+from interpql.errors import check_position, check_range, invalid_argument
 from interpql.loaders.inference import LayerKind, Needs, RowResult
 from interpql.loaders.scored_tokens import TokenScores, scored_tokens
 from interpql.resolvers.context import RequestContext
@@ -27,6 +27,7 @@ class Group(StrEnum):
 class RankedNode:
     node: NodeRef
     value: float
+    token_values: list[float]  # the group's value at each position, from the same pass
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ async def top_nodes(
 ) -> Ranking:
     check_range("k", k, 0, ctx.settings.max_top_k + 1)
     if position is not None:
-        check_range("tokenIndex", position, 0, len(spec.tokens))
+        position = check_position("tokenIndex", position, len(spec.tokens))
     layer_kinds = ranked_layer_kinds(ctx, spec)
     if not layer_kinds:
         raise invalid_argument("The model has no nodes of the chosen component types.")
@@ -95,7 +96,8 @@ async def top_nodes(
         out = []
         for i in indices:
             (layer, kind), index = owners[int(i)]
-            out.append(RankedNode(NodeRef(spec.model, kind, layer, index), float(values[i])))
+            ref = NodeRef(spec.model, kind, layer, index)
+            out.append(RankedNode(ref, float(values[i]), per_position[:, i].tolist()))
         return out
 
     return Ranking(

@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 from interpql.errors import check_range, invalid_argument
 from interpql.loaders.generation import Generated, GenerationStep, generate
 from interpql.resolvers.context import RequestContext
-from interpql.resolvers.inference import ablations, check_magnitude, own_node
+from interpql.resolvers.inference import ablations, steering
 from interpql.resolvers.inputs import GenerateArgs
 from interpql.resolvers.models import encode_prompt
-from interpql.specs import GenerationSpec, Steering
+from interpql.specs import GenerationSpec
 
 __all__ = [
     "MAX_NEW_TOKENS",
@@ -37,17 +37,13 @@ def generation_spec(ctx: RequestContext, model_name: str, args: GenerateArgs) ->
     if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
         raise invalid_argument("topP must be in (0, 1].")
     check_range("seed", args.seed, 0, 2**63)
-    steering = []
     final_length = len(tokens) + args.max_tokens
-    for steer in args.steering:
-        node = own_node(ctx, entry, str(steer.node_id))
-        if not entry.kind(node.kind).steerable:
-            raise invalid_argument(f"A {node.kind} node has no direction to steer along.")
-        check_magnitude("Steering strength", steer.strength)
-        for position in steer.token_indices or []:
-            check_range("steering tokenIndices", position, 0, final_length)
-        positions = None if steer.token_indices is None else tuple(steer.token_indices)
-        steering.append(Steering(node=node, strength=steer.strength, positions=positions))
+    steered = steering(
+        ctx,
+        entry,
+        args.steering,
+        lambda index: _steered_position(index, len(tokens), final_length),
+    )
     return GenerationSpec(
         model=entry.name,
         prompt=args.prompt,
@@ -57,7 +53,7 @@ def generation_spec(ctx: RequestContext, model_name: str, args: GenerateArgs) ->
         top_p=args.top_p,
         seed=args.seed,
         ablations=ablations(ctx, entry, args.ablations, len(tokens)),
-        steering=tuple(steering),
+        steering=steered,
     )
 
 
@@ -107,3 +103,14 @@ async def stream_generation(
         yield generated
     finally:
         work.cancel()
+
+
+def _steered_position(index: int, n_prompt: int, final_length: int) -> int:
+    """A steering position: from 0 up to the last generated token, or counted back from the
+    prompt's end when negative (-1 its last token)."""
+    if not -n_prompt <= index < final_length:
+        raise invalid_argument(
+            f"steering tokenIndices must be in [{-n_prompt}, {final_length}) (negative counts "
+            f"back from the prompt's end: -1 is its last token), got {index}."
+        )
+    return index % n_prompt if index < 0 else index

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from interpql.errors import InvalidInputError, check_range, invalid_argument, invalid_node
+from interpql.errors import (
+    InvalidInputError,
+    check_position,
+    check_range,
+    invalid_argument,
+    invalid_node,
+)
 from interpql.loaders.inference import LogitPositions, Needs, RowResult, objective_needs
 from interpql.loaders.registry import ModelEntry
 from interpql.loaders.tracing import reads_after
 from interpql.resolvers.context import RequestContext
-from interpql.resolvers.inputs import AblationArgs, InferenceArgs, LossArgs, TraceArgs
+from interpql.resolvers.inputs import (
+    AblationArgs,
+    InferenceArgs,
+    LossArgs,
+    SteeringArgs,
+    TraceArgs,
+)
 from interpql.resolvers.models import encode, encode_prompt, node_from_id
 from interpql.specs import (
     Ablation,
@@ -22,6 +34,7 @@ from interpql.specs import (
     LossKind,
     LossSpec,
     NodeRef,
+    Steering,
     TraceSpec,
 )
 
@@ -72,6 +85,12 @@ def inference_spec(ctx: RequestContext, model_name: str, args: InferenceArgs) ->
         prompt=args.prompt,
         tokens=tokens,
         ablations=ablations(ctx, entry, args.ablations, len(tokens)),
+        steering=steering(
+            ctx,
+            entry,
+            args.steering,
+            lambda index: check_position("steering tokenIndices", index, len(tokens)),
+        ),
         loss=LossSpec() if args.loss is None else loss_spec(ctx, entry, args.loss),
         trace=None if args.trace is None else _trace(ctx, entry, args.trace, len(tokens)),
         keep_error_term=args.autoencoder_error_term,
@@ -110,16 +129,38 @@ def plain_spec(ctx: RequestContext, node: NodeRef, prompt: str) -> InferenceSpec
     return InferenceSpec(model=entry.name, prompt=prompt, tokens=encode_prompt(ctx, entry, prompt))
 
 
+def steering(
+    ctx: RequestContext,
+    entry: ModelEntry,
+    given: Sequence[SteeringArgs],
+    position_of: Callable[[int], int],
+) -> tuple[Steering, ...]:
+    """Each steered node resolved and its direction checked; `position_of` checks a token index
+    and returns its position."""
+    checked = []
+    for steer in given:
+        node = own_node(ctx, entry, str(steer.node_id))
+        if not entry.kind(node.kind).steerable:
+            raise invalid_argument(f"A {node.kind} node has no direction to steer along.")
+        check_magnitude("Steering strength", steer.strength)
+        positions = None
+        if steer.token_indices is not None:
+            positions = tuple(position_of(index) for index in steer.token_indices)
+        checked.append(Steering(node=node, strength=steer.strength, positions=positions))
+    return tuple(checked)
+
+
 def ablations(
     ctx: RequestContext, entry: ModelEntry, given: Sequence[AblationArgs], n_tokens: int
 ) -> tuple[Ablation, ...]:
     checked = []
     for args in given:
         node = own_node(ctx, entry, str(args.node_id))
-        if args.token_index is not None:
-            check_range("ablation tokenIndex", args.token_index, 0, n_tokens)
+        position = args.token_index
+        if position is not None:
+            position = check_position("ablation tokenIndex", position, n_tokens)
         check_magnitude(f"Ablation value of {node.id}", args.value)
-        checked.append(Ablation(node=node, value=args.value, position=args.token_index))
+        checked.append(Ablation(node=node, value=args.value, position=position))
     return tuple(checked)
 
 
@@ -167,16 +208,22 @@ def _trace(ctx: RequestContext, entry: ModelEntry, args: TraceArgs, n_tokens: in
     upstream = own_node(ctx, entry, str(args.upstream_node_id))
     if not entry.kind(upstream.kind).traceable:
         raise invalid_argument(f"A trace cannot start at a {upstream.kind} node.")
-    check_range("trace tokenIndex", args.token_index, 0, n_tokens)
-    if args.key_token_index is not None:
-        check_range("trace keyTokenIndex", args.key_token_index, 0, args.token_index + 1)
+    position = check_position("trace tokenIndex", args.token_index, n_tokens)
+    key_position = args.key_token_index
+    if key_position is not None:
+        key_position = check_position("trace keyTokenIndex", key_position, n_tokens)
+        if key_position > position:
+            raise invalid_argument(
+                f"trace keyTokenIndex ({key_position}) must not come after tokenIndex "
+                f"({position}): a query attends to itself and earlier tokens only."
+            )
     attention = (
         None
         if args.attention_trace_type is None
         else AttentionTrace(args.attention_trace_type.value)
     )
     if entry.kind(upstream.kind).attends:
-        if attention is None or args.key_token_index is None:
+        if attention is None or key_position is None:
             raise invalid_argument(
                 "Tracing an attention head needs attentionTraceType (Q, K, QK or V) and "
                 "keyTokenIndex."
@@ -193,9 +240,9 @@ def _trace(ctx: RequestContext, entry: ModelEntry, args: TraceArgs, n_tokens: in
             )
     return TraceSpec(
         upstream=upstream,
-        position=args.token_index,
+        position=position,
         attention=attention,
-        key_position=args.key_token_index,
+        key_position=key_position,
         downstream=downstream,
     )
 
@@ -280,16 +327,82 @@ async def layer_values(
     return done.activations(layer, kind)
 
 
+async def logits_at(ctx: RequestContext, spec: InferenceSpec, token_index: int) -> np.ndarray:
+    """[vocab] float64 logits at `token_index` (negative counts from the end); the pass
+    unembeds only the last position when that is the one asked for."""
+    n_tokens = len(spec.tokens)
+    position = check_position("tokenIndex", token_index, n_tokens)
+    if position == n_tokens - 1:
+        found = (await result(ctx, spec, Needs(logits=LogitPositions.LAST))).last_logits
+    else:
+        done = await result(ctx, spec, Needs(logit_rows=frozenset({position})))
+        found = done.position_logits[position]
+    assert found is not None
+    return found.astype(np.float64)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    peak = float(logits.max())
+    log_norm = float(np.log(np.exp(logits - peak).sum())) + peak
+    shifted: np.ndarray = logits - log_norm
+    return shifted
+
+
 async def top_predictions(
-    ctx: RequestContext, spec: InferenceSpec, k: int, bottom: bool = False
+    ctx: RequestContext, spec: InferenceSpec, k: int, bottom: bool = False, token_index: int = -1
 ) -> list[Prediction]:
     check_range("k", k, 1, ctx.settings.max_top_k + 1)
-    last = (await result(ctx, spec, Needs(logits=LogitPositions.LAST))).last_logits
-    assert last is not None
-    logits = last.astype(np.float64)
+    logits = await logits_at(ctx, spec, token_index)
     k = min(k, logits.shape[0])
     ranked = logits if bottom else -logits
     top = np.argpartition(ranked, k - 1)[:k]
     top = top[np.argsort(ranked[top], kind="stable")]
-    log_norm = np.log(np.exp(logits - logits.max()).sum()) + logits.max()
-    return [Prediction(int(t), float(logits[t]), float(np.exp(logits[t] - log_norm))) for t in top]
+    log_probs = _log_softmax(logits)
+    return [Prediction(int(t), float(logits[t]), float(np.exp(log_probs[t]))) for t in top]
+
+
+@dataclass(frozen=True)
+class TokenProbability:
+    token: int
+    logit: float
+    log_probability: float
+    rank: int  # tokens with a strictly higher logit
+
+
+async def token_probabilities(
+    ctx: RequestContext,
+    spec: InferenceSpec,
+    texts: Sequence[str],
+    ids: Sequence[int],
+    token_index: int,
+) -> list[TokenProbability]:
+    check_range("tokens asked for", len(texts) + len(ids), 1, ctx.settings.max_top_k + 1)
+    tokens = _token_ids(ctx, ctx.registry.get(spec.model), texts, ids)
+    logits = await logits_at(ctx, spec, token_index)
+    log_probs = _log_softmax(logits)
+    return [
+        TokenProbability(
+            token=t,
+            logit=float(logits[t]),
+            log_probability=float(log_probs[t]),
+            rank=int((logits > logits[t]).sum()),
+        )
+        for t in tokens
+    ]
+
+
+@dataclass(frozen=True)
+class StreamNorms:
+    layer: int
+    hook_name: str  # TransformerLens's name of the point
+    norms: list[float]  # per position
+
+
+async def residual_norms(ctx: RequestContext, spec: InferenceSpec) -> list[StreamNorms]:
+    done = await result(ctx, spec, Needs(stream_norms=True))
+    return [
+        StreamNorms(point.layer, f"blocks.{point.layer}.hook_{point.location.value}", v.tolist())
+        for point, v in sorted(
+            done.stream_norms.items(), key=lambda item: (item[0].layer, item[0].location.value)
+        )
+    ]

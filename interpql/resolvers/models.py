@@ -24,6 +24,7 @@ class ModelView:
     n_layers: int
     d_model: int
     n_heads: int
+    n_kv_heads: int
     d_head: int
     d_mlp: int
     n_ctx: int
@@ -44,6 +45,7 @@ class TokenInfo:
     index: int  # its position
     id: int
     text: str
+    in_use: bool
 
 
 def view(entry: ModelEntry) -> ModelView:
@@ -57,6 +59,7 @@ def view(entry: ModelEntry) -> ModelView:
         n_layers=arch.n_layers,
         d_model=arch.d_model,
         n_heads=arch.n_heads,
+        n_kv_heads=arch.n_kv_heads or arch.n_heads,
         d_head=arch.d_head,
         d_mlp=arch.d_mlp,
         n_ctx=arch.n_ctx,
@@ -143,6 +146,11 @@ def token_text(ctx: RequestContext, model_name: str, token: int) -> str:
     return ctx.registry.get(model_name).token_text(token)
 
 
+def token_info(ctx: RequestContext, model_name: str, index: int, token: int) -> TokenInfo:
+    entry = ctx.registry.get(model_name)
+    return TokenInfo(index, token, entry.token_text(token), entry.token_in_use(token))
+
+
 def encode(ctx: RequestContext, entry: ModelEntry, text: str) -> tuple[int, ...]:
     max_chars = entry.architecture.n_ctx * ctx.settings.max_chars_per_token
     if len(text) > max_chars:
@@ -161,7 +169,10 @@ def tokenize(ctx: RequestContext, model_name: str, text: str) -> list[TokenInfo]
 
 
 def tokens_of(entry: ModelEntry, tokens: tuple[int, ...] | list[int]) -> list[TokenInfo]:
-    return [TokenInfo(index=i, id=t, text=entry.token_text(t)) for i, t in enumerate(tokens)]
+    return [
+        TokenInfo(index=i, id=t, text=entry.token_text(t), in_use=entry.token_in_use(t))
+        for i, t in enumerate(tokens)
+    ]
 
 
 def encode_prompt(ctx: RequestContext, entry: ModelEntry, prompt: str) -> tuple[int, ...]:

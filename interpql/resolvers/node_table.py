@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from interpql.errors import check_range
+from interpql.errors import check_position, check_range
 from interpql.loaders.inference import Needs, RowResult
 from interpql.loaders.node_table import NodeTable, TableRow, build_node_table, table_needs
 from interpql.loaders.table_tokens import (
@@ -57,6 +57,9 @@ class TableView:
         excluded = frozenset[int]()
         if self.exclude_rare_tokens and uses_gpt2_vocabulary(backend.tokenizer):
             excluded = least_common_gpt2_tokens()
+        unused = entry.unused_tokens()
+        if unused is not None:  # never learned: see Token.inUse
+            excluded |= frozenset(unused.nonzero().flatten().tolist())
         rows: list[TableRow] = self.table.rows
         return await self.ctx.services.model_runner.compute(
             entry,
@@ -90,7 +93,7 @@ async def direct_effect_terms(
     """What writes to the residual stream besides the input's ranked kinds, in every layer
     (early layers too, whatever hideEarlyLayersWhenAblating says), as direct effects."""
     if position is not None:
-        check_range("tokenIndex", position, 0, len(spec.tokens))
+        position = check_position("tokenIndex", position, len(spec.tokens))
     layer_kinds = ranked_layer_kinds(ctx, spec, hide_early_layers=False)
     needs = Needs(layer_kinds=frozenset(layer_kinds), stream_gradient=True, final_norm_bias=True)
     done = await result(ctx, spec, needs)

@@ -10,9 +10,12 @@ import numpy as np
 
 from interpql.errors import UnavailableError, check_range, invalid_argument
 from interpql.loaders.registry import ModelEntry
+from interpql.loaders.search import Scope
 from interpql.loaders.similarity import similar_nodes as similar
 from interpql.resolvers.context import RequestContext
 from interpql.specs import NodeRef, parse_node_id
+
+__all__ = ["Found", "Scope", "ordered_indices", "search", "similar_nodes"]
 
 MAX_PAGE = 1000
 
@@ -22,6 +25,7 @@ class Found:
     node: NodeRef
     score: float
     text: str | None
+    activation: float | None
 
 
 def offset_of(cursor: str | None) -> int:
@@ -34,7 +38,7 @@ def offset_of(cursor: str | None) -> int:
 
 def search(
     ctx: RequestContext,
-    model: str | None,
+    scope: Scope,
     text: str | None,
     token: str | None,
     first: int,
@@ -44,17 +48,25 @@ def search(
     check_range("first", first, 0, MAX_PAGE + 1)
     if (text is None) == (token is None):
         raise invalid_argument("Search by exactly one of text and token.")
-    if model is not None:
-        ctx.registry.get(model)
+    if scope.model is not None:
+        entry = ctx.registry.get(scope.model)
+        if scope.kind is not None and scope.kind not in entry.table:
+            known = ", ".join(entry.table)
+            raise invalid_argument(f"{entry.name!r} has no node kind {scope.kind!r} ({known}).")
+        if scope.layer is not None:
+            entry.check_layer(scope.layer)
+    elif scope.layer is not None:
+        check_range("layer", scope.layer, 0, 10**6)
     if (text is not None and len(text) > 1000) or (token is not None and len(token) > 256):
         raise invalid_argument("The search text is too long.")
     start = offset_of(after)
     index = ctx.registry.search
     if text is not None:
-        hits, total = index.by_text(model, text, first, start)
+        hits, total = index.by_text(scope, text, first, start)
     else:
-        hits, total = index.by_token(model, token or "", first, start)
-    return [Found(parse_node_id(h.node_id), h.rank, h.text) for h in hits], total, start
+        hits, total = index.by_token(scope, token or "", first, start)
+    found = [Found(parse_node_id(h.node_id), h.rank, h.text, h.activation) for h in hits]
+    return found, total, start
 
 
 async def similar_nodes(

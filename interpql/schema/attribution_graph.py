@@ -19,7 +19,6 @@ from interpql.resolvers.attribution_graph import (
 from interpql.resolvers.attribution_graph import (
     TopLogit as TopLogitData,
 )
-from interpql.resolvers.models import token_text
 from interpql.schema.inputs import AttributionGraphInput, GraphInterventionInput
 from interpql.schema.scalars import NeuronpediaGraph
 from interpql.schema.types import Info, Node, Token
@@ -72,11 +71,7 @@ class GraphNode:
 
     @strawberry.field(description="The prompt's token there; a logit node's own next token.")
     def token(self, info: Info) -> Token:
-        return Token(
-            index=self.data.position,
-            id=self.data.token,
-            text=token_text(info.context, self.model, self.data.token),
-        )
+        return Token.at(info.context, self.model, self.data.position, self.data.token)
 
     @strawberry.field(
         description="Its share of the logits' probability-weighted inputs through every path "
@@ -165,9 +160,7 @@ class TopLogit:
 
     @strawberry.field(description="The token.")
     def token(self, info: Info) -> Token:
-        return Token(
-            index=0, id=self.data.token, text=token_text(info.context, self.model, self.data.token)
-        )
+        return Token.at(info.context, self.model, 0, self.data.token)
 
     @strawberry.field(description="Its logit.")
     def logit(self) -> float:
@@ -221,10 +214,7 @@ class AttributionGraph:
     )
     def tokens(self, info: Info) -> list[Token]:
         model = self.data.spec.model
-        return [
-            Token(index=i, id=t, text=token_text(info.context, model, t))
-            for i, t in enumerate(self.data.spec.tokens)
-        ]
+        return [Token.at(info.context, model, i, t) for i, t in enumerate(self.data.spec.tokens)]
 
     @strawberry.field(description="The pruned graph's nodes: latents, errors, embeddings, logits.")
     def nodes(self) -> list[GraphNode]:

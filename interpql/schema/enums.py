@@ -110,7 +110,10 @@ class Group(Enum):
         description=(
             "That write projected on the loss's gradient at the final residual stream (at the "
             "traced node's input with a trace), under the input's layerNormScale; the same in "
-            "the table, per (query, key) pair for heads."
+            "the table, per (query, key) pair for heads. Signed as the loss's gradient: with "
+            "the default NEXT_TOKEN loss (a cross-entropy), a positive value raises the loss "
+            "(the write hurts the prediction), so `top` lists the writes that hurt most and "
+            "`bottom` those that help most; with LOGIT_DIFF, positive favours the targets."
         ),
     )
     ACT_TIMES_GRAD = strawberry.enum_value(
@@ -118,7 +121,11 @@ class Group(Enum):
         description=(
             "Activation times the loss's gradient with respect to it, a first-order estimate of "
             "the node's total effect (a head's: z . dL/dz, the sum of its pairs' p x dL/dp; "
-            "the embedding's: its write . dL/dwrite)."
+            "the embedding's: its write . dL/dwrite). Signed as the loss's gradient: with the "
+            "default NEXT_TOKEN loss, a positive value means the node raises the loss to first "
+            "order (removing it would lower the loss by about that much), so `top` lists the "
+            "nodes that hurt the prediction most and `bottom` those that help most; with "
+            "LOGIT_DIFF, positive favours the targets."
         ),
     )
 

@@ -8,7 +8,6 @@ import strawberry
 
 from interpql.resolvers import generation as generation_resolvers
 from interpql.resolvers.generation import Generated, GenerationStep
-from interpql.resolvers.models import token_text
 from interpql.schema.attribution_graph import AttributionGraphEvent, graph_events
 from interpql.schema.inputs import AttributionGraphInput, GenerateInput
 from interpql.schema.jobs import JobEvent, job_updates
@@ -19,6 +18,11 @@ from interpql.schema.types import Info, Token
 class Continuation:
     text: str = strawberry.field(description="The generated text.")
     tokens: list[Token] = strawberry.field(description="The generated tokens.")
+    token_probabilities: list[float] = strawberry.field(
+        description="Per generated token, the probability the model gave it at the step it "
+        "was chosen (softmax of that step's logits, with this continuation's ablations and "
+        "steering, at temperature 1 whatever the sampling temperature)."
+    )
 
 
 @strawberry.type(description="A prompt's continuations, without and with steering.")
@@ -35,25 +39,36 @@ class GenerationEvent:
     step: int = strawberry.field(description="Step number, from 0; the last event repeats it.")
     unsteered_token: Token | None = strawberry.field(description="The unsteered token.")
     steered_token: Token | None = strawberry.field(description="The steered token.")
+    unsteered_probability: float | None = strawberry.field(
+        description="The model's probability of the unsteered token (as in "
+        "Continuation.tokenProbabilities)."
+    )
+    steered_probability: float | None = strawberry.field(
+        description="The model's probability of the steered token, with the steering."
+    )
     result: GenerationResult | None = strawberry.field(
         description="The whole result, on the last event only."
     )
 
 
-def _continuation(info: Info, model: str, ids: list[int]) -> Continuation:
-    tokens = [
-        Token(index=i, id=t, text=token_text(info.context, model, t)) for i, t in enumerate(ids)
-    ]
-    return Continuation(text="".join(t.text for t in tokens), tokens=tokens)
+def _continuation(
+    info: Info, model: str, ids: list[int], probabilities: list[float]
+) -> Continuation:
+    tokens = [Token.at(info.context, model, i, t) for i, t in enumerate(ids)]
+    return Continuation(
+        text="".join(t.text for t in tokens), tokens=tokens, token_probabilities=probabilities
+    )
 
 
 def _result(info: Info, model: str, prompt: str, generated: Generated) -> GenerationResult:
     return GenerationResult(
         prompt=prompt,
-        unsteered=_continuation(info, model, generated.unsteered),
+        unsteered=_continuation(
+            info, model, generated.unsteered, generated.unsteered_probabilities
+        ),
         steered=None
         if generated.steered is None
-        else _continuation(info, model, generated.steered),
+        else _continuation(info, model, generated.steered, generated.steered_probabilities or []),
     )
 
 
@@ -99,12 +114,14 @@ class Subscription:
                 def token(t: int | None, step: int = event.step) -> Token | None:
                     if t is None:
                         return None
-                    return Token(index=step, id=t, text=token_text(info.context, model, t))
+                    return Token.at(info.context, model, step, t)
 
                 yield GenerationEvent(
                     step=event.step,
                     unsteered_token=token(event.unsteered),
                     steered_token=token(event.steered),
+                    unsteered_probability=event.unsteered_probability,
+                    steered_probability=event.steered_probability,
                     result=None,
                 )
             else:
@@ -112,5 +129,7 @@ class Subscription:
                     step=last_step,
                     unsteered_token=None,
                     steered_token=None,
+                    unsteered_probability=None,
+                    steered_probability=None,
                     result=_result(info, model, input.prompt, event),
                 )

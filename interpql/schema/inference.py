@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import strawberry
 
 from interpql.resolvers import analysis as analysis_resolvers
 from interpql.resolvers import inference as inference_resolvers
 from interpql.resolvers import node_table as table_resolvers
-from interpql.resolvers.models import token_text
 from interpql.schema.enums import Group, NodeKind, kind_name
 from interpql.schema.node_table import DirectEffectTerm, NodeTable, node_table_of
 from interpql.schema.packed import PackedTensor, TensorDType, pack
@@ -31,10 +32,50 @@ class TokenPrediction:
     probability: float = strawberry.field(description="Its softmax probability.")
 
 
+@strawberry.type(description="A token's probability as the next token at one position.")
+class TokenProbability:
+    token: Token = strawberry.field(
+        description="The token (its index is its place in the list asked for)."
+    )
+    logit: float = strawberry.field(description="Its logit.")
+    probability: float = strawberry.field(description="Its softmax probability.")
+    log_probability: float = strawberry.field(
+        description="ln of its probability (log-softmax of the logits), exact where the "
+        "probability underflows to 0."
+    )
+    rank: int = strawberry.field(
+        description="How many tokens have a higher logit: 0 for the most likely. Counts every "
+        "token of the vocabulary, those not in use (Token.inUse false) too."
+    )
+
+
+@strawberry.type(description="The residual stream's norm at one point, on each token.")
+class ResidualNorm:
+    layer: int = strawberry.field(description="Layer index.")
+    hook_name: str = strawberry.field(
+        description="The point, by TransformerLens's name: blocks.L.hook_resid_mid (after the "
+        "layer's attention) or blocks.L.hook_resid_post (after its MLP)."
+    )
+    token_norms: list[float] = strawberry.field(
+        description="The stream's L2 norm at each token, in this input's pass (its ablations "
+        "and steering included)."
+    )
+    median: float = strawberry.field(description="The median of tokenNorms.")
+
+
 @strawberry.type(description="A node with its value in a ranking.")
 class ScoredNode:
-    node: Node = strawberry.field(description="The node.")
-    value: float = strawberry.field(description="Its value of the ranked group.")
+    node: Node = strawberry.field(
+        description="The node. Its own fields that take a prompt (activations, "
+        "traceActivations) run that prompt again, clean: without this input's ablations."
+    )
+    value: float = strawberry.field(
+        description="Its value of the ranked group (at tokenIndex, or summed over tokens)."
+    )
+    token_values: list[float] = strawberry.field(
+        description="Its value of the ranked group at each token, from the same pass as value "
+        "(with the input's ablations, when it has some)."
+    )
 
 
 @strawberry.type(description="Nodes ranked by one group of values.")
@@ -114,7 +155,10 @@ class InferenceResult:
         )
 
         def scored(items: list[analysis_resolvers.RankedNode]) -> list[ScoredNode]:
-            return [ScoredNode(node=Node(ref=s.node), value=s.value) for s in items]
+            return [
+                ScoredNode(node=Node(ref=s.node), value=s.value, token_values=s.token_values)
+                for s in items
+            ]
 
         return NodeRanking(
             group=group,
@@ -128,8 +172,9 @@ class InferenceResult:
             "Transformer Debugger's node table of this input (see NodeTable): k highest and "
             "lowest elements per group and kind, `scoredTokens` tokens per list of each row's "
             "scored tokens; `excludeRareTokens` leaves out of those lists the 596 least common "
-            "GPT-2 tokens Transformer Debugger leaves out (GPT-2-vocabulary models). Adds one "
-            "backward pass of the input's loss."
+            "GPT-2 tokens Transformer Debugger leaves out (GPT-2-vocabulary models); tokens the "
+            "model never learned (Token.inUse false) are always left out. Adds one backward "
+            "pass of the input's loss."
         )
     )
     async def node_table(
@@ -156,24 +201,85 @@ class InferenceResult:
         terms = await table_resolvers.direct_effect_terms(info.context, self.spec, token_index)
         return [DirectEffectTerm(name=t.name, layer_index=t.layer, value=t.value) for t in terms]
 
-    @strawberry.field(description="The k least likely tokens after the prompt, least first.")
-    async def bottom_predictions(self, info: Info, k: int = 10) -> list[TokenPrediction]:
-        return await self._predictions(info, k, bottom=True)
+    @strawberry.field(
+        description="The k least likely next tokens at tokenIndex (default -1: after the "
+        "whole prompt; negative counts from the end), least first."
+    )
+    async def bottom_predictions(
+        self, info: Info, k: int = 10, token_index: int = -1
+    ) -> list[TokenPrediction]:
+        return await self._predictions(info, k, True, token_index)
 
-    @strawberry.field(description="The k most likely tokens after the prompt.")
-    async def top_predictions(self, info: Info, k: int = 10) -> list[TokenPrediction]:
-        return await self._predictions(info, k, bottom=False)
+    @strawberry.field(
+        description="The k most likely next tokens at tokenIndex (default -1: after the whole "
+        "prompt; negative counts from the end), most first."
+    )
+    async def top_predictions(
+        self, info: Info, k: int = 10, token_index: int = -1
+    ) -> list[TokenPrediction]:
+        return await self._predictions(info, k, False, token_index)
 
-    async def _predictions(self, info: Info, k: int, bottom: bool) -> list[TokenPrediction]:
+    async def _predictions(
+        self, info: Info, k: int, bottom: bool, token_index: int
+    ) -> list[TokenPrediction]:
         ctx, model = info.context, self.spec.model
-        predictions = await inference_resolvers.top_predictions(ctx, self.spec, k, bottom)
+        predictions = await inference_resolvers.top_predictions(
+            ctx, self.spec, k, bottom, token_index
+        )
         return [
             TokenPrediction(
-                token=Token(index=rank, id=p.token, text=token_text(ctx, model, p.token)),
+                token=Token.at(ctx, model, rank, p.token),
                 logit=p.logit,
                 probability=p.probability,
             )
             for rank, p in enumerate(predictions)
+        ]
+
+    @strawberry.field(
+        description=(
+            "The model's prediction of the given tokens as the next token at tokenIndex "
+            "(default -1: after the whole prompt; negative counts from the end): each one's "
+            "logit, probability and rank, however unlikely. Tokens as texts of one token each "
+            "(`tokens`) and as ids (`tokenIds`), texts first; at most 1,000 in all."
+        )
+    )
+    async def token_probabilities(
+        self,
+        info: Info,
+        tokens: list[str] | None = None,
+        token_ids: list[int] | None = None,
+        token_index: int = -1,
+    ) -> list[TokenProbability]:
+        ctx, model = info.context, self.spec.model
+        found = await inference_resolvers.token_probabilities(
+            ctx, self.spec, tokens or [], token_ids or [], token_index
+        )
+        return [
+            TokenProbability(
+                token=Token.at(ctx, model, i, p.token),
+                logit=p.logit,
+                probability=math.exp(p.log_probability),
+                log_probability=p.log_probability,
+                rank=p.rank,
+            )
+            for i, p in enumerate(found)
+        ]
+
+    @strawberry.field(
+        description="The residual stream's norm after each layer's attention and MLP, per "
+        "token: the scale a steering strength is measured against (a strength near the "
+        "median rivals the whole stream there). Shares the input's pass."
+    )
+    async def residual_norms(self, info: Info) -> list[ResidualNorm]:
+        found = await inference_resolvers.residual_norms(info.context, self.spec)
+        return [
+            ResidualNorm(
+                layer=n.layer,
+                hook_name=n.hook_name,
+                token_norms=n.norms,
+                median=float(np.median(n.norms)),
+            )
+            for n in found
         ]
 
     @strawberry.field(

@@ -42,7 +42,9 @@ class AblationInput:
         ),
     )
     token_index: int | None = strawberry.field(
-        default=None, description="The token to ablate at; null ablates at every token."
+        default=None,
+        description="The token to ablate at (negative counts from the end: -1 is the last "
+        "token); null ablates at every token.",
     )
 
 
@@ -56,16 +58,37 @@ class AblationInput:
 )
 class TraceInput:
     upstream_node_id: strawberry.ID = strawberry.field(description="The node to trace from.")
-    token_index: int = strawberry.field(description="Its token (an attention head's query).")
+    token_index: int = strawberry.field(
+        description="Its token (an attention head's query); -1 is the last."
+    )
     attention_trace_type: AttentionTraceType | None = strawberry.field(
         default=None, description="Attention heads: Q, K, QK or V."
     )
     key_token_index: int | None = strawberry.field(
-        default=None, description="Attention heads: the key token."
+        default=None,
+        description="Attention heads: the key token (-1 the last), at or before tokenIndex.",
     )
     downstream_node_id: strawberry.ID | None = strawberry.field(
         default=None,
         description="V traces: an MLP neuron or residual channel whose read direction is used.",
+    )
+
+
+@strawberry.input(description="Add a node's write direction to the residual stream.")
+class SteeringInput:
+    node_id: strawberry.ID = strawberry.field(description="The node (same model).")
+    strength: float = strawberry.field(
+        description=(
+            "How much of the node's unit write direction to add, in residual-stream units "
+            "(its norm: compare InferenceResult.residualNorms, the stream's own norm at each "
+            "layer and token; a strength of that size rivals everything else in the stream). "
+            "An attention head's direction is the one its W_O writes most strongly."
+        )
+    )
+    token_indices: list[int] | None = strawberry.field(
+        default=None,
+        description="Positions to steer at (negative counts back from the prompt's end: -1 is "
+        "its last token); null steers every position, generated ones too.",
     )
 
 
@@ -74,6 +97,13 @@ class InferenceInput:
     prompt: str = strawberry.field(description="The text to run; at most the model's nCtx tokens.")
     ablations: list[AblationInput] = strawberry.field(
         default_factory=list, description="Activations to overwrite, applied together."
+    )
+    steering: list[SteeringInput] = strawberry.field(
+        default_factory=list,
+        description="Node directions added to the residual stream where each node writes, as "
+        "in generate: every field of the result sees them (tokenIndices here index the "
+        "prompt; negative counts from its end). residualNorms gives the stream's scale for "
+        "choosing a strength.",
     )
     loss: LossInput | None = strawberry.field(
         default=None,
@@ -141,21 +171,6 @@ class InferenceInput:
             "How DIRECT_EFFECT, ACT_TIMES_GRAD and traces treat LayerNorm's scale: FROZEN "
             "(default) or LIVE; see LayerNormScale."
         ),
-    )
-
-
-@strawberry.input(description="Add a node's write direction to the residual stream.")
-class SteeringInput:
-    node_id: strawberry.ID = strawberry.field(description="The node (same model).")
-    strength: float = strawberry.field(
-        description=(
-            "How much of the node's unit write direction to add (residual-stream units); an "
-            "attention head's direction is the one its W_O writes most strongly."
-        )
-    )
-    token_indices: list[int] | None = strawberry.field(
-        default=None,
-        description="Positions to steer at; null steers every position, generated ones too.",
     )
 
 

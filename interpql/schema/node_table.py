@@ -61,9 +61,7 @@ class NodeTableRow:
     def _scored(self, info: Info, items: list[tuple[int, float]]) -> list[TokenScore]:
         model = self.view.spec.model
         return [
-            TokenScore(
-                token=Token(index=rank, id=t, text=token_text(info.context, model, t)), value=v
-            )
+            TokenScore(token=Token.at(info.context, model, rank, t), value=v)
             for rank, (t, v) in enumerate(items)
         ]
 

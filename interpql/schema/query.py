@@ -8,6 +8,7 @@ from interpql.resolvers import models as model_resolvers
 from interpql.resolvers import neuronpedia as neuronpedia_resolvers
 from interpql.resolvers import search as search_resolvers
 from interpql.schema.attribution_graph import AttributionGraph, graph_by_id
+from interpql.schema.enums import NodeKind, kind_name
 from interpql.schema.jobs import Job, job
 from interpql.schema.types import Info, Model, Node, PageInfo, with_node_data
 
@@ -17,10 +18,17 @@ class SearchEdge:
     cursor: str = strawberry.field(description="Opaque cursor of this hit.")
     node: Node = strawberry.field(description="The node.")
     score: float = strawberry.field(
-        description="Relevance: BM25 for text (higher is better), the peak activation for tokens."
+        description="Relevance, higher better: for text, BM25 of the matched explanation (its "
+        "sign flipped, as SQLite's FTS5 computes it); for a token, the share of the node's "
+        "top examples whose highest activation is on that token (0 to 1; ties go to the node "
+        "whose activation there is nearest its own peak)."
     )
     matched_explanation: str | None = strawberry.field(
         description="For text searches, the explanation that matched."
+    )
+    peak_activation: float | None = strawberry.field(
+        description="For token searches, the node's highest activation on the token in its "
+        "top examples (in the node's own units)."
     )
 
 
@@ -64,9 +72,13 @@ class Query:
 
     @strawberry.field(
         description=(
-            "Find nodes by the words of their explanations (text: full-text search, ranked) or "
-            "by the token their top dataset example peaks on (token: exact token text, e.g. "
-            '" def"), optionally within one model.'
+            "Find nodes by the words of their explanations (text: full-text search over every "
+            "stored explanation's text, each word stemmed, every word required, ranked by "
+            "BM25) or by the token their top dataset examples peak on (token: exact token "
+            'text, e.g. " def"; ranked by the share of the node\'s top examples that peak '
+            "there), optionally within one model, node kind (a dictionary set: kind "
+            "DICTIONARY_LATENT and its name in `dictionary`) and layer. Both scores compare "
+            "across kinds: neither depends on a kind's scale of activations."
         )
     )
     def search_nodes(
@@ -75,16 +87,25 @@ class Query:
         text: str | None = None,
         token: str | None = None,
         model: str | None = None,
+        kind: NodeKind | None = None,
+        dictionary: str | None = None,
+        layer: int | None = None,
         first: int = 20,
         after: str | None = None,
     ) -> SearchConnection:
-        hits, total, start = search_resolvers.search(info.context, model, text, token, first, after)
+        scope = search_resolvers.Scope(
+            model=model,
+            kind=None if kind is None else kind_name(kind, dictionary),
+            layer=layer,
+        )
+        hits, total, start = search_resolvers.search(info.context, scope, text, token, first, after)
         edges = [
             SearchEdge(
                 cursor=str(start + i),
                 node=Node(ref=h.node),
                 score=h.score,
                 matched_explanation=h.text,
+                peak_activation=h.activation,
             )
             for i, h in enumerate(hits)
         ]

@@ -49,6 +49,21 @@ class Token:
     text: str = strawberry.field(
         description="The token's text (bytes that are not valid UTF-8 alone show as U+FFFD)."
     )
+    in_use: bool = strawberry.field(
+        description="False for a token the model never learned: its input embedding is zero "
+        "(the demo's vocabulary outside the tokens its corpus uses). Such a token carries no "
+        "information into the model, so a prompt containing it runs on nothing there; "
+        "logit-lens and scored-token lists leave such tokens out."
+    )
+
+    @classmethod
+    def of(cls, info: model_resolvers.TokenInfo) -> Token:
+        return cls(index=info.index, id=info.id, text=info.text, in_use=info.in_use)
+
+    @classmethod
+    def at(cls, ctx: RequestContext, model: str, index: int, token: int) -> Token:
+        """Token `token` of `model` at `index` (a position or a rank)."""
+        return cls.of(model_resolvers.token_info(ctx, model, index, token))
 
 
 @strawberry.type(description="How many nodes of one kind a layer (or a whole model) has.")
@@ -143,6 +158,13 @@ class Model:
     def n_heads(self) -> int:
         return self.view.n_heads
 
+    @strawberry.field(
+        description="Key-value heads per layer: nHeads, or fewer where grouped-query attention "
+        "shares them (query head h reads key-value head h // (nHeads / nKvHeads))."
+    )
+    def n_kv_heads(self) -> int:
+        return self.view.n_kv_heads
+
     @strawberry.field(description="Width of one attention head.")
     def d_head(self) -> int:
         return self.view.d_head
@@ -221,15 +243,26 @@ class Model:
 
     @strawberry.field(description="Tokenize a text with the model's tokenizer.")
     def tokenize(self, info: Info, text: str) -> list[Token]:
+        return [Token.of(t) for t in model_resolvers.tokenize(info.context, self.view.name, text)]
+
+    @strawberry.field(
+        description="Tokenize several texts with the model's tokenizer, one list per text, "
+        "in order (at most 100 texts)."
+    )
+    def tokenize_many(self, info: Info, texts: list[str]) -> list[list[Token]]:
+        check_range("texts", len(texts), 0, 101)
         return [
-            Token(index=t.index, id=t.id, text=t.text)
-            for t in model_resolvers.tokenize(info.context, self.view.name, text)
+            [Token.of(t) for t in model_resolvers.tokenize(info.context, self.view.name, text)]
+            for text in texts
         ]
 
     @strawberry.field(
         description=(
-            "Run the model on a prompt. Every field of the result, and every other activation "
-            "field of the same operation on the same prompt, shares one forward pass."
+            "Run the model on a prompt. Every field of the result shares one forward pass, "
+            "with the input's ablations and steering (a backward pass is added for the fields "
+            "that say so). Node fields nested in it that take a prompt of their own (a ranked "
+            "node's activations(prompt)) run that prompt clean, in a pass of their own shared "
+            "with other clean fields on the same prompt."
         )
     )
     def infer(
@@ -376,7 +409,10 @@ class TokenScore:
     value: float = strawberry.field(description="The score.")
 
 
-@strawberry.type(description="Tokens a node's weights favour.")
+@strawberry.type(
+    description="Tokens a node's weights favour, from the weights alone (raw products, no "
+    "LayerNorm in between); tokens the model never learned (Token.inUse false) are left out."
+)
 class ScoredTokens:
     upvoted_output_tokens: list[TokenScore] = strawberry.field(
         description="Output tokens whose logits the node's write raises most (d @ W_U)."
@@ -387,11 +423,13 @@ class ScoredTokens:
     upvoting_input_tokens: list[TokenScore] = strawberry.field(
         description=(
             "Input tokens whose embeddings drive it most: an MLP neuron's W_E @ W_in; an "
-            "attention head's query, |W_E @ W_Q|."
+            "attention head's query, |W_E @ W_Q[h]|."
         )
     )
     upvoting_key_tokens: list[TokenScore] = strawberry.field(
-        description="Attention heads: input tokens whose embeddings drive its key, |W_E @ W_K|."
+        description="Attention heads: input tokens whose embeddings drive its key, "
+        "|W_E @ W_K[h']|, h' the key-value head it reads (h itself, or h // (nHeads / "
+        "nKvHeads) with grouped-query attention)."
     )
 
 
@@ -548,7 +586,7 @@ class Node:
         def listed(pairs: list[tuple[int, float]]) -> list[TokenScore]:
             return [
                 TokenScore(
-                    token=Token(index=rank, id=t, text=model_resolvers.token_text(ctx, model, t)),
+                    token=Token.at(ctx, model, rank, t),
                     value=v,
                 )
                 for rank, (t, v) in enumerate(pairs)
@@ -561,7 +599,13 @@ class Node:
             upvoting_key_tokens=listed(scores.upvoting_input_keys),
         )
 
-    @strawberry.field(description="This node's activation on every token of a prompt.")
+    @strawberry.field(
+        description="This node's activation on every token of a prompt, run clean: no "
+        "ablations, wherever the node was found (nested in an `infer` with ablations it does "
+        "not see them; ask that result's `activations(nodeIds)` or a ranking's tokenValues "
+        "for values from the same pass). It shares a pass with other clean fields on the "
+        "same prompt."
+    )
     async def activations(self, info: Info, prompt: str) -> NodeActivations:
         spec = inference_resolvers.plain_spec(info.context, self.ref, prompt)
         [values] = await inference_resolvers.node_values(info.context, spec, [self.ref])
@@ -604,10 +648,7 @@ async def with_node_data(info: Info, refs: list[NodeRef]) -> list[Node]:
 
 
 def tokens_of(ctx: RequestContext, model: str, ids: tuple[int, ...]) -> list[Token]:
-    return [
-        Token(index=i, id=t, text=model_resolvers.token_text(ctx, model, t))
-        for i, t in enumerate(ids)
-    ]
+    return [Token.at(ctx, model, i, t) for i, t in enumerate(ids)]
 
 
 def node_activations(

@@ -88,7 +88,7 @@ class NodeSource(abc.ABC):
         return ()
 
     def list_peaks(self, model: str) -> Iterable[tuple[str, str, float]]:
-        """(node id, token text, activation) where each node's top example peaks."""
+        """(node id, token text, activation) where each of a node's top examples peaks."""
         return ()
 
     def layer_values(self, model: str, kind: str, layer: int, what: str) -> np.ndarray | None:

@@ -137,18 +137,23 @@ class CompactSource(NodeSource):
 
     def list_peaks(self, model: str) -> Iterable[tuple[str, str, float]]:
         window = self.records.layout.window
+        n_tokens = len(self.records.tokens)
+        texts: dict[int, str] = {}  # decoded once per token id
         for group in self.records.groups():
             arrays = self.records.arrays(group.kind, group.layer)
-            offsets = arrays["top_offsets"][:, 0]  # each node's best example
-            acts = arrays["top_acts"][:, 0].astype(np.float32)  # [node, window]
-            peaks = acts.argmax(axis=1)
-            for index in np.flatnonzero(offsets >= 0):
-                position = int(offsets[index]) + int(peaks[index])
-                if position >= len(self.records.tokens) or peaks[index] >= window:
-                    continue
+            offsets = arrays["top_offsets"]  # [node, example]
+            acts = arrays["top_acts"].astype(np.float32)  # [node, example, window]
+            peaks = acts.argmax(axis=2)
+            positions = offsets + peaks
+            kept = (offsets >= 0) & (positions < n_tokens) & (peaks < window)
+            ids = self.records.tokens[np.where(kept, positions, 0)]
+            peak_acts = np.take_along_axis(acts, peaks[..., None], axis=2)[..., 0]
+            for index, example in zip(*np.nonzero(kept), strict=True):
+                token = int(ids[index, example])
+                if token not in texts:
+                    texts[token] = self._decode(token)
                 node = NodeRef(model, group.kind, group.layer, int(index))
-                token = self._decode(int(self.records.tokens[position]))
-                yield node.id, token, float(acts[index, peaks[index]])
+                yield node.id, texts[token], float(peak_acts[index, example])
 
     def layer_values(self, model: str, kind: str, layer: int, what: str) -> np.ndarray | None:
         count = self.records.count(kind, layer)
