@@ -239,11 +239,13 @@ def _export_schema(args: argparse.Namespace) -> int:
 
 def _build_demo(args: argparse.Namespace) -> int:
     from interpql.demo.artifacts import DEMO_DIR
-    from interpql.demo.build import build_demo, rebuild_dictionaries
+    from interpql.demo.build import build_demo, rebuild_dictionaries, rebuild_explanations
 
     out = Path(args.out) if args.out else DEMO_DIR
     if args.only_dictionaries:
         rebuild_dictionaries(out, progress=True)
+    elif args.only_explanations:
+        rebuild_explanations(out, progress=True)
     else:
         build_demo(out, quick=args.quick, progress=True)
     return 0
@@ -278,6 +280,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train the SAELens dictionaries again on the model already in --out, then every "
         "node's records and explanations",
+    )
+    demo.add_argument(
+        "--only-explanations",
+        action="store_true",
+        help="explain and score every node of the records already in --out again (offline "
+        "baselines)",
     )
     demo.set_defaults(run=_build_demo)
 

@@ -59,7 +59,7 @@ async def test_a_token_that_always_fires_is_named() -> None:
         example([" x", " =", " def", "\n"], [0, 0, 7, 0.5]),
         example([" def", " g"], [8.5, 0]),
     ]
-    assert await explain(examples) == "the token ' def'"
+    assert await explain(examples) == "the token ' def'; strongest at the end of '\\n def'"
 
 
 async def test_several_tokens_and_their_context() -> None:
@@ -68,7 +68,10 @@ async def test_several_tokens_and_their_context() -> None:
         example(["\n", "from", " x"], [0, 9, 0]),
         example(["\n", "import", " re"], [0, 8, 0]),
     ]
-    assert await explain(examples) == "tokens such as 'import', 'from' (often after '\\n')"
+    assert await explain(examples) == (
+        "tokens such as 'import', 'from' (often after '\\n'); first on its line; strongest at "
+        "the end of '\\nimport'"
+    )
 
 
 async def test_a_node_that_fires_after_a_token() -> None:
@@ -77,7 +80,53 @@ async def test_a_node_that_fires_after_a_token() -> None:
         example([" self", ",", " y"], [0, 8, 0]),
         example(["(", " self", ")"], [0, 0, 10]),
     ]
-    assert await explain(examples) == "the token after ' self'"
+    assert await explain(examples) == (
+        "the token after ' self'; mid-line; strongest at the end of '( self)'"
+    )
+
+
+async def test_what_tells_alike_nodes_apart_is_said() -> None:
+    """Two nodes that fire on ' def', one in method definitions and one after a comment's
+    '#', are told apart by where on the line they fire, by where they stay quiet, and by the
+    text of their strongest activation."""
+    method = [
+        example(["):", "\n", " ", " ", " def", " run"], [0, 0, 0, 0, 9, 0]),
+        example(["\n", " ", " def", " f"], [0, 0, 8, 0]),
+        example([" #", " def", " x", "\n", " def"], [0, 0.2, 0, 0, 7]),
+        example(["x", " #", " def"], [0, 0, 0.5]),
+    ]
+    comment = [
+        example([" #", " def", " x"], [0, 9, 0]),
+        example(["a", " #", " def"], [0, 0, 8]),
+        example(["\n", " def", "\n", " def"], [0, 0.1, 0, 0.2]),
+        example(["):", "\n", " def", " g"], [0, 0, 0.3, 0]),
+    ]
+    told = await explain(method)
+    assert told == (
+        "the token ' def' (often after ' '); first on an indented line; not after ' #'; "
+        "strongest at the end of '):\\n   def'"
+    )
+    other = await explain(comment)
+    assert other == (
+        "the token ' def' (often after ' #'); mid-line; not after '\\n'; strongest at the end "
+        "of ' # def'"
+    )
+    simulator = BaselineSimulator()
+    tokens = ["\n", " ", " def", " #", " def", "\n", " def"]
+    # Indented after ' ': full; without the ' ' before it: half; after ' #': nothing.
+    assert await simulator.simulate(told, tokens) == [0, 0, 10, 0, 0, 0, 5]
+    assert await simulator.simulate(other, tokens) == [0, 0, 2.5, 0, 10, 0, 0]
+
+
+async def test_clause_markers_inside_quotes_are_the_tokens_own() -> None:
+    simulator = BaselineSimulator()
+    text = "the token '; not after '; mid-line"
+    assert await simulator.simulate(text, ["a", "; not after ", "\n", "; not after "]) == [
+        0,
+        10,
+        0,
+        5,
+    ]
 
 
 async def test_a_node_that_never_fires() -> None:
@@ -203,10 +252,10 @@ def test_explain_and_score_every_node_of_a_store() -> None:
     table = explain_and_score_all(store, lambda t: f" t{t}", progress=False)
     rows = [table.for_node("mlp_autoencoder_latent", 0, i)[0] for i in range(3)]
     assert len(table) == 3
-    assert rows[0].text == "the token ' t7'" and rows[0].score > 0.99
+    assert rows[0].text.startswith("the token ' t7'; mid-line;") and rows[0].score > 0.99
     # A sampled window may start just after a ' t3': its activation shows without its cause,
     # which the simulation cannot see (one such window here), so the correlation is below 1.
-    assert rows[1].text == "the token after ' t3'" and rows[1].score > 0.85
+    assert rows[1].text.startswith("the token after ' t3'; mid-line;") and rows[1].score > 0.85
     assert rows[2].text == NEVER_ACTIVE and rows[2].score == 0.0
     assert {(r.explainer, r.simulator) for r in rows} == {
         ("baseline-top-tokens", "baseline-token-match")

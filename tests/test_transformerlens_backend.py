@@ -436,11 +436,28 @@ async def test_the_same_query_gives_the_same_answers_over_graphql(
 def tiny_hf_model(family: str, folder: Path, gqa: bool = False) -> Any:
     """A random Hugging Face causal LM of another family, saved without tokenizer files: its
     vocabulary holds GPT-2's, so the backend reads it with GPT-2's tokenizer."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(5)
     shape = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=72)
-    if family == "gpt_neox":
+    if family == "gemma2":
+        # Post-attention and post-feed-forward norms, a gated MLP, grouped-query attention.
+        config = Gemma2Config(
+            vocab_size=50257,
+            max_position_embeddings=64,
+            num_key_value_heads=2,
+            head_dim=12,
+            **shape,
+        )
+        model = Gemma2ForCausalLM(config)
+    elif family == "gpt_neox":
         # Pythia pads GPT-2's 50,257 tokens to 50,304 embedding rows.
         config = GPTNeoXConfig(vocab_size=50304, max_position_embeddings=64, **shape)
         model = GPTNeoXForCausalLM(config)
@@ -706,3 +723,90 @@ def test_scored_key_tokens_of_grouped_query_heads(tmp_path: Path) -> None:
                 assert [t["token"]["id"] for t in scored[field]] == expected.indices.tolist()
                 values = [t["value"] for t in scored[field]]
                 assert values == pytest.approx(expected.values.tolist(), rel=1e-5)
+
+
+async def test_what_writes_through_norms_or_gates_mean_is_refused_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    """Gemma-2 rescales each sublayer's output (its post-attention and post-feed-forward norms)
+    before the residual stream: fields read off W_O and W_out answer UNSUPPORTED, saying so,
+    while rankings by activation and act x grad answer. A gated MLP's neuron reads no one
+    direction: its upvoting input tokens are null, and it is no V trace's downstream node;
+    its output tokens are still W_U @ its down_proj column (Hugging Face's own weights)."""
+    registry = ModelRegistry()
+    for family in ("gemma2", "llama", "gpt_neox"):
+        tiny_hf_model(family, tmp_path / family)
+        registry.add(load_model(str(tmp_path / family), name=family, backend="transformerlens"))
+    flags = {
+        name: (
+            registry.get(name).architecture.gated_mlp,
+            registry.get(name).architecture.post_sublayer_norms,
+        )
+        for name in ("gemma2", "llama", "gpt_neox")
+    }
+    assert flags == {"gemma2": (True, True), "llama": (True, False), "gpt_neox": (False, False)}
+    for family in flags:  # the config alone (--no-model) says the same
+        config_only = load_model(
+            str(tmp_path / family), with_weights=False, backend="transformerlens"
+        )
+        assert config_only.architecture == registry.get(family).architecture
+    prompt = "The quick brown fox"
+    refused = {
+        "topNodes": "infer(input: {prompt: $p}) { topNodes(group: WRITE_NORM) { top { value } } }",
+        "directEffect": "infer(input: {prompt: $p}) { topNodes(group: DIRECT_EFFECT) { top { value } } }",
+        "nodeTable": "infer(input: {prompt: $p}) { nodeTable(k: 2) { rows { activation } } }",
+        "steering": 'infer(input: {prompt: $p, steering: [{nodeId: "gemma2/mlp_neuron/0/1", '
+        "strength: 2}]}) { loss }",
+    }
+    hf = tiny_hf_model("llama", tmp_path / "llama")
+    transport = httpx.ASGITransport(app=create_app(registry))
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        for field, query in refused.items():
+            body = await graphql(
+                client,
+                'query($p: String!) { model(name: "gemma2") { ' + query + " } }",
+                {"p": prompt},
+            )
+            assert error_codes(body) == ["UNSUPPORTED"], (field, body)
+            assert "post-attention and post-feed-forward norms" in body["errors"][0]["message"]
+        for node in ("gemma2/mlp_neuron/1/3", "gemma2/attention_head/1/0"):
+            body = await graphql(
+                client, "query($n: ID!) { node(id: $n) { similarNodes { cosine } } }", {"n": node}
+            )
+            assert error_codes(body) == ["UNSUPPORTED"]
+        exact = await graphql(
+            client,
+            'query($p: String!) { model(name: "gemma2") { infer(input: {prompt: $p}) { loss '
+            "byGrad: topNodes(group: ACT_TIMES_GRAD, k: 3) { top { value } } "
+            "byActivation: topNodes(group: ACTIVATION, k: 3) { top { value } } } } }",
+            {"p": prompt},
+        )
+        assert "errors" not in exact, exact
+        scored = await graphql(
+            client,
+            '{ node(id: "llama/mlp_neuron/1/5") { scoredTokens(k: 5) { '
+            "upvotingInputTokens { value } upvotedOutputTokens { token { id } value } } } }",
+        )
+        assert "errors" not in scored, scored
+        tokens = scored["data"]["node"]["scoredTokens"]
+        assert tokens["upvotingInputTokens"] is None
+        down = hf.model.layers[1].mlp.down_proj.weight.detach()[:, 5]
+        expected = torch.topk(hf.lm_head.weight.detach() @ down, 5)
+        assert [
+            t["token"]["id"] for t in tokens["upvotedOutputTokens"]
+        ] == expected.indices.tolist()
+        assert [t["value"] for t in tokens["upvotedOutputTokens"]] == pytest.approx(
+            expected.values.tolist(), rel=1e-4
+        )
+        trace = await graphql(
+            client,
+            'query($p: String!) { model(name: "llama") { infer(input: {prompt: $p, trace: {'
+            "upstreamNodeId: "
+            '"llama/attention_head/0/1", tokenIndex: -1, keyTokenIndex: 0, '
+            'attentionTraceType: V, downstreamNodeId: "llama/mlp_neuron/1/5"}}) '
+            "{ topNodes(group: ACT_TIMES_GRAD) { top { value } } } } }",
+            {"p": prompt},
+        )
+        assert error_codes(trace) == ["UNSUPPORTED"]
+        assert "gated MLP" in trace["errors"][0]["message"]
+    registry.close()

@@ -164,6 +164,20 @@ class Architecture:
     n_kv_heads: int | None = None
     # The epsilon inside the LayerNorms' scale, 1/sqrt(variance + eps).
     norm_eps: float = 1e-5
+    # A gated MLP, act(x W_gate) * (x W_in) (Llama, Mistral, Qwen2, Gemma): a neuron reads no
+    # one direction of the stream, so it has no input direction (read_direction).
+    gated_mlp: bool = False
+    # A norm on each sublayer's output before it joins the residual stream (Gemma-2's
+    # post-attention and post-feed-forward norms): a node's write direction (W_out, W_O) is
+    # not what reaches the stream, so what is read off it (write norms, direct effects,
+    # similar nodes, steering directions, output tokens) is refused (base.py's `weight`
+    # callers check `writes_reach_stream`).
+    post_sublayer_norms: bool = False
+
+    @property
+    def writes_reach_stream(self) -> bool:
+        """Whether W_out and W_O write to the residual stream as they are."""
+        return not self.post_sublayer_norms
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -307,8 +321,9 @@ WEIGHT_SHAPES: dict[str, str] = {
     "W_pos": "[n_ctx, d_model]",
     "W_U": "[d_model, vocab]",
     "blocks.{L}.attn.W_Q": "[head, d_model, d_head]",
-    "blocks.{L}.attn.W_K": "[head, d_model, d_head]",
-    "blocks.{L}.attn.W_V": "[head, d_model, d_head]",
+    # kv_head: n_kv_heads of them with grouped-query attention, else one per query head.
+    "blocks.{L}.attn.W_K": "[kv_head, d_model, d_head]",
+    "blocks.{L}.attn.W_V": "[kv_head, d_model, d_head]",
     "blocks.{L}.attn.W_O": "[head, d_head, d_model]",
     "blocks.{L}.mlp.W_in": "[d_model, d_mlp]",
     "blocks.{L}.mlp.W_out": "[d_mlp, d_model]",

@@ -207,7 +207,11 @@ class MlpNeurons(NodeKind):
     def directions(self, backend: Backend, layer: int) -> torch.Tensor:
         return backend.weight(f"blocks.{layer}.mlp.W_out")
 
-    def read_direction(self, backend: Backend, layer: int, index: int) -> torch.Tensor:
+    def read_direction(self, backend: Backend, layer: int, index: int) -> torch.Tensor | None:
+        # A gated neuron, act(x . gate) * (x . up), reads two directions: neither alone is its
+        # input, and no single one is.
+        if backend.architecture.gated_mlp:
+            return None
         return backend.weight(f"blocks.{layer}.mlp.W_in")[:, index]
 
     def bias_writes(self, backend: Backend, layer: int, saved: Saved) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ from interpql.demo.artifacts import (
     save_demo_model,
 )
 from interpql.demo.corpus import Corpus, load_corpus
-from interpql.demo.node_data import build_node_data
+from interpql.demo.node_data import RECORDS_DIR, build_node_data, explain_store
 from interpql.demo.train_autoencoders import (
     AutoencoderConfig,
     AutoencoderKey,
@@ -50,6 +50,7 @@ from interpql.demo.train_model import (
     ngram_baselines,
     train_model,
 )
+from interpql.loaders.sources.compact_format import RecordStore
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,25 @@ def rebuild_dictionaries(out_dir: Path, *, progress: bool = True) -> dict[str, A
     build_node_data(build, progress=progress)
     finish(build, progress=progress)
     return build.metrics
+
+
+def rebuild_explanations(out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    """`build-demo --only-explanations`: every node of the records already in `out_dir`
+    explained and scored again (after a change to the baseline explainer or simulator)."""
+    metrics = load_demo_metrics(out_dir)
+    started = time.perf_counter()
+    store = RecordStore.load(out_dir / RECORDS_DIR)
+    metrics["node_data"].update(explain_store(store, out_dir, progress=progress))
+    metrics["timings_s"]["explanations"] = time.perf_counter() - started
+    metrics.pop("artifact_bytes", None)
+    metrics_path = out_dir / METRICS_FILE
+    metrics["artifact_bytes"] = artifact_bytes(out_dir)
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics["artifact_bytes"] = artifact_bytes(out_dir)  # with metrics.json's new size
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    if progress:
+        print(summary(metrics))
+    return metrics
 
 
 def finish(build: DemoBuild, *, progress: bool = True) -> None:

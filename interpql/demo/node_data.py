@@ -5,7 +5,9 @@ baseline simulator."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,6 +17,7 @@ from interpql.backends.gpt2.backend import NativeGPT2Backend
 from interpql.backends.tokenizer import gpt2_encoding
 from interpql.demo.explanations import explain_and_score_all
 from interpql.demo.records import compute_records, head_write_norms
+from interpql.loaders.sources.compact_format import ExplanationTable, RecordStore
 
 if TYPE_CHECKING:
     from interpql.demo.build import DemoBuild
@@ -85,22 +88,39 @@ def build_node_data(build: DemoBuild, *, progress: bool = True) -> None:
         )
     store.save(build.out_dir / RECORDS_DIR)
     records_s = time.perf_counter() - started
+    metrics: dict[str, Any] = {
+        "nodes": {f"{g.kind}/{g.layer}": g.n_nodes for g in store.groups()},
+        "heldout_tokens": len(heldout),
+        **explain_store(store, build.out_dir, progress=progress),
+    }
+    build.metrics["node_data"] = metrics
+    build.metrics["timings_s"]["records"] = records_s
+    build.metrics["timings_s"]["explanations"] = time.perf_counter() - started - records_s
+
+
+def explain_store(store: RecordStore, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Writes explanations/ under `out_dir`, every node of `store` explained and scored by the
+    baselines, and returns their figures."""
     encoding = gpt2_encoding()
 
     def decode(token: int) -> str:
         return encoding.decode_single_token_bytes(token).decode("utf-8", errors="replace")
 
     table = explain_and_score_all(store, decode, progress=progress)
-    table.save(build.out_dir / EXPLANATIONS_DIR)
+    table.save(out_dir / EXPLANATIONS_DIR)
     scores = torch.tensor([row.score for row in table.rows], dtype=torch.float64)
     finite = scores[torch.isfinite(scores)]
-    metrics: dict[str, Any] = {
-        "nodes": {f"{g.kind}/{g.layer}": g.n_nodes for g in store.groups()},
-        "heldout_tokens": len(heldout),
+    return {
         "explanations": len(table),
         "mean_score": float(finite.mean()) if len(finite) else None,
         "share_score_above_0_5": float((finite > 0.5).double().mean()) if len(finite) else None,
+        "share_with_a_layer_twin": _share_with_a_layer_twin(table),
     }
-    build.metrics["node_data"] = metrics
-    build.metrics["timings_s"]["records"] = records_s
-    build.metrics["timings_s"]["explanations"] = time.perf_counter() - started - records_s
+
+
+def _share_with_a_layer_twin(table: ExplanationTable) -> float:
+    """The share of nodes whose explanation is word for word another's of their layer and
+    kind: how often the baseline fails to tell nodes apart."""
+    texts = Counter((row.kind, row.layer, row.text) for row in table.rows)
+    twins = sum(count for count in texts.values() if count > 1)
+    return twins / len(table) if len(table) else 0.0

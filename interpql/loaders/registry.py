@@ -142,6 +142,18 @@ class ModelEntry:
         unused = self.unused_tokens()
         return unused is None or not (0 <= token < unused.shape[0] and bool(unused[token]))
 
+    def require_writes_reach_stream(self, what: str) -> None:
+        """UNSUPPORTED for `what` (a field reading nodes' write directions) on a model whose
+        sublayer outputs pass a norm before they join the residual stream."""
+        if not self.architecture.writes_reach_stream:
+            raise UnavailableError(
+                f"{what} is not computed for {self.name!r}: its post-attention and post-"
+                "feed-forward norms (Gemma-2's) rescale every write, per token and per "
+                "channel, before it joins the residual stream, so W_O and W_out do not say "
+                "what reaches it. Activations, ablations and the ACTIVATION and "
+                "ACT_TIMES_GRAD rankings are exact."
+            )
+
     def require_backend(self) -> Backend:
         if self.backend is None:
             raise UnavailableError(

@@ -29,7 +29,9 @@ from interpql.specs import NodeRef
 class TokenScores:
     upvoted_output: list[tuple[int, float]]
     downvoted_output: list[tuple[int, float]]
-    upvoting_input: list[tuple[int, float]]  # MLP neurons; heads: through their query
+    upvoting_input: (
+        list[tuple[int, float]] | None
+    )  # None: a gated MLP's neuron reads none  # MLP neurons; heads: through their query
     upvoting_input_keys: list[tuple[int, float]]  # attention heads: through their key
 
 
@@ -58,11 +60,13 @@ def scored_tokens(entry: ModelEntry, node: NodeRef, k: int) -> TokenScores:
         return TokenScores([], [], _top(queries, k, unused), _top(keys, k, unused))
     if not kind.has_write_direction:
         raise UnavailableError(f"Nodes of kind {kind.name} have no scored tokens.")
+    entry.require_writes_reach_stream("scoredTokens of a node that writes to the stream")
     direction = write_directions(entry, node.layer, node.kind)[node.index]  # [d_model]
     logits = direction @ backend.weight("W_U")  # [vocab]
-    upvoting: list[tuple[int, float]] = []
+    upvoting: list[tuple[int, float]] | None = []
     if isinstance(kind, MlpNeurons):
-        upvoting = _top(w_e @ kind.read_direction(backend, node.layer, node.index), k, unused)
+        read = kind.read_direction(backend, node.layer, node.index)
+        upvoting = None if read is None else _top(w_e @ read, k, unused)
     return TokenScores(
         _top(logits, k, unused), _top(logits, k, unused, largest=False), upvoting, []
     )

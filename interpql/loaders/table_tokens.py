@@ -159,7 +159,7 @@ def _upvoting_inputs(
     blocked: torch.Tensor,
 ) -> dict[int, list[TokenValue]]:
     neurons = [i for i, row in enumerate(rows) if row.element.kind == MlpNeurons.name]
-    if not neurons:
+    if not neurons or entry.architecture.gated_mlp:  # a gated neuron reads no one direction
         return {}
     reads = []
     for i in neurons:

@@ -84,6 +84,7 @@ def _value_directions(entry: ModelEntry, request: ForwardRequest, trace: TraceSp
     )
     if direction is None:
         raise UnavailableError(
-            "A downstream node of a V trace must be an MLP neuron or a residual channel."
+            "A downstream node of a V trace must be an MLP neuron or a residual channel, and "
+            "a neuron of a gated MLP (act(x . gate) * (x . up)) reads no one direction."
         )
     return (w_o @ direction.to(w_o.device)).expand(rows, -1)

@@ -77,6 +77,8 @@ async def top_nodes(
     check_range("k", k, 0, ctx.settings.max_top_k + 1)
     if position is not None:
         position = check_position("tokenIndex", position, len(spec.tokens))
+    if group in (Group.WRITE_NORM, Group.DIRECT_EFFECT):
+        ctx.registry.get(spec.model).require_writes_reach_stream(f"topNodes({group.name})")
     layer_kinds = ranked_layer_kinds(ctx, spec)
     if not layer_kinds:
         raise invalid_argument("The model has no nodes of the chosen component types.")

@@ -137,6 +137,8 @@ def steering(
 ) -> tuple[Steering, ...]:
     """Each steered node resolved and its direction checked; `position_of` checks a token index
     and returns its position."""
+    if given:
+        entry.require_writes_reach_stream("Steering")
     checked = []
     for steer in given:
         node = own_node(ctx, entry, str(steer.node_id))
@@ -222,6 +224,9 @@ def _trace(ctx: RequestContext, entry: ModelEntry, args: TraceArgs, n_tokens: in
         if args.attention_trace_type is None
         else AttentionTrace(args.attention_trace_type.value)
     )
+    if attention is AttentionTrace.V:
+        # What a head writes from a key is read off W_O, which the stream never sees as such.
+        entry.require_writes_reach_stream("A V trace")
     if entry.kind(upstream.kind).attends:
         if attention is None or key_position is None:
             raise invalid_argument(

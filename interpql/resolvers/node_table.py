@@ -74,6 +74,7 @@ async def node_table(
     check_range("k", k, 0, ctx.settings.max_top_k + 1)
     check_range("scoredTokens", tokens_per_list, 0, ctx.settings.max_top_k + 1)
     entry = ctx.registry.get(spec.model)
+    entry.require_writes_reach_stream("nodeTable")
     layer_kinds = ranked_layer_kinds(ctx, spec)
     done = await result(ctx, spec, table_needs(entry, layer_kinds))
     table = await asyncio.to_thread(build_node_table, entry, done, layer_kinds, k)
@@ -92,6 +93,7 @@ async def direct_effect_terms(
 ) -> list[DirectEffectTerm]:
     """What writes to the residual stream besides the input's ranked kinds, in every layer
     (early layers too, whatever hideEarlyLayersWhenAblating says), as direct effects."""
+    ctx.registry.get(spec.model).require_writes_reach_stream("directEffectTerms")
     if position is not None:
         position = check_position("tokenIndex", position, len(spec.tokens))
     layer_kinds = ranked_layer_kinds(ctx, spec, hide_early_layers=False)

@@ -74,6 +74,7 @@ async def similar_nodes(
 ) -> list[tuple[NodeRef, float]]:
     check_range("first", first, 0, MAX_PAGE + 1)
     entry = ctx.registry.get(node.model)
+    entry.require_writes_reach_stream("similarNodes")
     if not entry.kind(node.kind).has_write_direction:
         raise UnavailableError(f"Nodes of kind {node.kind} have no write direction to compare.")
     entry.require_backend()

@@ -83,7 +83,8 @@ class NodeTableRow:
         description=(
             "MLP neurons: input tokens whose embeddings raise the neuron's pre-activation most, "
             "W_E @ (1/s) P(gain_2 x W_in[:, n]), s the LayerNorm's scale at the row's token "
-            "and P the mean's removal (Transformer Debugger's); null for other kinds."
+            "and P the mean's removal (Transformer Debugger's); null for other kinds, and for "
+            "a gated MLP's neurons (act(x . gate) * (x . up) reads no one direction)."
         )
     )
     async def upvoting_input_tokens(self, info: Info) -> list[TokenScore] | None:

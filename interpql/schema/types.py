@@ -420,10 +420,12 @@ class ScoredTokens:
     downvoted_output_tokens: list[TokenScore] = strawberry.field(
         description="Output tokens whose logits the node's write lowers most."
     )
-    upvoting_input_tokens: list[TokenScore] = strawberry.field(
+    upvoting_input_tokens: list[TokenScore] | None = strawberry.field(
         description=(
             "Input tokens whose embeddings drive it most: an MLP neuron's W_E @ W_in; an "
-            "attention head's query, |W_E @ W_Q[h]|."
+            "attention head's query, |W_E @ W_Q[h]|. Null for a neuron of a gated MLP "
+            "(Llama's, Gemma's: act(x . gate) * (x . up) reads two directions, and no one "
+            "direction is its input)."
         )
     )
     upvoting_key_tokens: list[TokenScore] = strawberry.field(
@@ -595,7 +597,9 @@ class Node:
         return ScoredTokens(
             upvoted_output_tokens=listed(scores.upvoted_output),
             downvoted_output_tokens=listed(scores.downvoted_output),
-            upvoting_input_tokens=listed(scores.upvoting_input),
+            upvoting_input_tokens=None
+            if scores.upvoting_input is None
+            else listed(scores.upvoting_input),
             upvoting_key_tokens=listed(scores.upvoting_input_keys),
         )
 

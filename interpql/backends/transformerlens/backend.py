@@ -77,6 +77,10 @@ class TransformerLensBackend(Backend):
             family=family,
             norm_eps=float(getattr(cfg, "eps", 1e-5)),
             n_kv_heads=_kv_heads(getattr(cfg, "n_key_value_heads", None), cfg.n_heads),
+            gated_mlp="blocks.0.mlp.gate.hook_out" in bridge.hook_dict,
+            post_sublayer_norms=any(
+                f"blocks.0.{norm}.hook_in" in bridge.hook_dict for norm in ("ln1_post", "ln2_post")
+            ),
         )
         self.tokenizer = tokenizer
         self.dictionaries = {}

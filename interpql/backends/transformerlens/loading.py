@@ -133,7 +133,31 @@ def read_architecture(spec: str) -> Architecture:
             if getattr(config, "num_key_value_heads", None) in (None, n_heads)
             else int(config.num_key_value_heads)
         ),
+        gated_mlp=config.model_type in GATED_MLP_FAMILIES,
+        post_sublayer_norms=config.model_type in POST_NORM_FAMILIES,
     )
+
+
+# What a config alone says of the MLP and the sublayer norms (for --no-model); with weights
+# the backend reads both off the bridge's hooks instead.
+GATED_MLP_FAMILIES = frozenset(
+    {
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "gemma3_text",
+        "phi3",
+        "olmo",
+        "olmo2",
+        "granite",
+    }
+)
+POST_NORM_FAMILIES = frozenset({"gemma2", "gemma3", "gemma3_text"})
 
 
 def bridge_class() -> Any:
