@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import socket
 import statistics
@@ -38,13 +39,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(*args: str) -> Iterator[str]:
-    """`interpql serve ARGS` on a free loopback port, until the block ends."""
+def server(*args: str, checkout: str | None = None) -> Iterator[str]:
+    """`interpql serve ARGS` on a free loopback port, until the block ends; with `checkout`,
+    the interpql of that source tree (another commit's, to compare)."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "interpql.cli", "serve", "--port", str(port), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        cwd=checkout,
+        env=None if checkout is None else {**os.environ, "PYTHONPATH": checkout},
     )
     url = f"http://127.0.0.1:{port}"
     try:

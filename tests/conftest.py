@@ -14,6 +14,7 @@ import torch
 from interpql.backends.base import ForwardRequest, HookPoint, Location
 from interpql.backends.gpt2 import GPT2Config, NativeGPT2Backend
 from interpql.backends.gpt2.loading import random_model
+from interpql.bootstrap import ServeOptions, build_services
 from interpql.loaders.registry import ModelEntry, ModelRegistry
 from interpql.server import create_app
 from interpql.settings import Settings
@@ -59,6 +60,16 @@ def registry(small_backend: CountingBackend) -> Iterator[ModelRegistry]:
     registry = small_registry(small_backend)
     yield registry
     registry.close()
+
+
+@pytest.fixture(scope="module")
+async def demo() -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the server `make serve` runs: the embedded demo, with its data."""
+    services = build_services(ServeOptions(explanation_store=":memory:"))
+    transport = httpx.ASGITransport(app=create_app(services))
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        yield client
+    services.registry.close()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -368,15 +367,6 @@ GRAPH_FIELDS = """
           node { id explanations { text } } }
   edges { source target weight }
 """
-
-
-@pytest.fixture(scope="module")
-async def demo() -> AsyncIterator[httpx.AsyncClient]:
-    services = build_services(ServeOptions(explanation_store=":memory:"))
-    transport = httpx.ASGITransport(app=create_app(services))
-    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
-        yield client
-    services.registry.close()
 
 
 async def demo_graph(client: httpx.AsyncClient, extra: str = "") -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -19,10 +18,8 @@ import torch
 from safetensors.numpy import load_file
 
 from interpql.backends.tokenizer import gpt2_encoding
-from interpql.bootstrap import ServeOptions, build_services
 from interpql.demo.artifacts import DEMO_DIR
 from interpql.loaders.sources.compact_format import RecordStore
-from interpql.server import create_app
 from tests.conftest import SMALL, CountingBackend, error_codes, graphql
 from tests.reference import reference_forward
 
@@ -200,14 +197,6 @@ async def test_generation_reports_each_chosen_tokens_probability(
                 probability, rel=1e-4
             )
             tokens.append(chosen["id"])
-
-
-@pytest.fixture(scope="module")
-async def demo() -> AsyncIterator[httpx.AsyncClient]:
-    services = build_services(ServeOptions(explanation_store=":memory:"))
-    transport = httpx.ASGITransport(app=create_app(services))
-    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ of its shapes; and the demo's own features exported and read back)."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,6 @@ from tests.conftest import error_codes, graphql
 
 DEMO = "tiny-stdlib"
 NODES = [f"{DEMO}/mlp_neuron/1/{i}" for i in (0, 5)] + [f"{DEMO}/attention_head/2/1"]
-
-
-@pytest.fixture(scope="module")
-async def demo() -> AsyncIterator[httpx.AsyncClient]:
-    services = build_services(ServeOptions(explanation_store=":memory:"))
-    transport = httpx.ASGITransport(app=create_app(services))
-    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
-        yield client
-    services.registry.close()
 
 
 async def test_a_node_in_the_feature_shape(demo: httpx.AsyncClient) -> None:

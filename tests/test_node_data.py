@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+import interpql.loaders.sources.compact as compact_module
 from interpql.backends.tokenizer import gpt2_encoding
 from interpql.loaders.registry import ModelRegistry
-from interpql.loaders.sources import CompactSource
+from interpql.loaders.sources import CompactSource, NodeRecordData
 from interpql.loaders.sources.compact_format import RecordStore
 from interpql.server import create_app
+from interpql.specs import NodeRef
 from tests.conftest import CountingBackend, error_codes, graphql, small_entry
 
 SEQ_LEN = 24
@@ -235,3 +237,25 @@ async def test_bad_searches(client: httpx.AsyncClient, query: str) -> None:
 async def test_search_text_is_not_query_syntax(client: httpx.AsyncClient) -> None:
     body = await graphql(client, '{ searchNodes(text: "NEAR( OR * \\" AND") { totalCount } }')
     assert "errors" not in body
+
+
+def test_built_records_are_kept_within_a_bound(
+    source: CountingSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record read again is the one built before (with the examples read of it), as long as
+    the bound allows; past it the oldest go, and a record built again equals the first."""
+    monkeypatch.setattr(compact_module, "MAX_BUILT_RECORDS", 3)
+    source = CountingSource(source.name, source.records, source.explanations, token_text)
+    nodes = [NodeRef("small", "mlp_neuron", 2, i) for i in range(5)]
+    first = source.read_records(nodes)
+    again = source.read_records(nodes[3:])
+    assert again[0] is first[3] and again[1] is first[4]
+    assert len(source._built) == 3  # 0, 1 built and let go
+    rebuilt = source.read_records(nodes[:1])[0]
+    assert rebuilt is not first[0]
+    assert isinstance(rebuilt, NodeRecordData) and isinstance(first[0], NodeRecordData)
+    assert tuple(rebuilt.top) == tuple(first[0].top)
+    assert rebuilt.statistics == first[0].statistics
+    # The store's own arrays, read directly: the first top example's activations.
+    arrays = source.records.arrays("mlp_neuron", 2)
+    assert list(rebuilt.top[0].activations) == pytest.approx(arrays["top_acts"][0, 0].tolist())

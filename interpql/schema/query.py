@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import strawberry
 
 from interpql.resolvers import models as model_resolvers
@@ -81,7 +83,7 @@ class Query:
             "across kinds: neither depends on a kind's scale of activations."
         )
     )
-    def search_nodes(
+    async def search_nodes(
         self,
         info: Info,
         text: str | None = None,
@@ -98,7 +100,10 @@ class Query:
             kind=None if kind is None else kind_name(kind, dictionary),
             layer=layer,
         )
-        hits, total, start = search_resolvers.search(info.context, scope, text, token, first, after)
+        # On a worker thread: the first token search indexes every top example's peak.
+        hits, total, start = await asyncio.to_thread(
+            search_resolvers.search, info.context, scope, text, token, first, after
+        )
         edges = [
             SearchEdge(
                 cursor=str(start + i),

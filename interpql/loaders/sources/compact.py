@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+import threading
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +28,9 @@ from interpql.loaders.sources.compact_format import (
 )
 from interpql.specs import NodeRef
 
+# Records kept built (with the examples read of them): about 30 MB at 5 examples each.
+MAX_BUILT_RECORDS = 8192
+
 
 class CompactSource(NodeSource):
     """Records and explanations held in memory from the demo's compact files."""
@@ -42,6 +46,11 @@ class CompactSource(NodeSource):
         self.records = records
         self.explanations = explanations
         self._decode = decode
+        # Records already built, most recently read last, with the examples built so far:
+        # the store never changes, and building a lookup's 1,000 records and 5,000 examples
+        # again is most of its time.
+        self._built: OrderedDict[tuple[str, int, int], NodeRecordData] = OrderedDict()
+        self._built_lock = threading.Lock()
 
     @classmethod
     def open(cls, name: str, folder: Path, decode: Callable[[int], str]) -> CompactSource:
@@ -50,16 +59,25 @@ class CompactSource(NodeSource):
         return cls(name, RecordStore.load(folder / "records"), table, decode)
 
     def read_records(self, nodes: Sequence[NodeRef]) -> list[RecordAnswer]:
+        found: list[RecordAnswer] = [None] * len(nodes)
         # Each layer's nodes in one read of its arrays: lookups ask for thousands at once.
         by_group: dict[tuple[str, int], list[int]] = defaultdict(list)
-        for position, node in enumerate(nodes):
-            if 0 <= node.index < self.records.count(node.kind, node.layer):
-                by_group[(node.kind, node.layer)].append(position)
-        found: list[RecordAnswer] = [None] * len(nodes)
+        with self._built_lock:
+            for position, node in enumerate(nodes):
+                key = (node.kind, node.layer, node.index)
+                if key in self._built:
+                    self._built.move_to_end(key)
+                    found[position] = self._built[key]
+                elif 0 <= node.index < self.records.count(node.kind, node.layer):
+                    by_group[(node.kind, node.layer)].append(position)
         for (kind, layer), positions in by_group.items():
             indices = [nodes[p].index for p in positions]
-            for p, record in zip(positions, self._group_records(kind, layer, indices), strict=True):
-                found[p] = record
+            records = self._group_records(kind, layer, indices)
+            with self._built_lock:
+                for p, index, record in zip(positions, indices, records, strict=True):
+                    found[p] = self._built.setdefault((kind, layer, index), record)
+                while len(self._built) > MAX_BUILT_RECORDS:
+                    self._built.popitem(last=False)
         return found
 
     def _group_records(self, kind: str, layer: int, indices: list[int]) -> list[NodeRecordData]:
