@@ -6,6 +6,7 @@ from bench import (
     attribution_graph,
     backends,
     concurrency,
+    demo_heads,
     dictionaries,
     generation,
     load,
@@ -25,6 +26,7 @@ def main() -> None:
     attribution_graph.main([])
     tdb_request.main()
     node_lookup.main()
+    demo_heads.main()
     concurrency.main()
     generation.main()
     payload.main()
