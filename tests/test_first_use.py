@@ -21,6 +21,7 @@ from interpql.backends.tokenizer import gpt2_encoding
 from interpql.demo.artifacts import DEMO_DIR
 from interpql.loaders.sources.compact_format import RecordStore
 from tests.conftest import SMALL, CountingBackend, error_codes, graphql
+from tests.processes import serve
 from tests.reference import reference_forward
 
 PROMPT = "import os\nimport sys\nimport"
@@ -290,3 +291,31 @@ async def test_search_filters_by_kind_and_layer_with_scores_that_compare(
         demo, '{ searchNodes(text: "def", model: "tiny-stdlib", layer: 9) { totalCount } }'
     )
     assert error_codes(bad) == ["INVALID_ARGUMENT"]
+
+
+def test_a_served_demo_lists_no_byte_tokens_it_never_learned() -> None:
+    """As reported over HTTP: these latents' upvoted output tokens were ten of the byte tokens
+    95-153 (all U+FFFD), which the corpus never uses. A real `interpql serve` of the demo
+    lists tokens the model learned, and says of each prompt token whether it did."""
+    used = set(load_file(str(DEMO_DIR / "weights.safetensors"))["vocab.used_ids"].tolist())
+    with serve() as url:
+        for node in ("mlp_autoencoder_latent/1/1", "transcoder/0/0", "res-sae/1/1"):
+            query = (
+                f'{{ node(id: "tiny-stdlib/{node}") {{ scoredTokens(k: 10) {{ '
+                "upvotedOutputTokens { token { id inUse } } } } }"
+            )
+            body = httpx.post(url + "/graphql", json={"query": query}, timeout=60).json()
+            assert "errors" not in body, body
+            listed = body["data"]["node"]["scoredTokens"]["upvotedOutputTokens"]
+            assert len(listed) == 10
+            assert all(t["token"]["id"] in used and t["token"]["inUse"] for t in listed)
+        body = httpx.post(
+            url + "/graphql",
+            json={
+                "query": '{ model(name: "tiny-stdlib") { tokenize(text: "the football") '
+                "{ id inUse } } }"
+            },
+            timeout=60,
+        ).json()
+        tokens = body["data"]["model"]["tokenize"]
+        assert [t["inUse"] for t in tokens] == [t["id"] in used for t in tokens] == [True, False]

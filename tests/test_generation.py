@@ -122,13 +122,17 @@ async def test_bad_generation_input(client: httpx.AsyncClient, input: str) -> No
     assert error_codes(body) == ["INVALID_ARGUMENT"]
 
 
-async def test_subscription_streams_tokens_in_order(registry: Any) -> None:
+async def test_subscription_streams_tokens_in_order(
+    registry: Any, small_backend: CountingBackend
+) -> None:
     schema = build_schema()
     context = RequestContext.create(registry, Settings())
     stream = await schema.subscribe(
         'subscription { generate(model: "small", input: {prompt: "Hello there", maxTokens: 5, '
         'steering: [{nodeId: "small/attention_head/1/1", strength: 3}]}) { step '
-        "unsteeredToken { id } steeredToken { id } result { unsteered { tokens { id } } steered { tokens { id } } } } }",
+        "unsteeredToken { id } steeredToken { id } unsteeredProbability steeredProbability "
+        "result { unsteered { tokens { id } } "
+        "steered { tokens { id } tokenProbabilities } } } }",
         context_value=context,
     )
     events = [event.data["generate"] async for event in stream]  # type: ignore[union-attr]
@@ -139,6 +143,16 @@ async def test_subscription_streams_tokens_in_order(registry: Any) -> None:
         t["id"] for t in final["unsteered"]["tokens"]
     ]
     assert [e["steeredToken"]["id"] for e in steps] == [t["id"] for t in final["steered"]["tokens"]]
+    # Each step's probability of its token: the unsteered from the reference's softmax, the
+    # steered as the result states it.
+    tokens = gpt2_encoding().encode("Hello there")
+    state = state_of(small_backend)
+    for event in steps:
+        logits, _ = reference_forward(SMALL, state, tokens)
+        expected = float(logits[-1].softmax(-1)[event["unsteeredToken"]["id"]])
+        assert event["unsteeredProbability"] == pytest.approx(expected, rel=1e-4)
+        tokens.append(event["unsteeredToken"]["id"])
+    assert [e["steeredProbability"] for e in steps] == final["steered"]["tokenProbabilities"]
 
 
 def generated_both_ways(backend: Backend, spec: GenerationSpec) -> tuple[Any, Any]:

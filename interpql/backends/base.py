@@ -170,14 +170,9 @@ class Architecture:
     # A norm on each sublayer's output before it joins the residual stream (Gemma-2's
     # post-attention and post-feed-forward norms): a node's write direction (W_out, W_O) is
     # not what reaches the stream, so what is read off it (write norms, direct effects,
-    # similar nodes, steering directions, output tokens) is refused (base.py's `weight`
-    # callers check `writes_reach_stream`).
+    # similar nodes, steering directions, output tokens) is refused
+    # (ModelEntry.require_writes_reach_stream).
     post_sublayer_norms: bool = False
-
-    @property
-    def writes_reach_stream(self) -> bool:
-        """Whether W_out and W_O write to the residual stream as they are."""
-        return not self.post_sublayer_norms
 
 
 @dataclass(frozen=True, kw_only=True)

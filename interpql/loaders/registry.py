@@ -145,7 +145,7 @@ class ModelEntry:
     def require_writes_reach_stream(self, what: str) -> None:
         """UNSUPPORTED for `what` (a field reading nodes' write directions) on a model whose
         sublayer outputs pass a norm before they join the residual stream."""
-        if not self.architecture.writes_reach_stream:
+        if self.architecture.post_sublayer_norms:
             raise UnavailableError(
                 f"{what} is not computed for {self.name!r}: its post-attention and post-"
                 "feed-forward norms (Gemma-2's) rescale every write, per token and per "

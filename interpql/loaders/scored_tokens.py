@@ -29,9 +29,8 @@ from interpql.specs import NodeRef
 class TokenScores:
     upvoted_output: list[tuple[int, float]]
     downvoted_output: list[tuple[int, float]]
-    upvoting_input: (
-        list[tuple[int, float]] | None
-    )  # None: a gated MLP's neuron reads none  # MLP neurons; heads: through their query
+    # MLP neurons; heads: through their query. None for a gated MLP's neuron: it reads none.
+    upvoting_input: list[tuple[int, float]] | None
     upvoting_input_keys: list[tuple[int, float]]  # attention heads: through their key
 
 

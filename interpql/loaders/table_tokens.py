@@ -55,6 +55,22 @@ def least_common_gpt2_tokens() -> frozenset[int]:
     )
 
 
+def excluded_tokens(entry: ModelEntry, rare: bool) -> frozenset[int]:
+    """Token ids no list of the table holds: tokens the model never learned (Token.inUse),
+    and with `rare`, on a GPT-2 vocabulary, the 596 least common. Worked out once per model."""
+    key = ("table_excluded_tokens", rare)
+    if key not in entry.derived:
+        excluded = frozenset[int]()
+        if rare and uses_gpt2_vocabulary(entry.require_backend().tokenizer):
+            excluded = least_common_gpt2_tokens()
+        unused = entry.unused_tokens()
+        if unused is not None:
+            excluded |= frozenset(unused.nonzero().flatten().tolist())
+        entry.derived[key] = excluded
+    found: frozenset[int] = entry.derived[key]
+    return found
+
+
 def uses_gpt2_vocabulary(tokenizer: Tokenizer) -> bool:
     return (
         tokenizer.n_vocab == 50257

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from interpql.errors import InvalidInputError, check_range
@@ -147,7 +147,14 @@ def token_text(ctx: RequestContext, model_name: str, token: int) -> str:
 
 
 def token_info(ctx: RequestContext, model_name: str, index: int, token: int) -> TokenInfo:
-    entry = ctx.registry.get(model_name)
+    return _token_info(ctx.registry.get(model_name), index, token)
+
+
+def token_infos(ctx: RequestContext, model_name: str, tokens: Sequence[int]) -> list[TokenInfo]:
+    return tokens_of(ctx.registry.get(model_name), tokens)
+
+
+def _token_info(entry: ModelEntry, index: int, token: int) -> TokenInfo:
     return TokenInfo(index, token, entry.token_text(token), entry.token_in_use(token))
 
 
@@ -168,11 +175,8 @@ def tokenize(ctx: RequestContext, model_name: str, text: str) -> list[TokenInfo]
     return tokens_of(entry, encode(ctx, entry, text))
 
 
-def tokens_of(entry: ModelEntry, tokens: tuple[int, ...] | list[int]) -> list[TokenInfo]:
-    return [
-        TokenInfo(index=i, id=t, text=entry.token_text(t), in_use=entry.token_in_use(t))
-        for i, t in enumerate(tokens)
-    ]
+def tokens_of(entry: ModelEntry, tokens: Sequence[int]) -> list[TokenInfo]:
+    return [_token_info(entry, i, t) for i, t in enumerate(tokens)]
 
 
 def encode_prompt(ctx: RequestContext, entry: ModelEntry, prompt: str) -> tuple[int, ...]:

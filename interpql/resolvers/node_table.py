@@ -11,12 +11,7 @@ import numpy as np
 from interpql.errors import check_position, check_range
 from interpql.loaders.inference import Needs, RowResult
 from interpql.loaders.node_table import NodeTable, TableRow, build_node_table, table_needs
-from interpql.loaders.table_tokens import (
-    RowTokens,
-    least_common_gpt2_tokens,
-    row_tokens,
-    uses_gpt2_vocabulary,
-)
+from interpql.loaders.table_tokens import RowTokens, excluded_tokens, row_tokens
 from interpql.resolvers.analysis import ranked_layer_kinds
 from interpql.resolvers.context import RequestContext
 from interpql.resolvers.inference import result
@@ -53,13 +48,7 @@ class TableView:
 
     async def _all_tokens(self) -> list[RowTokens]:
         entry = self.ctx.registry.get(self.spec.model)
-        backend = entry.require_backend()
-        excluded = frozenset[int]()
-        if self.exclude_rare_tokens and uses_gpt2_vocabulary(backend.tokenizer):
-            excluded = least_common_gpt2_tokens()
-        unused = entry.unused_tokens()
-        if unused is not None:  # never learned: see Token.inUse
-            excluded |= frozenset(unused.nonzero().flatten().tolist())
+        excluded = excluded_tokens(entry, self.exclude_rare_tokens)
         rows: list[TableRow] = self.table.rows
         return await self.ctx.services.model_runner.compute(
             entry,

@@ -652,7 +652,7 @@ async def with_node_data(info: Info, refs: list[NodeRef]) -> list[Node]:
 
 
 def tokens_of(ctx: RequestContext, model: str, ids: tuple[int, ...]) -> list[Token]:
-    return [Token.at(ctx, model, i, t) for i, t in enumerate(ids)]
+    return [Token.of(t) for t in model_resolvers.token_infos(ctx, model, ids)]
 
 
 def node_activations(

@@ -50,7 +50,9 @@ _LINE_CLAUSES = {
     "indented": "; first on an indented line",
     "mid": "; mid-line",
 }
-_CLAUSES = (_NOT_AFTER, _STRONGEST, *_LINE_CLAUSES.values())
+_CLAUSE_MARKERS = re.compile(
+    "|".join(re.escape(m) for m in (_NOT_AFTER, _STRONGEST, *_LINE_CLAUSES.values()))
+)
 # The strongest activation's token and those before it, quoted: up to SNIPPET_WORDS tokens
 # that are not whitespace, and SNIPPET_TOKENS tokens in all.
 SNIPPET_WORDS = 3
@@ -188,26 +190,17 @@ def _split_clauses(explanation: str) -> tuple[str, dict[str, str]]:
     def outside(at: int) -> bool:
         return not any(start < at < end for start, end in quoted)
 
-    starts = sorted(
-        (at, marker)
-        for marker in _CLAUSES
-        for at in _occurrences(explanation, marker)
-        if outside(at)
-    )
+    starts = [
+        (found.start(), found.group())
+        for found in _CLAUSE_MARKERS.finditer(explanation)
+        if outside(found.start())
+    ]
     if not starts:
         return explanation, {}
     clauses: dict[str, str] = {}
     for (at, marker), (end, _) in zip(starts, [*starts[1:], (len(explanation), "")], strict=True):
         clauses.setdefault(marker, explanation[at + len(marker) : end])
     return explanation[: starts[0][0]], clauses
-
-
-def _occurrences(text: str, marker: str) -> list[int]:
-    found, at = [], text.find(marker)
-    while at >= 0:
-        found.append(at)
-        at = text.find(marker, at + 1)
-    return found
 
 
 def _line_position(tokens: Sequence[str], i: int) -> str | None:

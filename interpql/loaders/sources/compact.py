@@ -156,7 +156,7 @@ class CompactSource(NodeSource):
     def list_peaks(self, model: str) -> Iterable[tuple[str, str, float]]:
         window = self.records.layout.window
         n_tokens = len(self.records.tokens)
-        texts: dict[int, str] = {}  # decoded once per token id
+        texts = self._texts
         for group in self.records.groups():
             arrays = self.records.arrays(group.kind, group.layer)
             offsets = arrays["top_offsets"]  # [node, example]
@@ -167,11 +167,8 @@ class CompactSource(NodeSource):
             ids = self.records.tokens[np.where(kept, positions, 0)]
             peak_acts = np.take_along_axis(acts, peaks[..., None], axis=2)[..., 0]
             for index, example in zip(*np.nonzero(kept), strict=True):
-                token = int(ids[index, example])
-                if token not in texts:
-                    texts[token] = self._decode(token)
                 node = NodeRef(model, group.kind, group.layer, int(index))
-                yield node.id, texts[token], float(peak_acts[index, example])
+                yield node.id, texts[ids[index, example]], float(peak_acts[index, example])
 
     def layer_values(self, model: str, kind: str, layer: int, what: str) -> np.ndarray | None:
         count = self.records.count(kind, layer)
