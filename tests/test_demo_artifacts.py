@@ -5,6 +5,7 @@ its records agree with a fresh pass over the held-out tokens, and it is served b
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import time
 from pathlib import Path
@@ -27,7 +28,9 @@ from interpql.demo.artifacts import (
     load_demo_metrics,
     load_demo_model,
 )
+from interpql.loaders.sources import compact
 from interpql.loaders.sources.compact_format import RecordStore
+from interpql.schema import execution
 from interpql.server import create_app
 from tests.conftest import graphql
 from tests.reference import reference_forward
@@ -152,8 +155,19 @@ async def test_served_by_default_with_records_and_explanations() -> None:
     services.registry.close()
 
 
-async def test_a_thousand_nodes_cost_one_read_per_field_kind() -> None:
+async def test_a_thousand_nodes_cost_one_read_per_field_kind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     services = build_services(ServeOptions(explanation_store=":memory:"))
+    short_way: collections.Counter[str] = collections.Counter()
+    complete = execution._complete
+
+    def counted(plan: Any, source: Any) -> Any:
+        answer = complete(plan, source)
+        short_way[type(source).__name__] += 1
+        return answer
+
+    monkeypatch.setattr(execution, "_complete", counted)
     source = services.registry.get("tiny-stdlib").sources[0]
     reads: list[str] = []
     records, explanations = source.read_records, source.read_explanations
@@ -170,6 +184,66 @@ async def test_a_thousand_nodes_cost_one_read_per_field_kind() -> None:
         )
     assert len(body["data"]["nodes"]) == 1000
     assert sorted(reads) == ["explanations", "records"]
+    # Every node, example and explanation completed in one pass each (schema/execution.py).
+    assert short_way == {"Node": 1000, "ActivationRecord": 5000, "Explanation": 1000}
+    services.registry.close()
+
+
+def stored_windows(
+    store: RecordStore, arrays: Any, index: int, which: str, count: int
+) -> list[tuple[list[int], list[float]]]:
+    """A node's first `count` filled windows: token ids and activations, read by numpy."""
+    offsets = arrays[f"{which}_offsets"][index]
+    window = store.layout.window
+    return [
+        (
+            store.tokens[offsets[s] : offsets[s] + window].astype(int).tolist(),
+            arrays[f"{which}_acts"][index, s].astype(np.float64).tolist(),
+        )
+        for s in np.flatnonzero(offsets >= 0)[:count]
+    ]
+
+
+async def test_served_examples_are_the_stored_windows(
+    store: RecordStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Examples are built for a whole read at once and kept only while their records are:
+    what is served, before and after records are dropped, is each node's stored windows as
+    numpy reads them, with OpenAI's 0-10 scale worked out here."""
+    monkeypatch.setattr(compact, "MAX_BUILT_RECORDS", 150)  # the second read drops records
+    services = build_services(ServeOptions(explanation_store=":memory:"))
+    nodes = [("mlp_neuron", 1, i) for i in range(0, 200, 2)] + [
+        ("mlp_autoencoder_latent", 2, i) for i in range(100)
+    ]
+    query = """query($ids: [ID!]!) { nodes(ids: $ids) { id
+        topActivations(first: 3) { tokens tokenIds activations maxActivation
+          normalizedActivations }
+        more: topActivations(first: 7) { tokenIds }
+        randomSample(first: 2) { tokenIds activations } } }"""
+    ids = [f"tiny-stdlib/{kind}/{layer}/{index}" for kind, layer, index in nodes]
+    decode = services.registry.get("tiny-stdlib").token_text
+    transport = httpx.ASGITransport(app=create_app(services))
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        first = await graphql(client, query, {"ids": ids})
+        again = await graphql(client, query, {"ids": ids[::-1]})
+    assert "errors" not in first and "errors" not in again
+    assert again["data"]["nodes"][::-1] == first["data"]["nodes"]
+    for (kind, layer, index), served in zip(nodes, first["data"]["nodes"], strict=True):
+        arrays = store.arrays(kind, layer)
+        stored = functools.partial(stored_windows, store, arrays, index)
+        filled = arrays["top_offsets"][index] >= 0
+        peak = float(arrays["top_acts"][index][filled].astype(np.float64).max())
+        top = stored("top", 3)
+        assert [(e["tokenIds"], e["activations"]) for e in served["topActivations"]] == top
+        for example, (token_ids, acts) in zip(served["topActivations"], top, strict=True):
+            assert example["tokens"] == [decode(t) for t in token_ids]
+            assert example["maxActivation"] == max(acts)
+            expected = np.clip(np.floor(10 * np.maximum(acts, 0) / peak), 0, 10)
+            assert example["normalizedActivations"] == expected.tolist()
+        assert [e["tokenIds"] for e in served["more"]] == [ids for ids, _ in stored("top", 7)]
+        assert [(e["tokenIds"], e["activations"]) for e in served["randomSample"]] == stored(
+            "random", 2
+        )
     services.registry.close()
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from typing import Any
 
 import httpx
@@ -12,6 +14,7 @@ import torch
 
 from interpql.backends.base import HookPoint, Location
 from interpql.backends.tokenizer import gpt2_encoding
+from interpql.loaders.inference import InferenceLoader
 from tests.conftest import MODEL_NAME, SMALL, CountingBackend, error_codes, graphql
 from tests.reference import reference_forward
 
@@ -355,3 +358,31 @@ async def test_token_losses_are_each_positions_next_token_loss(
     assert found["tokenLosses"][-1] is None
     assert found["tokenLosses"][:-1] == pytest.approx(expected.tolist(), abs=1e-5)
     assert found["loss"] == pytest.approx(float(expected.mean()), abs=1e-5)
+
+
+async def test_what_a_request_loaded_is_freed_when_its_answer_is_sent(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """graphql-core's execution context is a reference cycle holding the request's context:
+    its passes' results must not wait for the cycle collector (here switched off)."""
+    results: list[weakref.ref[Any]] = []
+    load = InferenceLoader.load
+
+    async def kept(self: InferenceLoader, spec: Any, needs: Any) -> Any:
+        result = await load(self, spec, needs)
+        results.append(weakref.ref(result))
+        return result
+
+    monkeypatch.setattr(InferenceLoader, "load", kept)
+    query = (
+        f'{{ model(name: "{MODEL_NAME}") {{ infer(input: {{prompt: "freed once sent"}}) '
+        "{ loss topPredictions(k: 2) { probability } } } }"
+    )
+    gc.collect()
+    gc.disable()
+    try:
+        body = await graphql(client, query)
+        assert "errors" not in body and results
+        assert [r() for r in results] == [None] * len(results)
+    finally:
+        gc.enable()

@@ -91,10 +91,19 @@ class InferenceLoader:
         self._registry = registry
         self._runner = runner or default_runner(0.0)
         self._cache = cache
-        self._loader = DataLoader[_Key, RowResult](load_fn=self._load_batch, cache=False)
+        self._loader = self._new_loader()
         self._memo: dict[Hashable, RowResult] = {}
         # This request's passes and result-cache lookups, for its log line and the metrics.
         self.stats = InferenceStats()
+
+    def _new_loader(self) -> DataLoader[_Key, RowResult]:
+        return DataLoader[_Key, RowResult](load_fn=self._load_batch, cache=False)
+
+    def release(self) -> None:
+        """Forgets this request's passes, once its answer is sent (RequestContext.release);
+        a fresh DataLoader, since the last one keeps its last batch."""
+        self._memo.clear()
+        self._loader = self._new_loader()
 
     async def load(self, spec: InferenceSpec, needs: Needs) -> RowResult:
         key = spec.pass_key()

@@ -58,40 +58,72 @@ class NodeDataLoaders:
     def __init__(self, registry: ModelRegistry, cache: NodeDataCache | None = None) -> None:
         self._registry = registry
         self._cache = cache
-        self.records = DataLoader[NodeRef, NodeRecordData | None](load_fn=self._load_records)
-        self.explanations = DataLoader[NodeRef, list[ExplanationData]](
-            load_fn=self._load_explanations
-        )
+        self.records, self.explanations = self._new_loaders()
+        # What read_all read, by node: answers that are here, with no future each.
+        self._records_read: dict[NodeRef, NodeRecordData | None] = {}
+        self._explanations_read: dict[NodeRef, list[ExplanationData]] = {}
 
     async def read_all(self, nodes: Sequence[NodeRef], records: bool, explanations: bool) -> None:
         """Reads the records and/or explanations of `nodes` in one batch per source, and keeps
-        each node's answer (or error) as the loaders' own for the rest of the request: a list of
-        nodes is read without a future awaited per node."""
+        each node's answer for the rest of the request: a list of nodes is read without a
+        future per node. A node whose read failed gets a failed future in its loader, raised
+        in that node's own fields."""
         loop = asyncio.get_running_loop()
 
-        async def read(loader: DataLoader[NodeRef, Any], load: _BatchLoad) -> None:
-            missing = [n for n in dict.fromkeys(nodes) if loader.cache_map.get(n) is None]
+        async def read(
+            loader: DataLoader[NodeRef, Any], settled: dict[NodeRef, Any], load: _BatchLoad
+        ) -> None:
+            missing = [
+                n
+                for n in dict.fromkeys(nodes)
+                if n not in settled and loader.cache_map.get(n) is None
+            ]
             if not missing:
                 return
             for node, answer in zip(missing, await load(missing), strict=True):
-                future = loop.create_future()
                 if isinstance(answer, Exception):
+                    future = loop.create_future()
                     future.set_exception(answer)
                     future.exception()  # seen: the node's own field raises it when it awaits
+                    loader.cache_map.set(node, future)
                 else:
-                    future.set_result(answer)
-                loader.cache_map.set(node, future)
+                    settled[node] = answer
 
         await asyncio.gather(
-            *([read(self.records, self._load_records)] if records else []),
-            *([read(self.explanations, self._load_explanations)] if explanations else []),
+            *([read(self.records, self._records_read, self._load_records)] if records else []),
+            *(
+                [read(self.explanations, self._explanations_read, self._load_explanations)]
+                if explanations
+                else []
+            ),
         )
 
     def read_record(self, node: NodeRef) -> NodeRecordData | Unread | None:
+        if node in self._records_read:
+            return self._records_read[node]
         return _settled(self.records, node)
 
     def read_explanations(self, node: NodeRef) -> list[ExplanationData] | Unread:
+        if node in self._explanations_read:
+            return self._explanations_read[node]
         return _settled(self.explanations, node)
+
+    def _new_loaders(
+        self,
+    ) -> tuple[
+        DataLoader[NodeRef, NodeRecordData | None], DataLoader[NodeRef, list[ExplanationData]]
+    ]:
+        return (
+            DataLoader(load_fn=self._load_records),
+            DataLoader(load_fn=self._load_explanations),
+        )
+
+    def release(self) -> None:
+        """Forgets what this request read, once its answer is sent (RequestContext.release);
+        fresh DataLoaders, since a DataLoader keeps its last batch."""
+        self._records_read.clear()
+        self._explanations_read.clear()
+        self.records, self.explanations = self._new_loaders()
 
     def _by_model(self, nodes: Sequence[NodeRef]) -> dict[str, list[NodeRef]]:
         groups: dict[str, list[NodeRef]] = defaultdict(list)

@@ -48,12 +48,12 @@ async def feature(ctx: RequestContext, node: NodeRef) -> dict[str, Any]:
             {
                 "tokens": list(e.tokens),
                 "values": list(e.activations),
-                "maxValue": e.max_activation,
+                "maxValue": max(e.activations, default=0.0),
                 "maxValueTokenIndex": max(
                     range(len(e.activations)), key=e.activations.__getitem__, default=0
                 ),
             }
-            for e in examples
+            for e in examples.examples
         ],
         "top_logits": [],
         "bottom_logits": [],

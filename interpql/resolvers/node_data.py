@@ -8,10 +8,9 @@ awaitable of it. graphql-core awaits what is awaitable and takes the rest as it 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
-from functools import cached_property
-from typing import TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 from interpql.errors import check_range
 from interpql.loaders.node_data import Unread, normalize_activations
@@ -23,7 +22,8 @@ from interpql.specs import NodeRef
 __all__ = [
     "EXPLANATION_FIELDS",
     "RECORD_FIELDS",
-    "ExampleView",
+    "Example",
+    "Examples",
     "ExplanationData",
     "Soon",
     "Statistics",
@@ -48,40 +48,41 @@ def then(soon: Soon[T], function: Callable[[T], U]) -> Soon[U]:
     """`function` of the value: now if it is here, else once it is."""
     if not isinstance(soon, Awaitable):
         return function(soon)
+    return _Then(soon, function)
 
-    async def later() -> U:
-        return function(await soon)
 
-    return later()
+class _Then(Awaitable[U]):
+    """`function` of an awaitable's value, once awaited. Not a coroutine, so that it may be
+    dropped unawaited: the short way through a list (schema/execution.py) takes only values
+    that are here, and the ordinary way then asks again."""
+
+    __slots__ = ("_function", "_soon")
+
+    def __init__(self, soon: Awaitable[T], function: Callable[[T], U]) -> None:
+        self._soon: Awaitable[Any] = soon
+        self._function: Callable[[Any], U] = function
+
+    def __await__(self) -> Generator[Any, None, U]:
+        value = yield from self._soon.__await__()
+        return self._function(value)
 
 
 @dataclass(frozen=True)
-class ExampleView:
+class Examples:
+    """The examples of a node a field shows, with where they come from and the node's largest
+    top activation (what normalized activations are relative to): one per node, rather than
+    a wrapper per example, since lookups show thousands."""
+
     source: str
-    example: Example
-    scale: float  # the node's largest top activation
+    scale: float
+    examples: Sequence[Example]
 
-    @property
-    def tokens(self) -> tuple[str, ...]:
-        return self.example.tokens
+    def normalized(self, activations: Sequence[float]) -> list[int]:
+        """An example's activations on 0-10, relative to the node's largest top activation."""
+        return normalize_activations(activations, self.scale)
 
-    @property
-    def token_ids(self) -> tuple[int, ...] | None:
-        return self.example.token_ids
 
-    @property
-    def activations(self) -> tuple[float, ...]:
-        return self.example.activations
-
-    # Computed only where a field asks: most clients ask for the activations alone.
-    @cached_property
-    def normalized(self) -> list[int]:
-        """0-10, relative to the node's largest top activation."""
-        return normalize_activations(self.example.activations, self.scale)
-
-    @cached_property
-    def max_activation(self) -> float:
-        return max(self.example.activations, default=0.0)
+NO_EXAMPLES = Examples("", 0.0, ())
 
 
 async def settled(soon: Soon[T]) -> T:
@@ -107,21 +108,24 @@ def _record(ctx: RequestContext, node: NodeRef) -> Soon[NodeRecordData | None]:
     return ctx.node_data.records.load(node) if isinstance(found, Unread) else found
 
 
-def _views(record: NodeRecordData, examples: Sequence[Example], first: int) -> list[ExampleView]:
+def _shown(record: NodeRecordData | None, which: str, first: int) -> Examples:
+    if record is None:
+        return NO_EXAMPLES
     scale = record.top_peak
     if scale is None:
         scale = max((max(e.activations, default=0.0) for e in record.top), default=0.0)
-    return [ExampleView(record.source, e, scale) for e in examples[:first]]
+    examples = record.top if which == "top" else record.random
+    return Examples(record.source, scale, examples[:first])
 
 
-def top_activations(ctx: RequestContext, node: NodeRef, first: int) -> Soon[list[ExampleView]]:
+def top_activations(ctx: RequestContext, node: NodeRef, first: int) -> Soon[Examples]:
     check_range("first", first, 0, MAX_EXAMPLES + 1)
-    return then(_record(ctx, node), lambda r: [] if r is None else _views(r, r.top, first))
+    return then(_record(ctx, node), lambda r: _shown(r, "top", first))
 
 
-def random_sample(ctx: RequestContext, node: NodeRef, first: int) -> Soon[list[ExampleView]]:
+def random_sample(ctx: RequestContext, node: NodeRef, first: int) -> Soon[Examples]:
     check_range("first", first, 0, MAX_EXAMPLES + 1)
-    return then(_record(ctx, node), lambda r: [] if r is None else _views(r, r.random, first))
+    return then(_record(ctx, node), lambda r: _shown(r, "random", first))
 
 
 def statistics(ctx: RequestContext, node: NodeRef) -> Soon[Statistics | None]:

@@ -25,7 +25,7 @@ from strawberry.types import ExecutionContext, Info
 
 from interpql.errors import check_range, invalid_argument
 from interpql.schema.errors import MaskInternalErrors, add_codes
-from interpql.schema.execution import LeafObjectsExecution, read_plain_fields_directly
+from interpql.schema.execution import ShortWayExecution, read_plain_fields_directly
 from interpql.schema.generation import Subscription
 from interpql.schema.inference import InferenceResult
 from interpql.schema.jobs import Mutation
@@ -139,7 +139,7 @@ def build_schema(
         extensions=extensions,
         # Pinned, so that the @link in schema.graphql moves only when we choose.
         federation_version="2.11",
-        execution_context_class=LeafObjectsExecution,
+        execution_context_class=ShortWayExecution,
     )
     schema.max_representations = settings.max_nodes_per_request
     schema.hide_suggestions = not settings.introspection

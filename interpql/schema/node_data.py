@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import strawberry
 
-from interpql.resolvers.node_data import ExampleView, ExplanationData, Statistics
+from interpql.resolvers.node_data import Example, Examples, ExplanationData, Statistics
+from interpql.schema.execution import direct
 from interpql.schema.scalars import FloatArray, StringArray
 
 
@@ -22,29 +23,36 @@ class ActivationRecord:
         description="The node's activation at each token (a list of floats)."
     )
     source: str = strawberry.field(description="The source (dataset) this example comes from.")
-    view: strawberry.Private[ExampleView]
+    example: strawberry.Private[Example]
+    shown: strawberry.Private[Examples]  # the node's examples this one is shown with
 
     @classmethod
-    def of(cls, view: ExampleView) -> ActivationRecord:
-        return cls(
-            tokens=StringArray(view.tokens),
-            token_ids=view.token_ids,  # a tuple: graphql-core takes any sequence for a list
-            activations=FloatArray(view.activations),
-            source=view.source,
-            view=view,
-        )
+    def all_of(cls, shown: Examples) -> list[ActivationRecord]:
+        return [
+            cls(
+                tokens=StringArray(e.tokens),
+                token_ids=e.token_ids,  # a tuple: graphql-core takes any sequence for a list
+                activations=FloatArray(e.activations),
+                source=shown.source,
+                example=e,
+                shown=shown,
+            )
+            for e in shown.examples
+        ]
 
     @strawberry.field(
         description=(
             "Activations on OpenAI's 0-10 scale (integers), relative to the node's top activation."
         )
     )
+    @direct
     def normalized_activations(self) -> FloatArray:
-        return FloatArray(self.view.normalized)
+        return FloatArray(self.shown.normalized(self.example.activations))
 
     @strawberry.field(description="The largest activation in this window.")
+    @direct
     def max_activation(self) -> float:
-        return self.view.max_activation
+        return max(self.example.activations, default=0.0)
 
 
 @strawberry.type(description="Statistics of a node's activation over a dataset's tokens.")
@@ -52,32 +60,39 @@ class NodeStatistics:
     data: strawberry.Private[Statistics]
 
     @strawberry.field(description="The largest activation.")
+    @direct
     def max(self) -> float:
         return self.data.max
 
     @strawberry.field(description="Mean over all tokens.")
+    @direct
     def mean(self) -> float | None:
         return self.data.mean
 
     @strawberry.field(description="Population variance over all tokens.")
+    @direct
     def variance(self) -> float | None:
         return self.data.variance
 
     @strawberry.field(description="Skewness (null for a constant node).")
+    @direct
     def skewness(self) -> float | None:
         return self.data.skewness
 
     @strawberry.field(description="Excess kurtosis (null for a constant node).")
+    @direct
     def kurtosis(self) -> float | None:
         return self.data.kurtosis
 
     @strawberry.field(description="Share of tokens where the activation is above 0.")
+    @direct
     def density(self) -> float | None:
         return self.data.density
 
     @strawberry.field(
         description="Boundaries of the quantile buckets of window peaks (0.5, 0.9, 0.99, 0.999)."
     )
+    @direct
     def quantile_boundaries(self) -> list[float]:
         return list(self.data.quantile_boundaries)
 

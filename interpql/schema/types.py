@@ -18,6 +18,7 @@ from interpql.resolvers import search as search_resolvers
 from interpql.resolvers.context import RequestContext
 from interpql.resolvers.models import ModelView
 from interpql.schema.enums import NodeKind, NodeOrder, dictionary_of, kind_name, node_kind
+from interpql.schema.execution import direct
 from interpql.schema.inputs import AttributionGraphInput, GenerateInput, InferenceInput
 from interpql.schema.node_data import ActivationRecord, Explanation, NodeStatistics
 from interpql.schema.packed import PackedTensor, TensorDType, lower_triangle, pack
@@ -495,48 +496,58 @@ class Node:
         return cls(ref=model_resolvers.node_from_id(info.context, node_id))
 
     @strawberry.field(description="Readable id: <model>/<kind>/<layer>/<index>.")
+    @direct
     def id(self) -> strawberry.ID:
         return strawberry.ID(self.ref.id)
 
     @strawberry.field(description="The node's kind.")
+    @direct
     def kind(self) -> NodeKind:
         return node_kind(self.ref.kind)
 
     @strawberry.field(
         description="For a dictionary's latent, the dictionary set's name (null otherwise)."
     )
+    @direct
     def dictionary(self) -> str | None:
         return dictionary_of(self.ref.kind)
 
     @strawberry.field(description="Layer index.")
+    @direct
     def layer_index(self) -> int:
         return self.ref.layer
 
     @strawberry.field(description="Index of the node within its layer and kind.")
+    @direct
     def index(self) -> int:
         return self.ref.index
 
     @strawberry.field(description="The model this node belongs to.")
+    @direct
     def model(self, info: Info) -> Model:
         return Model(view=model_resolvers.model(info.context, self.ref.model))
 
     @strawberry.field(description="The layer this node belongs to.")
+    @direct
     def layer(self, info: Info) -> Layer:
         return Layer(model_name=self.ref.model, index=self.ref.layer)
 
     # The node-data fields are plain functions answering the value, or an awaitable of it where
     # this request has not read the node's data yet (resolvers/node_data.py, `Soon`).
     @strawberry.field(description="Dataset examples where this node activates most, highest first.")
+    @direct
     def top_activations(self, info: Info, first: int = 10) -> list[ActivationRecord]:
-        views = node_data_resolvers.top_activations(info.context, self.ref, first)
-        return _answer(node_data_resolvers.then(views, _records))
+        shown = node_data_resolvers.top_activations(info.context, self.ref, first)
+        return _answer(node_data_resolvers.then(shown, ActivationRecord.all_of))
 
     @strawberry.field(description="Dataset examples drawn at random, for contrast.")
+    @direct
     def random_sample(self, info: Info, first: int = 10) -> list[ActivationRecord]:
-        views = node_data_resolvers.random_sample(info.context, self.ref, first)
-        return _answer(node_data_resolvers.then(views, _records))
+        shown = node_data_resolvers.random_sample(info.context, self.ref, first)
+        return _answer(node_data_resolvers.then(shown, ActivationRecord.all_of))
 
     @strawberry.field(description="Activation statistics over a dataset; null when unknown.")
+    @direct
     def statistics(self, info: Info) -> NodeStatistics | None:
         data = node_data_resolvers.statistics(info.context, self.ref)
         return _answer(
@@ -554,11 +565,13 @@ class Node:
         return [SimilarNode(node=Node(ref=ref), cosine=cosine) for ref, cosine in found]
 
     @strawberry.field(description="Every known explanation of this node, best score first.")
+    @direct
     def explanations(self, info: Info) -> list[Explanation]:
         found = node_data_resolvers.explanations(info.context, self.ref)
         return _answer(node_data_resolvers.then(found, lambda es: [Explanation.of(e) for e in es]))
 
     @strawberry.field(description="The best-scoring explanation; null when there is none.")
+    @direct
     def best_explanation(self, info: Info) -> Explanation | None:
         best = node_data_resolvers.best_explanation(info.context, self.ref)
         return _answer(
@@ -614,10 +627,6 @@ class Node:
         spec = inference_resolvers.plain_spec(info.context, self.ref, prompt)
         [values] = await inference_resolvers.node_values(info.context, spec, [self.ref])
         return node_activations(info.context, values)
-
-
-def _records(views: list[node_data_resolvers.ExampleView]) -> list[ActivationRecord]:
-    return [ActivationRecord.of(v) for v in views]
 
 
 def _answer(soon: node_data_resolvers.Soon[T]) -> T:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import overload
@@ -28,8 +28,9 @@ from interpql.loaders.sources.compact_format import (
 )
 from interpql.specs import NodeRef
 
-# Records kept built (with the examples read of them): about 30 MB at 5 examples each.
-MAX_BUILT_RECORDS = 8192
+# Records kept built (with the examples read of them): about 15 MB at 5 examples each. Every
+# full collection scans them (~10 objects each), so a few lookups' worth, not a layer's.
+MAX_BUILT_RECORDS = 4096
 
 
 class CompactSource(NodeSource):
@@ -85,18 +86,25 @@ class CompactSource(NodeSource):
         stats = {name: arrays[name][indices].tolist() for name in STATISTICS}
         boundaries = arrays["quantile_boundaries"][indices].tolist()
         # Offsets of -1 mark slots the corpus could not fill (a node active in few sequences).
+        top_offsets = arrays["top_offsets"][indices]
         filled = {
             which: [
-                [slot for slot, offset in enumerate(row) if offset >= 0]
-                for row in arrays[f"{which}_offsets"][indices].tolist()
+                [slot for slot, offset in enumerate(row) if offset >= 0] for row in offsets.tolist()
             ]
-            for which in ("top", "random")
+            for which, offsets in (
+                ("top", top_offsets),
+                ("random", arrays["random_offsets"][indices]),
+            )
         }
+        # Each node's largest top activation, over its filled windows (0 where none is).
+        acts = np.where((top_offsets >= 0)[..., None], arrays["top_acts"][indices], -np.inf)
+        peaks = np.where(top_offsets.max(axis=1) >= 0, acts.max(axis=(1, 2)), 0.0).tolist()
+        batches = {which: _WindowBatch(self, kind, layer, which) for which in ("top", "random")}
         return [
             NodeRecordData(
                 source=self.name,
-                top=_Windows(self, kind, layer, index, "top", filled["top"][i]),
-                random=_Windows(self, kind, layer, index, "random", filled["random"][i]),
+                top=batches["top"].add(index, filled["top"][i]),
+                random=batches["random"].add(index, filled["random"][i]),
                 statistics=Statistics(
                     max=stats["max"][i],
                     mean=stats["mean"][i],
@@ -106,19 +114,30 @@ class CompactSource(NodeSource):
                     density=stats["density"][i],
                     quantile_boundaries=tuple(boundaries[i]),
                 ),
-                top_peak=_peak(arrays, index, filled["top"][i]),
+                top_peak=peaks[i],
             )
             for i, index in enumerate(indices)
         ]
 
-    def example(self, kind: str, layer: int, index: int, which: str, slot: int) -> Example:
-        """One stored window of a node (`which`: "top" or "random") as an Example."""
+    def examples(
+        self, kind: str, layer: int, which: str, indices: Sequence[int], slots: Sequence[int]
+    ) -> list[Example]:
+        """Stored windows (`which`: "top" or "random"), the `slots[i]`th of node `indices[i]`,
+        as Examples: one gather of all their tokens and activations."""
         arrays = self.records.arrays(kind, layer)
-        offset = int(arrays[f"{which}_offsets"][index, slot])
-        ids = tuple(self.records.tokens[offset : offset + self.records.layout.window].tolist())
-        texts = self._texts
-        acts = tuple(arrays[f"{which}_acts"][index, slot].tolist())
-        return Example(tuple([texts[t] for t in ids]), ids, acts)
+        offsets = arrays[f"{which}_offsets"][indices, slots]
+        window, tokens = self.records.layout.window, self.records.tokens
+        if len(offsets) and int(offsets.max()) + window > len(tokens):
+            # A window cut short by the end of the corpus: each sliced as it is.
+            ids = [tokens[o : o + window].tolist() for o in offsets.tolist()]
+        else:
+            ids = tokens[offsets[:, None] + np.arange(window)].tolist()
+        acts = arrays[f"{which}_acts"][indices, slots].tolist()
+        text_of = self._texts.__getitem__
+        return [
+            Example(tuple(map(text_of, row)), tuple(row), tuple(values))
+            for row, values in zip(ids, acts, strict=True)
+        ]
 
     def read_explanations(
         self, nodes: Sequence[NodeRef]
@@ -185,22 +204,51 @@ class CompactSource(NodeSource):
         return scores
 
 
-def _peak(arrays: Mapping[str, np.ndarray], index: int, slots: list[int]) -> float:
-    return float(arrays["top_acts"][index, slots].max()) if slots else 0.0
+class _WindowBatch:
+    """The top (or random) windows of the nodes one read built, of one kind and layer. A
+    field asks the same examples of every node of a list (`topActivations(first: 5)` of
+    1,000 nodes), so the first node's read builds them for all the batch, in one gather. The
+    batch lives while any of its records does; few objects each, since the records a source
+    keeps are scanned by every full collection."""
+
+    def __init__(self, source: CompactSource, kind: str, layer: int, which: str) -> None:
+        self._source, self._where = source, (kind, layer, which)
+        self._nodes: list[tuple[int, tuple[int, ...]]] = []  # (index, filled slots)
+        self.built: dict[tuple[int, int], Example] = {}  # by (index, slot)
+
+    def add(self, index: int, slots: list[int]) -> _Windows:
+        filled = tuple(slots)
+        self._nodes.append((index, filled))
+        return _Windows(self, index, filled)
+
+    def build(self, positions: range) -> None:
+        """Builds the examples at `positions` (of each node's filled slots) not built yet."""
+        built = self.built
+        pending = [
+            (index, slots[p])
+            for index, slots in self._nodes
+            for p in positions
+            if p < len(slots) and (index, slots[p]) not in built
+        ]
+        if not pending:
+            return
+        examples = self._source.examples(
+            *self._where, [index for index, _ in pending], [slot for _, slot in pending]
+        )
+        built.update(zip(pending, examples, strict=True))
 
 
 class _Windows(Sequence[Example]):
-    """A node's filled window slots, each built into an Example when read (then kept)."""
+    """A node's filled window slots, each built into an Example when read (then kept, in
+    its batch)."""
 
-    def __init__(
-        self, source: CompactSource, kind: str, layer: int, index: int, which: str, slots: list[int]
-    ) -> None:
-        self._source, self._node = source, (kind, layer, index, which)
-        self._slots = slots
-        self._built: dict[int, Example] = {}
+    __slots__ = ("_batch", "index_in_layer", "slots")
+
+    def __init__(self, batch: _WindowBatch, index: int, slots: tuple[int, ...]) -> None:
+        self._batch, self.index_in_layer, self.slots = batch, index, slots
 
     def __len__(self) -> int:
-        return len(self._slots)
+        return len(self.slots)
 
     @overload
     def __getitem__(self, item: int) -> Example: ...
@@ -210,11 +258,17 @@ class _Windows(Sequence[Example]):
 
     def __getitem__(self, item: int | slice) -> Example | tuple[Example, ...]:
         if isinstance(item, slice):
-            return tuple(self[i] for i in range(*item.indices(len(self))))
-        slot = self._slots[item]  # IndexError past the end, as a tuple's
-        if slot not in self._built:
-            self._built[slot] = self._source.example(*self._node, slot)
-        return self._built[slot]
+            positions = range(*item.indices(len(self)))
+        else:
+            self.slots[item]  # IndexError past the end, as a tuple's
+            positions = range(item % len(self), item % len(self) + 1)
+        built, index = self._batch.built, self.index_in_layer
+        wanted = [(index, self.slots[p]) for p in positions]
+        if any(key not in built for key in wanted):
+            self._batch.build(positions)
+        if isinstance(item, slice):
+            return tuple(built[key] for key in wanted)
+        return built[wanted[0]]
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and tuple(self) == tuple(other)
