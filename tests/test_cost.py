@@ -20,13 +20,15 @@ def tokens(text: str) -> int:
     return min(64, len(text))
 
 
-def cost(document: str, variables: dict[str, Any] | None = None) -> int:
+def cost(
+    document: str, variables: dict[str, Any] | None = None, generation_caches: bool = False
+) -> int:
     parsed = parse(document)
     [operation] = [d for d in parsed.definitions if isinstance(d, OperationDefinitionNode)]
     fragments = {
         d.name.value: d for d in parsed.definitions if isinstance(d, FragmentDefinitionNode)
     }
-    return estimate_cost(SCHEMA, operation, fragments, variables or {}, tokens)
+    return estimate_cost(SCHEMA, operation, fragments, variables or {}, tokens, generation_caches)
 
 
 def test_fields_and_lists() -> None:
@@ -87,6 +89,8 @@ def test_generation_runs_a_pass_per_new_token(steps: int, steered: bool) -> None
     rows = 2 if steered else 1
     passes = sum(4 + step for step in range(steps))  # step s runs the prompt and s new tokens
     assert cost(document) == 1 + 1 + rows * passes + 1
+    # With a key-value cache: the prompt's 4 tokens, then the one token made at each step.
+    assert cost(document, generation_caches=True) == 1 + 1 + rows * (4 + steps - 1) + 1
 
 
 @pytest.mark.parametrize(("cap", "latents"), [("", 40 * 6), (", maxFeatureNodes: 100", 100)])

@@ -106,6 +106,32 @@ async def test_cost_counts_fields_items_and_prompt_tokens(registry: ModelRegistr
         assert body["extensions"]["cost"] == 1 + 1 + tokens("a" * 8) + tokens("b" * 20) + 2
 
 
+async def test_generation_costs_the_tokens_its_passes_run(
+    registry: ModelRegistry, small_backend: CountingBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The estimate of a generation is what its passes run: with the native backend's key-value
+    cache, the prompt once and then one token a step (counted here at the backend)."""
+    run: list[int] = []
+    forward_cached = small_backend.forward_cached
+
+    def counted(request: Any, cache: Any) -> Any:
+        run.append(sum(len(row) for row in request.tokens))
+        return forward_cached(request, cache)
+
+    monkeypatch.setattr(small_backend, "forward_cached", counted)
+    prompt, steps = "abcd efgh", 6
+    query = (
+        f'{{ model(name: "small") {{ generate(input: {{prompt: "{prompt}", maxTokens: {steps}, '
+        "temperature: 0}) { unsteered { text } } } }"
+    )
+    async with app_client(registry) as client:
+        _, body = await post(client, query)
+    assert "errors" not in body and len(run) == steps
+    assert run[0] == tokens(prompt) and set(run[1:]) == {1}
+    # model, generate and the tokens its passes ran, unsteered, text.
+    assert body["extensions"]["cost"] == 1 + 1 + sum(run) + 1 + 1
+
+
 async def test_over_the_cost_limit_nothing_runs(
     registry: ModelRegistry, small_backend: CountingBackend
 ) -> None:

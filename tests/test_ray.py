@@ -39,6 +39,7 @@ from interpql.backends.base import (
 from interpql.backends.gpt2 import NativeGPT2Backend
 from interpql.backends.gpt2.loading import random_model
 from interpql.backends.ray_serve import merging
+from interpql.backends.tokenizer import gpt2_encoding
 from interpql.specs import LossKind, LossSpec
 from tests.conftest import SMALL
 from tests.processes import free_port, ray_head, redis_server, serve, serve_process
@@ -337,16 +338,30 @@ def batch_sizes(body: dict[str, Any]) -> dict[str, int]:
     }
 
 
-def through_both(cluster: Cluster, query: str, prompt: str) -> list[dict[str, Any]]:
+def through_both(
+    cluster: Cluster, query: str, prompt: str, generated: tuple[int, int] = (0, 0)
+) -> list[dict[str, Any]]:
     """The answers of both Ray-backed servers, asked at once, after checking each against the
-    in-process server's answer; the in-process answer comes last."""
+    in-process server's answer; the in-process answer comes last. `generated`: the rows and
+    steps of a generation in `query`, which the deployment runs without a key-value cache."""
     variables = {"p": prompt}
     expected = post(cluster.reference, query, variables)
     with ThreadPoolExecutor(max_workers=2) as pool:
         answers = list(pool.map(post, cluster.servers, [query] * 2, [variables] * 2))
+    rows, steps = generated
+    n = len(gpt2_encoding().encode(prompt))
+    # The estimate charges the deployment's steps over the sequence so far, the in-process
+    # backend's the prompt and then a token a step (schema/cost.py).
+    rerun, cached = steps * n + steps * (steps - 1) // 2, n + steps - 1 if steps else 0
     for answer in answers:
-        assert_close(answer, expected)
+        cost = answer["extensions"]["cost"] - expected["extensions"]["cost"]
+        assert cost == rows * (rerun - cached)
+        assert_close(without_cost(answer), without_cost(expected))
     return [*answers, expected]
+
+
+def without_cost(answer: dict[str, Any]) -> dict[str, Any]:
+    return {**answer, "extensions": {k: v for k, v in answer["extensions"].items() if k != "cost"}}
 
 
 def recent_passes(cluster: Cluster) -> list[Any]:
@@ -370,7 +385,7 @@ def test_answers_equal_in_process_and_both_servers_share_each_pass(cluster: Clus
 
 def test_traces_and_steered_generation_equal_in_process(cluster: Cluster) -> None:
     for prompt in PROMPTS:
-        *_, expected = through_both(cluster, TRACE_AND_GENERATE, prompt)
+        *_, expected = through_both(cluster, TRACE_AND_GENERATE, prompt, generated=(2, 4))
         generated = expected["data"]["model"]["generate"]
         assert generated["steered"]["tokens"] != generated["unsteered"]["tokens"]
 

@@ -192,6 +192,13 @@ def encode_prompt(ctx: RequestContext, entry: ModelEntry, prompt: str) -> tuple[
     return tokens
 
 
+def generation_caches(ctx: RequestContext) -> bool:
+    """Whether every served model's backend keeps a key-value cache while it generates (each
+    step after the first then runs one token): what the cost estimate charges generation."""
+    backends = [entry.backend for entry in ctx.registry.all() if entry.backend is not None]
+    return bool(backends) and all(b.caches_keys_and_values for b in backends)
+
+
 def prompt_token_counter(ctx: RequestContext) -> Callable[[str], int]:
     """Counts a prompt's tokens with every served model's tokenizer (the largest count),
     capped at the longest context window: what the cost estimate charges. A text too long for

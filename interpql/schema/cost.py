@@ -12,7 +12,8 @@ of 64 long prompts is a small document. The estimate counts both kinds of work i
   the served models' tokenizers (a length estimate undercounts text that tokenizes densely, such as
   Chinese or indented code, several times over), at most the longest context window served (a
   longer prompt is refused as PROMPT_TOO_LONG without running);
-- generation runs one pass per new token over the whole sequence so far (twice when steered).
+- generation runs one pass per new token (twice when steered): the prompt, then one token a
+  step where every served backend keeps a key-value cache, else the whole sequence so far.
 
 Introspection fields count 1 each and are not multiplied: their size is the schema's, bounded
 by the depth limit. The numbers are estimates, meant to be compared with a limit, not billed.
@@ -71,8 +72,10 @@ class CostEstimator:
         fragments: Mapping[str, FragmentDefinitionNode],
         variables: VariableValues,
         count_tokens: TokenCounter,
+        generation_caches: bool = False,
     ) -> None:
         self._count_tokens = count_tokens
+        self._generation_caches = generation_caches
         self._schema = schema
         self._fragments = fragments
         self._variables = variables
@@ -196,6 +199,10 @@ class CostEstimator:
         max_tokens = _input_field(spec, "maxTokens", "max_tokens")
         steps = max(0, max_tokens) if isinstance(max_tokens, int) else DEFAULT_NEW_TOKENS
         rows = 2 if _input_field(spec, "steering", "steering") else 1
+        if steps == 0:
+            return 0
+        if self._generation_caches:  # the prompt, then each step the token made before it
+            return rows * (prompt + steps - 1)
         # Step s runs the prompt plus the s tokens made so far.
         return rows * (steps * prompt + steps * (steps - 1) // 2)
 
@@ -261,10 +268,13 @@ def estimate_cost(
     fragments: Mapping[str, FragmentDefinitionNode],
     variables: dict[str, Any],
     count_tokens: TokenCounter,
+    generation_caches: bool = False,
 ) -> int:
     """The cost of `operation` with its (JSON) variables; 0 when they do not coerce to their
-    types (execution then answers BAD_USER_INPUT and runs nothing)."""
+    types (execution then answers BAD_USER_INPUT and runs nothing). `generation_caches`:
+    whether every served backend keeps a key-value cache while generating."""
     coerced = get_variable_values(schema, operation.variable_definitions or (), variables)
     if isinstance(coerced, list):
         return 0
-    return CostEstimator(schema, fragments, coerced, count_tokens).operation(operation)
+    estimator = CostEstimator(schema, fragments, coerced, count_tokens, generation_caches)
+    return estimator.operation(operation)

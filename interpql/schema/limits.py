@@ -21,7 +21,7 @@ from graphql import (
 from strawberry.extensions import SchemaExtension
 
 from interpql.errors import InterpqlError, QueryTooComplexError, UnauthenticatedError
-from interpql.resolvers.models import prompt_token_counter
+from interpql.resolvers.models import generation_caches, prompt_token_counter
 from interpql.schema.cost import estimate_cost
 
 
@@ -76,6 +76,7 @@ class OperationLimits(SchemaExtension):
             fragments,
             variables,
             prompt_token_counter(ctx),
+            generation_caches(ctx),
         )
         if 0 < settings.max_query_cost < self.cost:
             raise QueryTooComplexError(
