@@ -5,6 +5,8 @@ whichever worker is scraped."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -110,5 +112,41 @@ def test_metrics_of_two_workers_add_up(tmp_path: Path) -> None:
                 )
                 assert samples[key] == sent
                 time.sleep(0.05)
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+
+def test_a_dead_workers_requests_in_flight_stop_counting(tmp_path: Path) -> None:
+    files = tmp_path / "metrics"
+    files.mkdir()
+    # A worker that died with a request in flight: its live gauge's file stays behind.
+    died = (
+        "import os\nfrom prometheus_client import Gauge\n"
+        "Gauge('interpql_graphql_requests_in_flight', 'in flight', "
+        "multiprocess_mode='livesum').inc()\nos._exit(0)\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", died],
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(files)},
+        check=True,
+    )
+    assert len(list(files.glob("gauge_livesum_*.db"))) == 1
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(files)
+    try:
+        with serve_process(
+            "--workers", "2", "--explanation-store", str(tmp_path / "a.sqlite"), drain_output=True
+        ) as (url, _):
+            assert httpx.post(url + "/graphql", json=QUERY).status_code == 200
+            samples = scrape(httpx.get(url + "/metrics").text)
+            assert samples[("interpql_graphql_requests_in_flight", ())] == 0
+            assert (
+                samples[
+                    (
+                        "interpql_graphql_requests_total",
+                        (("operation_type", "query"), ("outcome", "ok")),
+                    )
+                ]
+                == 1
+            )
     finally:
         del os.environ["PROMETHEUS_MULTIPROC_DIR"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,7 +21,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
@@ -132,6 +133,9 @@ class Metrics:
 
     def route(self) -> Route:
         async def metrics(_: Request) -> Response:
+            files = multiprocess_dir()
+            if files is not None:
+                forget_dead_workers(files)
             return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
         return Route("/metrics", metrics, methods=["GET"])
@@ -140,6 +144,27 @@ class Metrics:
 def multiprocess_dir() -> str | None:
     """Where workers' metric files go (cli.py sets it for --workers), or None."""
     return os.environ.get(MULTIPROCESS_ENV) or None
+
+
+def forget_dead_workers(path: str) -> None:
+    """Drops the live gauges (requests in flight) of worker processes that have died.
+    prometheus_client keeps a file of them per process, and one killed mid-request would count
+    its requests in flight for ever; its counters and histograms stay, since what they
+    counted happened."""
+    for file in Path(path).glob("gauge_live*_*.db"):
+        pid = file.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            mark_process_dead(int(pid), path)  # type: ignore[no-untyped-call]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: alive
+        return True
+    return True
 
 
 class _ServicesCollector(Collector):
