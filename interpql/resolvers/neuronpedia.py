@@ -48,7 +48,7 @@ async def feature(ctx: RequestContext, node: NodeRef) -> dict[str, Any]:
             {
                 "tokens": list(e.tokens),
                 "values": list(e.activations),
-                "maxValue": max(e.activations, default=0.0),
+                "maxValue": e.max_activation,
                 "maxValueTokenIndex": max(
                     range(len(e.activations)), key=e.activations.__getitem__, default=0
                 ),

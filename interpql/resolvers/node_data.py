@@ -113,7 +113,7 @@ def _shown(record: NodeRecordData | None, which: str, first: int) -> Examples:
         return NO_EXAMPLES
     scale = record.top_peak
     if scale is None:
-        scale = max((max(e.activations, default=0.0) for e in record.top), default=0.0)
+        scale = max((e.max_activation for e in record.top), default=0.0)
     examples = record.top if which == "top" else record.random
     return Examples(record.source, scale, examples[:first])
 

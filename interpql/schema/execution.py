@@ -33,6 +33,7 @@ from graphql import (
     GraphQLResolveInfo,
     Undefined,
     is_leaf_type,
+    is_scalar_type,
 )
 from graphql.execution.values import get_argument_values
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
@@ -108,7 +109,7 @@ def _direct_resolver(type_name: str, field: Any, graphql_field: Any) -> _DirectR
         named = (
             argument.type.of_type if isinstance(argument.type, GraphQLNonNull) else argument.type
         )
-        if not is_leaf_type(named) or hasattr(named, "values"):  # scalars only, not enums
+        if not is_scalar_type(named):  # not enums, whose values strawberry converts
             raise TypeError(f"{where} is marked direct but its argument {name} is not a scalar")
     info = resolver.info_parameter
     return _DirectResolver(
@@ -199,21 +200,21 @@ class ShortWayExecution(StrawberryGraphQLCoreExecutionContext):
             field = return_type.fields.get(name)
             if field is None:
                 return None
-            complete = self._completer(field.type, details, info)
             python_name = getattr(field.resolve, ATTRIBUTE, None)
             resolver: _DirectResolver | None = getattr(field.resolve, DIRECT, None)
-            if complete is None:
-                return None
             if python_name is not None and not node.arguments:
-                plan.append(_Field(key, _getter(python_name), complete))
+                read = _getter(python_name)
             elif resolver is not None and self._direct_allowed:
                 try:
-                    call = self._caller(resolver, field, details, return_type, info)
+                    read = self._caller(resolver, field, details, return_type, info)
                 except Exception:  # arguments it refuses: the ordinary way reports them
                     return None
-                plan.append(_Field(key, call, complete))
             else:
                 return None
+            complete = self._completer(field.type, details, info)
+            if complete is None:
+                return None
+            plan.append(_Field(key, read, complete))
         return plan
 
     def _caller(

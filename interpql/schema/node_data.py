@@ -52,7 +52,7 @@ class ActivationRecord:
     @strawberry.field(description="The largest activation in this window.")
     @direct
     def max_activation(self) -> float:
-        return max(self.example.activations, default=0.0)
+        return self.example.max_activation
 
 
 @strawberry.type(description="Statistics of a node's activation over a dataset's tokens.")

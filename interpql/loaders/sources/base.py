@@ -30,6 +30,10 @@ class Example:
     token_ids: tuple[int, ...] | None  # None where the source keeps only the text
     activations: tuple[float, ...]
 
+    @property
+    def max_activation(self) -> float:
+        return max(self.activations, default=0.0)
+
 
 @dataclass(frozen=True)
 class Statistics:

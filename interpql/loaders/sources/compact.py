@@ -89,7 +89,8 @@ class CompactSource(NodeSource):
         top_offsets = arrays["top_offsets"][indices]
         filled = {
             which: [
-                [slot for slot, offset in enumerate(row) if offset >= 0] for row in offsets.tolist()
+                tuple(slot for slot, offset in enumerate(row) if offset >= 0)
+                for row in offsets.tolist()
             ]
             for which, offsets in (
                 ("top", top_offsets),
@@ -216,10 +217,9 @@ class _WindowBatch:
         self._nodes: list[tuple[int, tuple[int, ...]]] = []  # (index, filled slots)
         self.built: dict[tuple[int, int], Example] = {}  # by (index, slot)
 
-    def add(self, index: int, slots: list[int]) -> _Windows:
-        filled = tuple(slots)
-        self._nodes.append((index, filled))
-        return _Windows(self, index, filled)
+    def add(self, index: int, slots: tuple[int, ...]) -> _Windows:
+        self._nodes.append((index, slots))
+        return _Windows(self, index, slots)
 
     def build(self, positions: range) -> None:
         """Builds the examples at `positions` (of each node's filled slots) not built yet."""
