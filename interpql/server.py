@@ -190,6 +190,7 @@ def create_app(
             await services.cache.close()
         if services.rate_limiter is not None:
             await services.rate_limiter.close()
+        await services.graphs.close()
         registry.close()
         observability.close()
 

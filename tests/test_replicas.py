@@ -1,21 +1,27 @@
 """What replicas share: the per-client rate limits, counted in a real redis-server for two
-`interpql serve` processes at once, and the metrics of `--workers` processes, added up by
-whichever worker is scraped."""
+`interpql serve` processes at once, the attribution graphs either of them computed, and the
+metrics of `--workers` processes, added up by whichever worker is scraped."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import redis
 
+from interpql.loaders.graph_store import FORMAT, GraphStore
 from interpql.loaders.rate_limits import WINDOW_S, RateLimiter, RedisRateLimiter
 from tests.processes import redis_server, serve, serve_process
+from tests.test_attribution_graph import DEMO, PROMPT
+from tests.test_graph_store import assert_same, small_graph
 from tests.test_observability import scrape
 
 QUERY = {"query": "{ models { name } }"}
@@ -87,6 +93,82 @@ def test_a_server_whose_redis_is_gone_refuses_with_a_typed_error(tmp_path: Path)
         assert answer["errors"][0]["extensions"]["code"] == "SHARED_STATE_UNAVAILABLE"
         assert "127.0.0.1" not in answer["errors"][0]["message"]
         assert httpx.get(url + "/healthz").status_code == 200  # the server lives on
+
+
+GRAPH_INPUT = f'{{prompt: {json.dumps(PROMPT)}, dictionary: "transcoder"}}'
+GRAPH_ANSWER = """{ id computeTimeMs pruned { nodes edges } replacementScore jsonUrl
+  edges { source target weight }
+  intervene(interventions: [{nodeId: "%s", scale: -2}], k: 5) {
+    free { token { id } probability } frozenAttention { token { id } probability } } }"""
+
+
+def post(url: str, query: str) -> dict[str, Any]:
+    body: dict[str, Any] = httpx.post(url + "/graphql", json={"query": query}, timeout=120).json()
+    assert "errors" not in body, body
+    return body["data"]
+
+
+def test_a_graph_computed_by_one_replica_is_answered_by_the_other(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as (redis_url, _):
+        common = ("--redis", redis_url)
+        with (
+            serve(*common, "--explanation-store", str(tmp_path / "a.sqlite")) as first,
+            serve(*common, "--explanation-store", str(tmp_path / "b.sqlite")) as second,
+        ):
+            computed = post(
+                first,
+                f'{{ model(name: "{DEMO}") {{ attributionGraph(input: {GRAPH_INPUT}) '
+                "{ id nodes { id type influence } } } }",
+            )["model"]["attributionGraph"]
+            feature = max(
+                (n for n in computed["nodes"] if n["type"] == "FEATURE"),
+                key=lambda n: n["influence"],
+            )
+            answer = GRAPH_ANSWER % feature["id"]
+            by_id = f'{{ attributionGraph(id: "{computed["id"]}") {answer} }}'
+            there = post(first, by_id)["attributionGraph"]
+            here = post(second, by_id)["attributionGraph"]
+            # The same graph, not one computed again: even its compute time is the first's.
+            assert here == there and here["id"] == computed["id"]
+            assert here["pruned"]["edges"] == len(here["edges"]) > 0
+            assert (
+                httpx.get(second + here["jsonUrl"]).json()
+                == httpx.get(first + there["jsonUrl"]).json()
+            )
+            # Asked by its input, the other replica answers the kept graph too.
+            again = post(
+                second,
+                f'{{ model(name: "{DEMO}") {{ attributionGraph(input: {GRAPH_INPUT}) {answer} }} }}',
+            )["model"]["attributionGraph"]
+            assert again == there
+
+
+async def test_graphs_outlive_a_redis_outage_and_ignore_what_they_cannot_read(
+    tmp_path: Path,
+) -> None:
+    graph = small_graph()
+    with redis_server(tmp_path) as (redis_url, process):
+        store, reader = GraphStore(redis_url=redis_url), GraphStore(redis_url=redis_url)
+        try:
+            await store.put(graph)
+            shared = await reader.get(graph.id)
+            assert shared is not None
+            assert_same(shared, graph)
+            raw = redis.Redis.from_url(redis_url)
+            raw.set(f"interpql:graphs:{FORMAT}:broken", b'{"id": "broken", "nodes": 3}')
+            assert await reader.get("broken") is None
+            raw.close()
+            process.terminate()
+            process.wait()
+            # Redis gone: what this process computed is still here, the rest is not found.
+            assert await store.get(graph.id) is graph
+            other = small_graph(seed=1)
+            await store.put(other)
+            assert await store.get(other.id) is other
+            assert await store.get("f" * 24) is None
+        finally:
+            await store.close()
+            await reader.close()
 
 
 def test_metrics_of_two_workers_add_up(tmp_path: Path) -> None:

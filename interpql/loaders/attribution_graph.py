@@ -1,5 +1,6 @@
-"""Attribution graphs for the API: computed on the model's worker thread, pruned, given ids,
-kept by id for their URL and their interventions, and exported as Neuronpedia's graph JSON.
+"""Attribution graphs for the API: computed on the model's worker thread, pruned, given ids
+(kept by id in graph_store.py, for their URL and their interventions), and exported as
+Neuronpedia's graph JSON.
 
 Node ids never collide: a latent `{layer}_{index}_{position}` (circuit-tracer's and Neuronpedia's
 form), an error node `err_{layer}_{position}`, an embedding `E_{token}_{position}`, a logit
@@ -24,14 +25,12 @@ from interpql.backends.circuits.attribution import GraphParams, Progress, RawGra
 from interpql.backends.circuits.linearised import linear_change, linearise, transcoders_of
 from interpql.backends.tokenizer import END_OF_TEXT
 from interpql.errors import invalid_argument
-from interpql.loaders.cache import BoundedMemoryCache
 from interpql.loaders.registry import ModelEntry
 from interpql.specs import FeatureIntervention, GraphSpec, NodeRef
 
 __all__ = [
     "GraphData",
     "GraphNode",
-    "GraphStore",
     "InterventionResult",
     "NodeType",
     "TopLogit",
@@ -155,20 +154,6 @@ def beginning_of_sequence(entry: ModelEntry) -> int | None:
 
 def graph_id(spec: GraphSpec) -> str:
     return hashlib.sha256(repr(spec).encode()).hexdigest()[:24]
-
-
-class GraphStore:
-    """The graphs this server computed, by id, for their JSON URL and follow-up queries."""
-
-    def __init__(self, max_graphs: int = 16) -> None:
-        self._cache = BoundedMemoryCache(max_graphs)
-
-    async def get(self, id: str) -> GraphData | None:
-        found: GraphData | None = await self._cache.get(id)
-        return found
-
-    async def put(self, graph: GraphData) -> None:
-        await self._cache.set(graph.id, graph)
 
 
 def build_graph(

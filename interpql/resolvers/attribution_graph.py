@@ -14,7 +14,6 @@ from interpql.errors import NotFoundError, check_range, invalid_argument
 from interpql.loaders.attribution_graph import (
     GraphData,
     GraphNode,
-    GraphStore,
     InterventionResult,
     NodeType,
     Sizes,
@@ -25,6 +24,7 @@ from interpql.loaders.attribution_graph import (
     graph_id,
     intervene,
 )
+from interpql.loaders.graph_store import GraphStore
 from interpql.loaders.jobs import Job
 from interpql.resolvers.context import RequestContext
 from interpql.resolvers.jobs import JobView, job_view

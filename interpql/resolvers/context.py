@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from interpql.loaders.attribution_graph import GraphStore
 from interpql.loaders.auth import ApiKeys
 from interpql.loaders.cache import NodeDataCache
 from interpql.loaders.coalescing import InferenceRunner
 from interpql.loaders.explaining import ExplanationService
+from interpql.loaders.graph_store import GraphStore
 from interpql.loaders.inference import InferenceLoader, ResultCache, default_runner
 from interpql.loaders.jobs import JobManager
 from interpql.loaders.node_data import NodeDataLoaders
@@ -39,7 +39,8 @@ class Services:
     rate_limiter: Limiter | None = None
     # An OpenTelemetry TracerProvider (--otel): operations and resolvers are traced to it.
     tracer_provider: Any = None
-    # Attribution graphs computed here, by id (their JSON URL and follow-up queries).
+    # Attribution graphs by id (their JSON URL and follow-up queries): computed here, or with
+    # --redis by any replica.
     graphs: GraphStore = field(default_factory=GraphStore)
 
     @property

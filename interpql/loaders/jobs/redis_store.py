@@ -86,12 +86,14 @@ def check_redis_url(url: str) -> str:
     return url
 
 
-def redis_client(url: str, timeout_s: float, read_timeout_s: float) -> redis.asyncio.Redis:
+def redis_client(
+    url: str, timeout_s: float, read_timeout_s: float, decode_responses: bool = True
+) -> redis.asyncio.Redis:
     """A client that answers at once when Redis cannot be reached: no retries inside it (the
     callers retry what they must, or refuse with a typed error)."""
     return redis.asyncio.Redis.from_url(
         check_redis_url(url),
-        decode_responses=True,
+        decode_responses=decode_responses,
         socket_connect_timeout=timeout_s,
         socket_timeout=read_timeout_s,
         retry=Retry(NoBackoff(), 0),
