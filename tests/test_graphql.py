@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import strawberry.schema.schema as strawberry_schema
 import torch
 
 from interpql.backends.base import HookPoint, Location
@@ -292,6 +293,29 @@ async def test_depth_alias_and_token_bombs(client: httpx.AsyncClient) -> None:
     assert error_codes(await graphql(client, aliases)) == ["QUERY_TOO_COMPLEX"]
     tokens = "{ models { " + "name " * 10_000 + "} }"
     assert error_codes(await graphql(client, tokens)) == ["QUERY_TOO_COMPLEX"]
+
+
+async def test_a_repeated_query_is_validated_once(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The validation cache hits: the depth and alias rules are the same classes for every
+    request (strawberry's limiter extensions would make new ones, and a new cache key)."""
+    validated: list[object] = []
+    real = strawberry_schema.validate
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        validated.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(strawberry_schema, "validate", counting)
+    query = "{ models { name nLayers } validatedOnce: __typename }"
+    for _ in range(3):
+        assert "errors" not in await graphql(client, query)
+    assert len(validated) == 1
+    deep = "{ models { " + "layers { model { " * 9 + "nLayers" + " } }" * 9 + " } }"
+    for _ in range(2):  # the cached answer is the refusal
+        assert error_codes(await graphql(client, deep)) == ["QUERY_TOO_COMPLEX"]
+    assert len(validated) == 2
 
 
 async def test_internal_errors_are_masked(

@@ -12,13 +12,13 @@ from graphql import FieldNode, GraphQLError, GraphQLSchema, ValidationRule
 from strawberry.extensions import (
     AddValidationRules,
     DisableIntrospection,
-    MaxAliasesLimiter,
     MaxTokensLimiter,
     ParserCache,
-    QueryDepthLimiter,
     SchemaExtension,
     ValidationCache,
 )
+from strawberry.extensions.max_aliases import create_validator as aliases_validator
+from strawberry.extensions.query_depth_limiter import create_validator as depth_validator
 from strawberry.federation.schema import FederationAny
 from strawberry.schema.config import StrawberryConfig
 from strawberry.types import ExecutionContext, Info
@@ -117,13 +117,19 @@ def build_schema(
     """`observers`: extensions that log, measure or trace operations (interpql.observability);
     outermost, so that they see each operation's final result."""
     settings = settings or Settings()
-    # Factories: strawberry builds fresh extension instances for each request.
+    # Factories: strawberry builds fresh extension instances for each request. The depth and
+    # alias rules are classes made once here: strawberry's own limiter extensions make new
+    # ones per request, and the validation cache, whose key holds the rules, then never hits
+    # (and keeps 256 requests' classes alive).
+    limits = (
+        depth_validator(settings.max_query_depth, None),
+        aliases_validator(settings.max_aliases),
+    )
     extensions: list[Any] = [
         *observers,
         MaskInternalErrors,
         lambda: MaxTokensLimiter(max_token_count=settings.max_query_tokens),
-        lambda: QueryDepthLimiter(max_depth=settings.max_query_depth),
-        lambda: MaxAliasesLimiter(max_alias_count=settings.max_aliases),
+        lambda: AddValidationRules(list(limits)),
         lambda: ParserCache(maxsize=256),
         lambda: ValidationCache(maxsize=256),
         OperationLimits,
