@@ -6,12 +6,14 @@ as soon as the previous one is answered. The mix covers metadata, stored node da
 twenty at a time), search, tokenizing, inference (activations, predictions, top nodes with and
 without a backward pass), batched inference, and a share of invalid requests that must come
 back as typed errors. A warm-up of the same mix runs first (caches fill, every code path is
-taken once); the server's RSS is read after it and at the end.
+taken once), for at least --warmup seconds and on until the server's heap stops growing; the
+server's heap and RSS are read after it and at the end.
 
 Unexpected: a transport error or timeout, a 5xx, a body that is not a GraphQL JSON object, an
 error on a valid request, an error code other than the one an invalid request must get, or
 text that leaks internals (a traceback, a source path). The exit status is 1 when there is any
-unexpected answer or the RSS grew by more than 10% after warm-up.
+unexpected answer, or when Python's heap grew by more than 10% after warm-up (the RSS, which
+swings with the batches in flight, by more than 35%).
 """
 
 from __future__ import annotations
@@ -38,8 +40,18 @@ from bench.common import save, server
 
 # Generous: a request this slow on loopback is stuck, not busy.
 REQUEST_TIMEOUT_S = 60.0
-MAX_RSS_GROWTH = 0.10
+# A leak is judged on Python's heap (interpql_python_allocated_blocks, read from /metrics
+# while the server is idle), which swings by a few percent: what a leak of Python objects
+# changes. The RSS is checked for gross native leaks only: under this mix it swings by 10-25%
+# between 7-second windows with the batches in flight and what the C allocator keeps of them.
+MAX_HEAP_GROWTH = 0.10
+MAX_RSS_GROWTH = 0.35
 UNEXPECTED_SAMPLES = 20
+# The warm-up reads every node the mix can ask for (the node-data caches fill), then goes on,
+# round by round, until a round grew Python's heap by at most SETTLED_GROWTH: other bounded
+# caches fill over many requests, which a machine busy with other work takes longer to send.
+WARMUP_ROUND_S = 5.0
+SETTLED_GROWTH = 0.02
 
 
 def documented_codes() -> frozenset[str]:
@@ -390,7 +402,7 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 class LoadReport:
     clients: int
     seconds: float
-    warmup_s: float
+    warmup_s: float  # the warm-up's length: at least the asked-for, until the RSS settled
     requests: int
     rps: float
     unexpected: int
@@ -406,24 +418,88 @@ class LoadReport:
     rss_idle_after_warmup_mb: float
     rss_idle_at_end_mb: float
     rss_growth: float
+    # Python's heap in allocated blocks, idle after warm-up and after the run.
+    heap_after_warmup: int
+    heap_at_end: int
+    heap_growth: float
 
     @property
     def passed(self) -> bool:
         no_errors = self.unexpected == 0 and self.warmup_unexpected == 0
-        return no_errors and self.rss_growth <= MAX_RSS_GROWTH
+        no_growth = self.heap_growth <= MAX_HEAP_GROWTH and self.rss_growth <= MAX_RSS_GROWTH
+        return no_errors and no_growth
 
 
-def measure(url: str, pid: int, clients: int, seconds: float, warmup_s: float) -> LoadReport:
-    """Warm-up, then the measured run with the RSS of `pid` sampled throughout."""
+def python_heap(url: str) -> int:
+    """The server's Python heap in allocated blocks, from its /metrics."""
+    text = httpx.get(url + "/metrics", timeout=REQUEST_TIMEOUT_S).text
+    found = re.search(r"^interpql_python_allocated_blocks (\S+)$", text, re.M)
+    if found is None:
+        raise RuntimeError(f"{url}/metrics has no interpql_python_allocated_blocks")
+    return int(float(found.group(1)))
+
+
+def read_every_node(url: str, demo: Demo) -> None:
+    """Every node the mix asks for, with what it asks of them: the bounded caches of node data
+    fill now, not over the thousands of requests that random picks would take."""
+    query = (
+        "query($ids: [ID!]!) { nodes(ids: $ids) { id topActivations(first: 5) { tokens "
+        "activations maxActivation } statistics { max mean density } bestExplanation "
+        "{ text score } } }"
+    )
+    ids = [
+        f"{demo.name}/{kind}/{layer}/{index}"
+        for kind, count in (("mlp_neuron", demo.d_mlp), ("attention_head", demo.n_heads))
+        for layer in range(demo.n_layers)
+        for index in range(count)
+    ]
+    with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as client:
+        for start in range(0, len(ids), 256):
+            variables = {"ids": ids[start : start + 256]}
+            body = client.post("/graphql", json={"query": query, "variables": variables}).json()
+            if "errors" in body:
+                raise RuntimeError(f"reading every node failed: {body['errors'][0]}")
+
+
+def warm_up(url: str, demo: Demo, clients: int, min_s: float, max_s: float) -> tuple[Tally, float]:
+    """Every node read once, then the mix for at least `min_s` and on until a round grew the
+    server's heap by at most SETTLED_GROWTH (or `max_s`: a real leak never settles, and the
+    measured run that follows shows it). Returns what the clients saw and how long it ran."""
+    read_every_node(url, demo)
+    warmup = Tally()
+    heap_before, ran_s, seed = python_heap(url), 0.0, 1
+    while True:
+        round_tally = asyncio.run(drive(url, demo, clients, WARMUP_ROUND_S, seed=seed))
+        for kind, latencies in round_tally.latencies_s.items():
+            warmup.latencies_s.setdefault(kind, []).extend(latencies)
+        warmup.unexpected += round_tally.unexpected
+        room = UNEXPECTED_SAMPLES - len(warmup.unexpected_samples)
+        warmup.unexpected_samples.extend(round_tally.unexpected_samples[:room])
+        heap = python_heap(url)
+        ran_s += WARMUP_ROUND_S
+        seed += 1
+        settled = heap <= heap_before * (1 + SETTLED_GROWTH)
+        if ran_s >= max_s or (ran_s >= min_s and settled):
+            return warmup, ran_s
+        heap_before = heap
+
+
+def measure(
+    url: str, pid: int, clients: int, seconds: float, warmup_s: float, max_warmup_s: float = 60
+) -> LoadReport:
+    """Warm-up (at least `warmup_s`, until the heap settles), then the measured run with the
+    RSS of `pid` sampled throughout."""
     demo = describe_demo(url)
     process = psutil.Process(pid)
-    warmup = asyncio.run(drive(url, demo, clients, warmup_s, seed=1))
+    warmup, warmup_s = warm_up(url, demo, clients, warmup_s, max(warmup_s, max_warmup_s))
     idle_after_warmup = process.memory_info().rss
+    heap_after_warmup = python_heap(url)
     with RssSampler(pid) as sampler:
         started = time.perf_counter()
         tally = asyncio.run(drive(url, demo, clients, seconds, seed=2))
         elapsed = time.perf_counter() - started
     idle_at_end = process.memory_info().rss
+    heap_at_end = python_heap(url)
     rss_start = sampler.median_between(0, seconds / 3)
     rss_end = sampler.median_between(seconds * 2 / 3, seconds)
     peak = max([rss for _, rss in sampler.samples] + [idle_at_end])
@@ -450,6 +526,9 @@ def measure(url: str, pid: int, clients: int, seconds: float, warmup_s: float) -
         rss_idle_after_warmup_mb=mb(idle_after_warmup),
         rss_idle_at_end_mb=mb(idle_at_end),
         rss_growth=round(rss_end / rss_start - 1, 4),
+        heap_after_warmup=heap_after_warmup,
+        heap_at_end=heap_at_end,
+        heap_growth=round(heap_at_end / heap_after_warmup - 1, 4),
     )
 
 
@@ -471,6 +550,11 @@ def print_report(report: LoadReport) -> None:
         f"peak {report.rss_peak_mb} MB; idle {report.rss_idle_after_warmup_mb} MB after "
         f"warm-up, {report.rss_idle_at_end_mb} MB at the end"
     )
+    print(
+        f"server's Python heap, idle: {report.heap_after_warmup:,} blocks after warm-up, "
+        f"{report.heap_at_end:,} at the end ({report.heap_growth:+.1%}; "
+        f"limit +{MAX_HEAP_GROWTH:.0%})"
+    )
     for sample in report.unexpected_samples:
         print("unexpected:", sample)
 
@@ -489,7 +573,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--warmup", type=float, default=10, help="seconds of warm-up")
+    parser.add_argument(
+        "--warmup", type=float, default=10, help="least seconds of warm-up (on until RSS settles)"
+    )
     parser.add_argument(
         "serve_args", nargs="*", help="passed to `interpql serve` (after --), e.g. --model ..."
     )

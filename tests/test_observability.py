@@ -228,6 +228,10 @@ async def test_metrics_count_what_was_sent(registry: ModelRegistry) -> None:
     }
     assert sum(jobs.values()) == 1
     assert value("process_resident_memory_bytes") > 10_000_000
+    # The app runs in this process: its heap is the one Python reports here.
+    assert value("interpql_python_allocated_blocks") == pytest.approx(
+        sys.getallocatedblocks(), rel=0.05
+    )
     await services.jobs.shutdown()
 
 
