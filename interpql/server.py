@@ -74,6 +74,8 @@ class GraphQLApp(GraphQL[RequestContext, None]):
         ctx = RequestContext.create(self.services, request=request, response=response)
         if isinstance(request, Request):
             request.state.interpql_context = ctx  # released once the answer is sent
+        else:
+            ctx.per_connection = True  # each operation gets its own (InterpqlSchema.stream)
         return ctx
 
     def encode_json(self, data: object) -> bytes:

@@ -5,6 +5,7 @@ protocol, and the CORS origins applied to handshakes."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -18,7 +19,13 @@ import pytest
 import websockets.exceptions
 import websockets.sync.client
 from playwright.sync_api import sync_playwright
+from starlette.testclient import TestClient
 
+from interpql.resolvers.context import Services
+from interpql.server import create_app
+from interpql.settings import Settings
+from interpql.specs import NodeRef
+from tests.conftest import MODEL_NAME, CountingBackend, small_registry
 from tests.processes import serve, serve_process
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.test_server import ROOT
@@ -248,3 +255,55 @@ def test_cors_origins_apply_to_websocket_handshakes() -> None:
             headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
         )
         assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+
+
+# One context per operation ---------------------------------------------------------------
+
+EXPLANATIONS = f'{{ node(id: "{MODEL_NAME}/mlp_neuron/0/3") {{ explanations {{ text }} }} }}'
+
+
+def exchange(ws: Any, protocol: str, operation_id: str, payload: dict[str, Any]) -> Any:
+    """One operation on an open connection: its first result's payload."""
+    start = "subscribe" if protocol == "graphql-transport-ws" else "start"
+    ws.send_json({"id": operation_id, "type": start, "payload": payload})
+    first = ws.receive_json()
+    assert first["type"] in ("next", "data"), first
+    while ws.receive_json()["type"] != "complete":
+        pass
+    return first["payload"]
+
+
+@pytest.mark.parametrize("protocol", ["graphql-transport-ws", "graphql-ws"])
+def test_each_operation_on_a_connection_reads_afresh(
+    small_backend: CountingBackend, protocol: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection lives for hours: what one operation loaded is neither served stale to the
+    next (an explanation added in between shows) nor counted in its inference figures."""
+    registry = small_registry(small_backend)
+    # Starlette's test client calls itself 'testserver' on WebSockets.
+    services = Services(registry, Settings(cached_runs=0, allowed_hosts=("testserver",)))
+    store = services.explaining.store if services.explaining else None
+    assert store is not None
+    infer = f'{{ model(name: "{MODEL_NAME}") {{ infer(input: {{prompt: "a b"}}) {{ loss }} }} }}'
+    caplog.set_level(logging.INFO, logger="interpql.requests")
+    try:
+        with (
+            TestClient(create_app(services)) as http,
+            http.websocket_connect("/graphql", subprotocols=[protocol]) as ws,
+        ):
+            ws.send_json({"type": "connection_init"})
+            assert ws.receive_json()["type"] == "connection_ack"
+            before = exchange(ws, protocol, "1", {"query": EXPLANATIONS})
+            assert before["data"]["node"]["explanations"] == []
+            store.add(NodeRef(MODEL_NAME, "mlp_neuron", 0, 3), "commas in lists", 0.5, "s", "e")
+            after = exchange(ws, protocol, "2", {"query": EXPLANATIONS})
+            assert after["data"]["node"]["explanations"] == [{"text": "commas in lists"}]
+            passes_before = len(small_backend.calls)
+            losses = [exchange(ws, protocol, str(i), {"query": infer}) for i in (3, 4)]
+            assert losses[0] == losses[1]
+            # Each ran its own pass (no run cache here): nothing was kept between them.
+            assert len(small_backend.calls) == passes_before + 2
+    finally:
+        registry.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "interpql.requests"]
+    assert sum(" passes=1 " in line for line in lines) == 2, lines

@@ -8,7 +8,7 @@ for each of them: its time is what each of them waited for.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -41,18 +41,3 @@ class InferenceStats:
             self.run_cache_hits += 1
         else:
             self.run_cache_misses += 1
-
-    def copy(self) -> InferenceStats:
-        return replace(self, batch_sizes=list(self.batch_sizes), _looked_up=set(self._looked_up))
-
-    def since(self, earlier: InferenceStats) -> InferenceStats:
-        """What was added after `earlier` (a copy of these stats taken before): one
-        operation's share of a WebSocket connection's stats, which all its operations share."""
-        return InferenceStats(
-            passes=self.passes - earlier.passes,
-            seconds=self.seconds - earlier.seconds,
-            batch_sizes=self.batch_sizes[len(earlier.batch_sizes) :],
-            coalesced_rows=self.coalesced_rows - earlier.coalesced_rows,
-            run_cache_hits=self.run_cache_hits - earlier.run_cache_hits,
-            run_cache_misses=self.run_cache_misses - earlier.run_cache_misses,
-        )

@@ -115,9 +115,6 @@ class RequestObserver(SchemaExtension):
 
     def on_operation(self) -> Iterator[None]:
         started = time.perf_counter()
-        context = self._context()
-        # A WebSocket's operations share one context: this operation's share is what it adds.
-        stats_before = context.inference.stats.copy() if context else InferenceStats()
         self.telemetry.operation_started()
         failure: Exception | None = None
         try:
@@ -129,16 +126,14 @@ class RequestObserver(SchemaExtension):
             raise
         finally:
             self.telemetry.operation_ended()
-            self._finish(time.perf_counter() - started, stats_before, failure)
+            self._finish(time.perf_counter() - started, failure)
 
     def on_stream_result(self, result: Any) -> Iterator[None]:
         yield
         # After the inner extensions: errors are masked by now.
         self._streamed_codes = (self._streamed_codes or []) + _codes(result)
 
-    def _finish(
-        self, seconds: float, stats_before: InferenceStats, failure: Exception | None
-    ) -> None:
+    def _finish(self, seconds: float, failure: Exception | None) -> None:
         context = self._context()
         request = context.request if context else None
         if self._streamed_codes is not None:
@@ -151,7 +146,8 @@ class RequestObserver(SchemaExtension):
             name=self.execution_context.operation_name,
             type=self._operation_type(),
             error_codes=codes,
-            inference=context.inference.stats.since(stats_before) if context else stats_before,
+            # Each operation's own, a WebSocket's too (InterpqlSchema.stream).
+            inference=context.inference.stats if context else InferenceStats(),
             key_id=context.key_id if context else None,
             client=_client(getattr(request, "scope", None)),
             seconds=seconds,

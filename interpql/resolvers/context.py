@@ -84,6 +84,9 @@ class RequestContext:
     # A WebSocket's connection_init payload (browsers cannot set headers on WebSockets, so the
     # key may come here as {"Authorization": "Bearer ..."}); strawberry fills it in.
     connection_params: Any = None
+    # A WebSocket's context, which lives as long as its connection: each operation on it runs
+    # with a context of its own (for_operation), released when the operation ends.
+    per_connection: bool = False
 
     @property
     def registry(self) -> ModelRegistry:
@@ -123,6 +126,14 @@ class RequestContext:
         without it, all of that would wait for the cycle collector."""
         self.inference.release()
         self.node_data.release()
+
+    def for_operation(self) -> RequestContext:
+        """A context for one operation on this connection: the same client and key, loaders
+        of its own (nothing one operation loaded is served stale to a later one or kept for
+        the connection's life, and its inference figures and limits are its own)."""
+        ctx = RequestContext.create(self.services, request=self.request, response=self.response)
+        ctx.connection_params = self.connection_params
+        return ctx
 
     @classmethod
     def create(

@@ -4,7 +4,7 @@ caches, errors."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import strawberry
@@ -21,9 +21,12 @@ from strawberry.extensions.max_aliases import create_validator as aliases_valida
 from strawberry.extensions.query_depth_limiter import create_validator as depth_validator
 from strawberry.federation.schema import FederationAny
 from strawberry.schema.config import StrawberryConfig
+from strawberry.schema.schema import StreamResult
 from strawberry.types import ExecutionContext, Info
+from strawberry.types.graphql import OperationType
 
 from interpql.errors import check_range, invalid_argument
+from interpql.resolvers.context import RequestContext
 from interpql.schema.errors import MaskInternalErrors, add_codes
 from interpql.schema.execution import ShortWayExecution, read_plain_fields_directly
 from interpql.schema.generation import Subscription
@@ -82,6 +85,32 @@ class InterpqlSchema(strawberry.federation.Schema):
                 )
         return super().entities_resolver(info, representations)
 
+    async def stream(
+        self,
+        query: str | None,
+        variable_values: dict[str, Any] | None = None,
+        context_value: Any | None = None,
+        root_value: Any | None = None,
+        operation_name: str | None = None,
+        operation_extensions: dict[str, Any] | None = None,
+        allowed_operation_types: Iterable[OperationType] | None = None,
+    ) -> StreamResult:
+        """Every WebSocket operation runs through here: on a connection's context, it runs
+        with a context of its own, released once its last result is out."""
+        own: RequestContext | None = None
+        if isinstance(context_value, RequestContext) and context_value.per_connection:
+            own = context_value.for_operation()
+        results = await super().stream(
+            query,
+            variable_values,
+            context_value if own is None else own,
+            root_value,
+            operation_name,
+            operation_extensions,
+            allowed_operation_types,
+        )
+        return results if own is None else _released_at_end(results, own)
+
     def process_errors(
         self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
     ) -> None:
@@ -90,6 +119,15 @@ class InterpqlSchema(strawberry.federation.Schema):
         if self.hide_suggestions:
             for error in errors:
                 error.message = _SUGGESTION.sub("", error.message)
+
+
+async def _released_at_end(results: StreamResult, ctx: RequestContext) -> StreamResult:
+    try:
+        async for result in results:
+            yield result
+    finally:
+        await results.aclose()
+        ctx.release()
 
 
 # The types other subgraphs reference by key (those with resolve_reference).
