@@ -18,7 +18,7 @@ import torch
 from safetensors.numpy import load_file
 
 from interpql.backends.tokenizer import gpt2_encoding
-from interpql.demo.artifacts import DEMO_DIR
+from interpql.demo.artifacts import DEMO_DIR, load_demo_model
 from interpql.loaders.sources.compact_format import RecordStore
 from tests.conftest import SMALL, CountingBackend, error_codes, graphql
 from tests.processes import serve
@@ -244,6 +244,30 @@ async def test_the_demos_unused_vocabulary_is_flagged_and_left_out(
         assert [s["token"]["id"] for s in scored[name]] == used[order].tolist()
         assert [s["value"] for s in scored[name]] == pytest.approx(values[order].tolist(), rel=1e-3)
         assert all(s["token"]["inUse"] for s in scored[name])
+
+
+async def test_bottom_predictions_are_the_least_likely_learned_tokens(
+    demo: httpx.AsyncClient, demo_weights: dict[str, np.ndarray]
+) -> None:
+    prompt = "import os\nimport sys\nimport"
+    body = await graphql(
+        demo,
+        'query($p: String!) { model(name: "tiny-stdlib") { infer(input: {prompt: $p}) { '
+        "bottomPredictions(k: 8) { token { id inUse } logit probability } } } }",
+        {"p": prompt},
+    )
+    assert "errors" not in body, body
+    found = body["data"]["model"]["infer"]["bottomPredictions"]
+    cfg, weights = load_demo_model()
+    logits, _ = reference_forward(cfg, weights, gpt2_encoding().encode(prompt))
+    last = logits[-1].double()
+    used = torch.from_numpy(demo_weights["vocab.used_ids"].astype(np.int64))
+    order = used[last[used].argsort()[:8]]
+    assert [p["token"]["id"] for p in found] == order.tolist()
+    assert all(p["token"]["inUse"] for p in found)
+    assert [p["logit"] for p in found] == pytest.approx(last[order].tolist(), abs=1e-3)
+    probabilities = last.softmax(-1)[order]
+    assert [p["probability"] for p in found] == pytest.approx(probabilities.tolist(), rel=1e-3)
 
 
 async def test_search_filters_by_kind_and_layer_with_scores_that_compare(

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from interpql.backends.base import Architecture, AutoencoderInput, Backend
@@ -137,6 +138,12 @@ class ModelEntry:
             self.derived["unused_tokens"] = unused
         found: torch.Tensor | None = self.derived["unused_tokens"]
         return found
+
+    def tokens_in_use(self) -> np.ndarray | None:
+        """[vocab] bool (numpy, for resolvers): the tokens the model learned; None when every
+        token is used or, without weights, unknown."""
+        unused = self.unused_tokens()
+        return None if unused is None else ~unused.cpu().numpy()
 
     def token_in_use(self, token: int) -> bool:
         unused = self.unused_tokens()

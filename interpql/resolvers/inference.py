@@ -358,8 +358,14 @@ async def top_predictions(
 ) -> list[Prediction]:
     check_range("k", k, 1, ctx.settings.max_top_k + 1)
     logits = await logits_at(ctx, spec, token_index)
-    k = min(k, logits.shape[0])
     ranked = logits if bottom else -logits
+    in_use = ctx.registry.get(spec.model).tokens_in_use()
+    if bottom and in_use is not None:
+        # Tokens never learned share one logit below every learned token's (the demo's):
+        # the least likely of them says nothing about the prompt.
+        ranked = np.where(in_use, ranked, np.inf)
+        k = min(k, int(in_use.sum()))
+    k = min(k, logits.shape[0])
     top = np.argpartition(ranked, k - 1)[:k]
     top = top[np.argsort(ranked[top], kind="stable")]
     log_probs = _log_softmax(logits)

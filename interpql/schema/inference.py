@@ -203,7 +203,9 @@ class InferenceResult:
 
     @strawberry.field(
         description="The k least likely next tokens at tokenIndex (default -1: after the "
-        "whole prompt; negative counts from the end), least first."
+        "whole prompt; negative counts from the end), least first, among the tokens the model "
+        "learned: those it never did (Token.inUse false: a zero input embedding, as the demo's "
+        "vocabulary outside its corpus) are left out."
     )
     async def bottom_predictions(
         self, info: Info, k: int = 10, token_index: int = -1
