@@ -20,6 +20,25 @@ from aiocache.serializers import NullSerializer
 log = logging.getLogger(__name__)
 
 
+class OutageLog:
+    """One warning when a shared store starts failing, one when it answers again: a store
+    that is down for an hour logs two lines, not one per request."""
+
+    def __init__(self, store: str, meanwhile: str, back: str) -> None:
+        self.store, self.meanwhile, self.back = store, meanwhile, back
+        self.failing = False
+
+    def failed(self, exc: BaseException) -> None:
+        if not self.failing:
+            log.warning("%s failed (%r); %s", self.store, exc, self.meanwhile)
+        self.failing = True
+
+    def answered(self) -> None:
+        if self.failing:
+            log.warning("%s %s", self.store, self.back)
+        self.failing = False
+
+
 class BoundedMemoryCache(SimpleMemoryCache):  # type: ignore[misc]
     """aiocache's memory cache, holding at most `max_entries` (the oldest written go first)."""
 
@@ -49,7 +68,7 @@ class NodeDataCache:
         self.ttl_s = ttl_s
         self.timeout_s = timeout_s
         self._backend: BaseCache = _backend(url, max_entries)
-        self._failing = False
+        self._outage = OutageLog(f"node-data cache {url}", "answering uncached", "is back")
         # Keys looked up and found or not since start-up, for the metrics.
         self.hits = 0
         self.misses = 0
@@ -60,10 +79,10 @@ class NodeDataCache:
         try:
             raw = await asyncio.wait_for(self._backend.multi_get(keys), self.timeout_s)
         except Exception as exc:
-            self._report(exc)
+            self._outage.failed(exc)
             self.misses += len(keys)
             return [None] * len(keys)
-        self._recovered()
+        self._outage.answered()
         found = sum(value is not None for value in raw)
         self.hits += found
         self.misses += len(keys) - found
@@ -76,19 +95,9 @@ class NodeDataCache:
         try:
             await asyncio.wait_for(self._backend.multi_set(encoded, ttl=self.ttl_s), self.timeout_s)
         except Exception as exc:
-            self._report(exc)
+            self._outage.failed(exc)
             return
-        self._recovered()
-
-    def _report(self, exc: Exception) -> None:
-        if not self._failing:
-            log.warning("node-data cache %s failed (%r); answering uncached", self.url, exc)
-        self._failing = True
-
-    def _recovered(self) -> None:
-        if self._failing:
-            log.warning("node-data cache %s is back", self.url)
-        self._failing = False
+        self._outage.answered()
 
     async def close(self) -> None:
         client = getattr(self._backend, "client", None)

@@ -21,7 +21,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from interpql.loaders.attribution_graph import GraphData, GraphNode, NodeType, Pruning, Sizes
-from interpql.loaders.cache import BoundedMemoryCache
+from interpql.loaders.cache import BoundedMemoryCache, OutageLog
 from interpql.loaders.jobs.redis_store import redis_client
 from interpql.specs import GraphSpec, NodeRef
 
@@ -84,7 +84,9 @@ class GraphStore:
             if redis_url is None
             else redis_client(redis_url, timeout_s, timeout_s, decode_responses=False)
         )
-        self._failing = False
+        self._outage = OutageLog(
+            f"attribution graphs in {redis_url}", "kept in this process only", "are shared again"
+        )
 
     async def get(self, id: str) -> GraphData | None:
         found: GraphData | None = await self._memory.get(id)
@@ -93,9 +95,9 @@ class GraphStore:
         try:
             raw = await asyncio.wait_for(self._client.get(self.prefix + id), self.timeout_s)
         except (RedisError, OSError, TimeoutError) as exc:
-            self._report(exc)
+            self._outage.failed(exc)
             return None
-        self._recovered()
+        self._outage.answered()
         if raw is None:
             return None
         try:
@@ -116,23 +118,9 @@ class GraphStore:
                 self.timeout_s,
             )
         except (RedisError, OSError, TimeoutError) as exc:
-            self._report(exc)
+            self._outage.failed(exc)
             return
-        self._recovered()
-
-    def _report(self, exc: BaseException) -> None:
-        if not self._failing:
-            log.warning(
-                "attribution graphs in %s failed (%r): kept in this process only",
-                self.redis_url,
-                exc,
-            )
-        self._failing = True
-
-    def _recovered(self) -> None:
-        if self._failing:
-            log.warning("attribution graphs in %s are shared again", self.redis_url)
-        self._failing = False
+        self._outage.answered()
 
     async def close(self) -> None:
         if self._client is not None:
