@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -758,9 +759,32 @@ async def test_what_writes_through_norms_or_gates_mean_is_refused_with_the_reaso
         "steering": 'infer(input: {prompt: $p, steering: [{nodeId: "gemma2/mlp_neuron/0/1", '
         "strength: 2}]}) { loss }",
     }
+    refused["headValues"] = (
+        'infer(input: {prompt: $p}) { activations(nodeIds: ["gemma2/attention_head/1/0"]) '
+        "{ values } }"
+    )
+    refused["headLayer"] = (
+        "infer(input: {prompt: $p}) { layerActivations(layer: 1, kind: ATTENTION_HEAD) { shape } }"
+    )
+    gemma = tiny_hf_model("gemma2", tmp_path / "gemma2-eager")
     hf = tiny_hf_model("llama", tmp_path / "llama")
     transport = httpx.ASGITransport(app=create_app(registry))
     async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        # A head's values are its write's norm, rescaled before the stream: refused. Its
+        # pattern stands, and is Hugging Face's own attention weights.
+        pattern = await graphql(
+            client,
+            'query($p: String!) { node(id: "gemma2/attention_head/1/0") { '
+            "activations(prompt: $p) { tokens { id } attentionPattern } } }",
+            {"p": prompt},
+        )
+        assert "errors" not in pattern, pattern
+        found = pattern["data"]["node"]["activations"]
+        gemma.config._attn_implementation = "eager"
+        with torch.no_grad():
+            ids = torch.tensor([[t["id"] for t in found["tokens"]]])
+            expected = gemma(ids, output_attentions=True).attentions[1][0, 0]
+        np.testing.assert_allclose(np.array(found["attentionPattern"]), expected.numpy(), atol=2e-5)
         for field, query in refused.items():
             body = await graphql(
                 client,

@@ -9,6 +9,7 @@ import numpy as np
 
 from interpql.errors import (
     InvalidInputError,
+    UnavailableError,
     check_position,
     check_range,
     invalid_argument,
@@ -61,6 +62,10 @@ class NodeValues:
     values: np.ndarray  # [position]
     pattern: np.ndarray | None  # [query, key] for attention heads
     pair_attribution: np.ndarray | None  # [query, key] for attention heads
+    # Why `values` and `pair_attribution` mean nothing on this model (a head's write norm
+    # through Gemma-2's post-attention norm), raised by the fields that serve them; the
+    # pattern stands.
+    refused: Exception | None = None
 
 
 @dataclass(frozen=True)
@@ -302,14 +307,29 @@ async def node_values(
     done = await result(ctx, spec, _node_needs(entry, nodes))
     out = []
     for node in nodes:
+        refused = _writes_refused(entry, node.kind)
         values = done.activations(node.layer, node.kind)[:, node.index]
         pattern = pairs = None
         if entry.kind(node.kind).attends:
             pattern = done.patterns[node.layer][:, node.index, :]
             found = done.pair_attributions.get(node.layer)
             pairs = None if found is None else found[:, node.index, :]
-        out.append(NodeValues(node, spec.tokens, values, pattern, pairs))
+        out.append(NodeValues(node, spec.tokens, values, pattern, pairs, refused))
     return out
+
+
+def _writes_refused(entry: ModelEntry, kind: str) -> Exception | None:
+    """Why a kind's one number per token cannot be served, where it is a write's norm and
+    the writes pass a norm before the stream (None where it can)."""
+    if entry.kind(kind).per_token_value != "write_norm":
+        return None
+    try:
+        entry.require_writes_reach_stream(
+            f"The {kind} value per token (the norm of its write; attentionPattern is served)"
+        )
+    except UnavailableError as refused:
+        return refused
+    return None
 
 
 async def activations_of_ids(
@@ -328,6 +348,9 @@ async def layer_values(
     entry = ctx.registry.get(spec.model)
     entry.check_layer(layer)
     entry.node(kind, layer, 0)  # raises when the model has no such nodes
+    refused = _writes_refused(entry, kind)
+    if refused is not None:
+        raise refused
     done = await result(ctx, spec, Needs(layer_kinds=frozenset({(layer, kind)})))
     return done.activations(layer, kind)
 

@@ -440,26 +440,52 @@ class ScoredTokens:
 class NodeActivations:
     node: Node = strawberry.field(description="The node.")
     tokens: list[Token] = strawberry.field(description="The prompt's tokens.")
-    values: list[float] = strawberry.field(
-        description=(
-            "One value per token: MLP neuron post-activation; attention head: norm of the head's "
-            "write to the residual stream; residual channel: the residual stream after the layer."
-        )
-    )
-    max_value: float = strawberry.field(description="The largest value.")
-    max_token_index: int = strawberry.field(description="Where the largest value is.")
     attention_pattern: FloatArray | None = strawberry.field(
         description="Attention heads only: probabilities [queryToken][keyToken]."
     )
-    token_pair_attribution: FloatArray | None = strawberry.field(
+    per_token: strawberry.Private[np.ndarray]
+    pattern: strawberry.Private[np.ndarray | None] = None
+    pair_attribution: strawberry.Private[np.ndarray | None] = None
+    # Why the per-token values (a head's write norms) mean nothing on this model: raised by
+    # the fields that serve them (UNSUPPORTED), while the pattern is served.
+    refused: strawberry.Private[Exception | None] = None
+
+    def _served(self) -> np.ndarray:
+        if self.refused is not None:
+            raise self.refused
+        return self.per_token
+
+    @strawberry.field(
+        description=(
+            "One value per token: MLP neuron post-activation; attention head: norm of the head's "
+            "write to the residual stream (UNSUPPORTED where a norm rescales writes before the "
+            "stream, Gemma-2's); residual channel: the residual stream after the layer."
+        )
+    )
+    def values(self) -> list[float]:
+        found: list[float] = self._served().tolist()
+        return found
+
+    @strawberry.field(description="The largest value.")
+    def max_value(self) -> float:
+        return float(self._served().max())
+
+    @strawberry.field(description="Where the largest value is.")
+    def max_token_index(self) -> int:
+        return int(self._served().argmax())
+
+    @strawberry.field(
         description=(
             "Attention heads only: how much of the head's write at each query token came from "
             "each key token, probability x norm of the value's write, [queryToken][keyToken]; "
             "null where heads share their values (grouped-query attention)."
         )
     )
-    pattern: strawberry.Private[np.ndarray | None] = None
-    pair_attribution: strawberry.Private[np.ndarray | None] = None
+    def token_pair_attribution(self) -> FloatArray | None:
+        if self.pair_attribution is None:
+            return None
+        self._served()
+        return FloatArray(self.pair_attribution)
 
     @strawberry.field(
         description=(
@@ -477,7 +503,10 @@ class NodeActivations:
         self, dtype: TensorDType = TensorDType.FLOAT16
     ) -> PackedTensor | None:
         found = self.pair_attribution
-        return None if found is None else pack(lower_triangle(found), dtype)
+        if found is None:
+            return None
+        self._served()
+        return pack(lower_triangle(found), dtype)
 
 
 @strawberry.federation.type(
@@ -667,17 +696,12 @@ def tokens_of(ctx: RequestContext, model: str, ids: tuple[int, ...]) -> list[Tok
 def node_activations(
     ctx: RequestContext, values: inference_resolvers.NodeValues
 ) -> NodeActivations:
-    best = int(values.values.argmax())
     return NodeActivations(
         node=Node(ref=values.node),
         tokens=tokens_of(ctx, values.node.model, values.tokens),
-        values=values.values.tolist(),
-        max_value=float(values.values[best]),
-        max_token_index=best,
         attention_pattern=None if values.pattern is None else FloatArray(values.pattern),
-        token_pair_attribution=(
-            None if values.pair_attribution is None else FloatArray(values.pair_attribution)
-        ),
+        per_token=values.values,
         pattern=values.pattern,
         pair_attribution=values.pair_attribution,
+        refused=values.refused,
     )
