@@ -81,6 +81,13 @@ def _serve(args: argparse.Namespace) -> int:
         # Each worker process builds its own services from the same options (checked above,
         # where this process's copy is then let go).
         services.registry.close()
+        if options.redis is None:
+            logging.getLogger(__name__).warning(
+                "--workers %d without --redis: each worker counts its own rate limits and keeps "
+                "its own attribution graphs%s; give --redis redis://host:port to share them",
+                listen.workers,
+                " and jobs" if options.explanation_store == ":memory:" else "",
+            )
         os.environ[WORKER_OPTIONS_ENV] = json.dumps(
             {"options": dataclasses.asdict(options), "log_format": listen.log_format}
         )

@@ -160,3 +160,6 @@ def test_several_worker_processes_serve_one_port() -> None:
             assert body["data"]["model"]["infer"]["loss"] > 0
         process.terminate()
         assert process.wait(timeout=30) == 0
+        logged = process.stdout.read().decode() if process.stdout else ""
+    # Nothing is shared between the workers without Redis, and the server says so.
+    assert "--workers 2 without --redis: each worker counts its own rate limits" in logged
