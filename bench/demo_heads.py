@@ -14,6 +14,7 @@ Not a timing: its figures are the README's table of the demo's heads.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,13 +29,16 @@ from interpql.demo.artifacts import DEMO_DIR, load_demo_model
 from interpql.loaders.sources.compact_format import RecordStore
 
 
-def main(sequences: int = 32, length: int = 50, seed: int = 0) -> dict[str, Any]:
-    cfg, state = load_demo_model()
+def main(
+    sequences: int = 32, length: int = 50, seed: int = 0, demo: Path = DEMO_DIR
+) -> dict[str, Any]:
+    """`demo`: a demo folder (the shipped one, or a build's --out)."""
+    cfg, state = load_demo_model(demo)
     backend = NativeGPT2Backend(build_model(cfg, state))
     probs = [HookPoint(layer, Location.ATTN_PROBS) for layer in range(cfg.n_layers)]
 
     # Previous-token scores on held-out text: 16 windows of the context's length.
-    tokens = RecordStore.load(DEMO_DIR / "records").tokens.astype(np.int64)
+    tokens = RecordStore.load(demo / "records").tokens.astype(np.int64)
     text = tuple(tuple(tokens[i * cfg.n_ctx : (i + 1) * cfg.n_ctx].tolist()) for i in range(16))
     seen = backend.forward(ForwardRequest(tokens=text, save=frozenset(probs)))
     previous = [
@@ -44,7 +48,7 @@ def main(sequences: int = 32, length: int = 50, seed: int = 0) -> dict[str, Any]
     ]
 
     # Induction scores on random tokens repeated once.
-    used = load_file(str(DEMO_DIR / "weights.safetensors"))["vocab.used_ids"].astype(np.int64)
+    used = load_file(str(demo / "weights.safetensors"))["vocab.used_ids"].astype(np.int64)
     rng = np.random.default_rng(seed)
     halves = rng.choice(used, size=(sequences, length))
     repeated = tuple(tuple(row.tolist()) * 2 for row in halves)
@@ -66,6 +70,7 @@ def main(sequences: int = 32, length: int = 50, seed: int = 0) -> dict[str, Any]
         "previous_token_score": previous,  # [layer][head]
         "induction_score": induction,
         "induction_uniform": uniform,
+        "demo": str(demo),
         "sequences": sequences,
         "half_length": length,
         "loss_first_copy": float(first),
@@ -79,5 +84,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--length", type=int, default=50)
+    parser.add_argument(
+        "--demo", type=Path, default=DEMO_DIR, help="a demo folder (default: the shipped demo)"
+    )
     options = parser.parse_args()
-    main(options.sequences, options.length)
+    main(options.sequences, options.length, demo=options.demo)

@@ -254,8 +254,22 @@ def _build_demo(args: argparse.Namespace) -> int:
     elif args.only_explanations:
         rebuild_explanations(out, progress=True)
     else:
-        build_demo(out, quick=args.quick, progress=True)
+        build_demo(
+            out,
+            quick=args.quick,
+            progress=True,
+            device=args.device,
+            train_tokens=args.train_tokens,
+            batch_size=args.batch_size,
+        )
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text.replace(",", "").replace("_", ""))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
 
 
 # The options of `serve` that say what model `deploy` runs.
@@ -293,6 +307,21 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="explain and score every node of the records already in --out again (offline "
         "baselines)",
+    )
+    demo.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model's training steps run (cuda on an accelerator; default cpu)",
+    )
+    demo.add_argument(
+        "--train-tokens",
+        type=_positive_int,
+        help="tokens the model trains on (default 3,200,000: ~15-20 minutes on 2 CPU cores)",
+    )
+    demo.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        help="sequences per training step (default 4)",
     )
     demo.set_defaults(run=_build_demo)
 

@@ -1,6 +1,7 @@
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        build_demo(out_dir, quick=True, progress=False, cache_dir=cache_dir)
+        # The quick recipe in smaller batches: what `--batch-size` changes, and nothing else.
+        build_demo(out_dir, quick=True, progress=False, cache_dir=cache_dir, batch_size=2)
         yield out_dir
     finally:
         torch.set_num_threads(threads)
@@ -60,6 +62,11 @@ def test_quick_build_reports_its_figures(metrics: dict[str, Any]) -> None:
         assert 0.0 < ae["mean_l0"] < ae["n_latents"]
         assert 0.0 <= ae["dead_share"] < 1.0
     assert metrics["artifact_bytes"]["total"] < 30e6
+    training = metrics["model"]["training"]
+    assert training == {**asdict(QUICK.model), "batch_size": 2, "device": "cpu"}
+    window_tokens = 2 * QUICK.model.n_ctx
+    assert metrics["model"]["steps"] == math.ceil(QUICK.model.train_tokens / window_tokens)
+    assert metrics["model"]["tokens_seen"] == metrics["model"]["steps"] * window_tokens
     assert {"corpus", "model_training", "autoencoders", "total"} <= set(metrics["timings_s"])
 
 

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,10 +108,20 @@ def build_demo(
     quick: bool = False,
     progress: bool = True,
     cache_dir: Path | None = None,
+    device: str = "cpu",
+    train_tokens: int | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
-    """Builds the demo into `out_dir` and returns its metrics (also in `metrics.json`)."""
+    """Builds the demo into `out_dir` and returns its metrics (also in `metrics.json`).
+    `device`, `train_tokens`, `batch_size`: the model's training (the same recipe, longer or
+    in larger batches, on an accelerator); None keeps the recipe's own."""
+    config = QUICK if quick else BuildConfig()
+    sizes = {"train_tokens": train_tokens, "batch_size": batch_size}
+    config = replace(
+        config, model=replace(config.model, **{k: v for k, v in sizes.items() if v is not None})
+    )
     build = build_model_and_autoencoders(
-        out_dir, QUICK if quick else BuildConfig(), progress=progress, cache_dir=cache_dir
+        out_dir, config, progress=progress, cache_dir=cache_dir, device=device
     )
     build_node_data(build, progress=progress)
     finish(build, progress=progress)
@@ -119,14 +129,19 @@ def build_demo(
 
 
 def build_model_and_autoencoders(
-    out_dir: Path, config: BuildConfig, *, progress: bool = True, cache_dir: Path | None = None
+    out_dir: Path,
+    config: BuildConfig,
+    *,
+    progress: bool = True,
+    cache_dir: Path | None = None,
+    device: str = "cpu",
 ) -> DemoBuild:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     with _timed(timings, "corpus"):
         corpus = load_corpus(cache_dir)
     with _timed(timings, "model_training"):
-        trained = train_model(corpus, config.model, progress=progress)
+        trained = train_model(corpus, config.model, progress=progress, device=device)
         save_demo_model(out_dir, trained.cfg, trained.state, torch.from_numpy(trained.used_tokens))
         cfg, state = load_demo_model(out_dir)
         model = build_model(cfg, state).eval().requires_grad_(False)
@@ -160,7 +175,7 @@ def build_model_and_autoencoders(
         },
         "model": {
             "config": cfg.to_json(),
-            "training": asdict(config.model),
+            "training": asdict(config.model) | {"device": device},
             "parameters": sum(t.numel() for t in state.values()),
             "steps": trained.steps,
             "tokens_seen": trained.tokens_seen,

@@ -76,13 +76,18 @@ class TrainedModel:
     elapsed_s: float = 0.0
 
 
-def train_model(corpus: Corpus, config: TrainConfig, *, progress: bool = True) -> TrainedModel:
+def train_model(
+    corpus: Corpus, config: TrainConfig, *, progress: bool = True, device: str = "cpu"
+) -> TrainedModel:
+    """`device`: where the steps run (`cuda` on an accelerator). The seeds fix the
+    initialisation and the order of the windows on every device; the steps' arithmetic is the
+    device's own, so a model trained elsewhere differs in its last bits."""
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     used = corpus.used_tokens
     stream = torch.from_numpy(compact_ids(used)[corpus.train.tokens])
-    model = _initialised(config.gpt2_config(len(used)), generator)
+    model = _initialised(config.gpt2_config(len(used)), generator).to(device)
     windows = (len(stream) - 1) // config.n_ctx
     steps = max(1, math.ceil(config.train_tokens / (config.batch_size * config.n_ctx)))
     optimizer = _optimizer(model, config)
@@ -94,7 +99,7 @@ def train_model(corpus: Corpus, config: TrainConfig, *, progress: bool = True) -
             order, position = torch.randperm(windows, generator=generator), 0
         starts = order[position : position + config.batch_size] * config.n_ctx
         position += config.batch_size
-        batch = stream[starts[:, None] + torch.arange(config.n_ctx + 1)]  # [batch, n_ctx + 1]
+        batch = stream[starts[:, None] + torch.arange(config.n_ctx + 1)].to(device)
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * _lr_factor(step, steps, config)
         logits = model(batch[:, :-1])
@@ -107,7 +112,7 @@ def train_model(corpus: Corpus, config: TrainConfig, *, progress: bool = True) -
         losses.append(loss.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-    state, unused_logit = full_vocabulary_state(model, used)
+    state, unused_logit = full_vocabulary_state(model.cpu(), used)
     return TrainedModel(
         cfg=config.gpt2_config(),
         state=state,
