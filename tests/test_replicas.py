@@ -155,8 +155,15 @@ async def test_graphs_outlive_a_redis_outage_and_ignore_what_they_cannot_read(
             assert shared is not None
             assert_same(shared, graph)
             raw = redis.Redis.from_url(redis_url)
-            raw.set(f"interpql:graphs:{FORMAT}:broken", b'{"id": "broken", "nodes": 3}')
-            assert await reader.get("broken") is None
+            broken = "b" * 24
+            raw.set(f"interpql:graphs:{FORMAT}:{broken}", b'{"id": "broken", "nodes": 3}')
+            assert await reader.get(broken) is None
+            # An id no graph can have is not looked up at all.
+            raw.set(
+                f"interpql:graphs:{FORMAT}:not-an-id",
+                raw.get(f"interpql:graphs:{FORMAT}:{graph.id}"),
+            )
+            assert await reader.get("not-an-id") is None and await reader.get("x" * 10**6) is None
             raw.close()
             process.terminate()
             process.wait()

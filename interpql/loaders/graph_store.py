@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from interpql.specs import GraphSpec, NodeRef
 
 log = logging.getLogger(__name__)
 
+_GRAPH_ID = re.compile(r"[0-9a-f]{24}")  # graph_id's form
 FORMAT = "v1"  # bump when GraphData changes shape: older entries are then never read
 _ARRAYS = {"sources": np.int64, "targets": np.int64, "weights": np.float64}
 
@@ -89,6 +91,8 @@ class GraphStore:
         )
 
     async def get(self, id: str) -> GraphData | None:
+        if _GRAPH_ID.fullmatch(id) is None:
+            return None  # no graph has such an id: nothing to look up, in Redis least of all
         found: GraphData | None = await self._memory.get(id)
         if found is not None or self._client is None:
             return found
