@@ -31,7 +31,7 @@ from interpql.file_errors import FileProblem
 from interpql.loaders.auth import ApiKeys
 from interpql.loaders.cache import NodeDataCache
 from interpql.loaders.explaining import ExplanationService
-from interpql.loaders.graph_store import GraphStore
+from interpql.loaders.graph_store import open_graph_store
 from interpql.loaders.jobs import JobManager, open_store
 from interpql.loaders.models import (
     BACKENDS,
@@ -149,7 +149,7 @@ class ServeOptions:
         help="state shared by replicas: jobs, their events and per-key job limits (any replica "
         "answers job(id) and jobUpdates), the per-client rate limits, computed attribution graphs "
         "(any replica answers their id and URL), and the node-data cache unless --cache is given "
-        "(default: jobs in a SQLite file beside --explanation-store, rate limits and graphs per "
+        "(default: jobs and graphs in SQLite files beside --explanation-store, rate limits per "
         "process)",
     )
     explanation_store: str = option(
@@ -272,7 +272,7 @@ def build_services(options: ServeOptions) -> Services:
         ApiKeys(keys, options.api_key_hashes),
         tracer_provider=tracer_provider,
         rate_limiter=limiter,
-        graphs=GraphStore(redis_url=options.redis),
+        graphs=open_graph_store(options.redis, options.explanation_store),
     )
 
 

@@ -83,10 +83,12 @@ def _serve(args: argparse.Namespace) -> int:
         services.registry.close()
         if options.redis is None:
             logging.getLogger(__name__).warning(
-                "--workers %d without --redis: each worker counts its own rate limits and keeps "
-                "its own attribution graphs%s; give --redis redis://host:port to share them",
+                "--workers %d without --redis: each worker counts its own rate limits%s; give "
+                "--redis redis://host:port to share them",
                 listen.workers,
-                " and jobs" if options.explanation_store == ":memory:" else "",
+                " and keeps its own jobs and attribution graphs"
+                if options.explanation_store == ":memory:"
+                else "",
             )
         os.environ[WORKER_OPTIONS_ENV] = json.dumps(
             {"options": dataclasses.asdict(options), "log_format": listen.log_format}

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sqlite3
+from pathlib import Path
 
 import numpy as np
 import orjson
 import pytest
 
 from interpql.loaders.attribution_graph import GraphData, GraphNode, NodeType, Pruning, Sizes
-from interpql.loaders.graph_store import decode_graph, encode_graph
+from interpql.loaders.graph_store import GraphStore, SqliteGraphs, decode_graph, encode_graph
 from interpql.specs import GraphSpec, NodeRef
 
 
@@ -87,3 +89,24 @@ def test_anything_else_is_refused(change: object) -> None:
     change(fields)  # type: ignore[operator]
     with pytest.raises((KeyError, TypeError, ValueError)):
         decode_graph(orjson.dumps(fields))
+
+
+async def test_a_sqlite_file_shares_the_most_recent_graphs(tmp_path: Path) -> None:
+    path = tmp_path / "graphs.sqlite"
+    writer = GraphStore(shared=SqliteGraphs(path, keep=2))
+    reader = GraphStore(shared=SqliteGraphs(path, keep=2))  # another process's, say
+    graphs = [dataclasses.replace(small_graph(), id=f"{i:024x}") for i in range(3)]
+    for graph in graphs:
+        await writer.put(graph)
+    assert await reader.get(graphs[0].id) is None  # the oldest of three, two kept
+    for graph in graphs[1:]:
+        found = await reader.get(graph.id)
+        assert found is not None
+        assert_same(found, graph)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE graphs SET json = ? WHERE id = ?", (b"{}", graphs[2].id))
+    assert await GraphStore(shared=SqliteGraphs(path)).get(graphs[2].id) is None  # unreadable
+    path.unlink()  # the file gone: what this process wrote is still answered
+    assert await writer.get(graphs[2].id) is graphs[2]
+    await writer.put(graphs[0])
+    assert await writer.get(graphs[0].id) is graphs[0]

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from interpql.loaders.graph_store import FORMAT, GraphStore
+from interpql.loaders.graph_store import FORMAT, GraphStore, RedisGraphs
 from interpql.loaders.rate_limits import WINDOW_S, RateLimiter, RedisRateLimiter
 from tests.processes import redis_server, serve, serve_process
 from tests.test_attribution_graph import DEMO, PROMPT
@@ -143,12 +143,29 @@ def test_a_graph_computed_by_one_replica_is_answered_by_the_other(tmp_path: Path
             assert again == there
 
 
+def test_without_redis_a_graph_outlives_its_server(tmp_path: Path) -> None:
+    """Without --redis graphs are shared through a SQLite file beside the explanation store:
+    what every --workers process of one server reads, and a restarted server too."""
+    store = ("--explanation-store", str(tmp_path / "explanations.sqlite"))
+    query = f'{{ model(name: "{DEMO}") {{ attributionGraph(input: {GRAPH_INPUT}) {{ id }} }} }}'
+    with serve(*store) as first:
+        computed = post(first, query)["model"]["attributionGraph"]["id"]
+        by_id = (
+            f'{{ attributionGraph(id: "{computed}") {{ id computeTimeMs pruned {{ edges }} }} }}'
+        )
+        there = post(first, by_id)["attributionGraph"]
+    assert (tmp_path / "explanations.graphs.sqlite").is_file()
+    with serve(*store) as second:
+        assert post(second, by_id)["attributionGraph"] == there
+
+
 async def test_graphs_outlive_a_redis_outage_and_ignore_what_they_cannot_read(
     tmp_path: Path,
 ) -> None:
     graph = small_graph()
     with redis_server(tmp_path) as (redis_url, process):
-        store, reader = GraphStore(redis_url=redis_url), GraphStore(redis_url=redis_url)
+        store = GraphStore(shared=RedisGraphs(redis_url))
+        reader = GraphStore(shared=RedisGraphs(redis_url))
         try:
             await store.put(graph)
             shared = await reader.get(graph.id)

@@ -162,4 +162,4 @@ def test_several_worker_processes_serve_one_port() -> None:
         assert process.wait(timeout=30) == 0
         logged = process.stdout.read().decode() if process.stdout else ""
     # Nothing is shared between the workers without Redis, and the server says so.
-    assert "--workers 2 without --redis: each worker counts its own rate limits" in logged
+    assert "--workers 2 without --redis: each worker counts its own rate limits;" in logged

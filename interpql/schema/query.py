@@ -52,9 +52,10 @@ class Query:
         return Model(view=model_resolvers.model(info.context, name))
 
     @strawberry.field(
-        description="An attribution graph computed recently, by its id: by this server (its "
-        "16 most recent), or with --redis by any server sharing that Redis (for a day); "
-        "GRAPH_NOT_FOUND once it is no longer kept."
+        description="An attribution graph computed recently, by its id: by any server sharing "
+        "this one's Redis (--redis; kept a day), else by this server or its --workers (the 64 "
+        "most recent, in a SQLite file beside the explanation store); GRAPH_NOT_FOUND once it "
+        "is no longer kept."
     )
     async def attribution_graph(self, info: Info, id: strawberry.ID) -> AttributionGraph:
         return await graph_by_id(info, id)
