@@ -33,7 +33,7 @@ GRAPHIQL_ASSETS = {
     "graphiql.min.css": "graphiql/graphiql.min.css",
     "d3.min.js": "d3/dist/d3.min.js",  # the graph page's drawing
 }
-VIEWER_ASSETS = ("viewer.js", "viewer.css", "graph.js", "graph.css", "explore.css")
+VIEWER_ASSETS = ("api.js", "viewer.js", "viewer.css", "graph.js", "graph.css", "explore.css")
 # The explorer's script, built from explorer/ by Vite (`make serve`, `make test`).
 BUILT_ASSETS = {"explore.js": "explore/explore.js"}
 

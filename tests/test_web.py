@@ -64,3 +64,7 @@ async def test_viewer_page_and_its_assets(client: httpx.AsyncClient) -> None:
     assert "topActivations { tokens activations normalizedActivations }" in script.text
     assert "bestExplanation { text score }" in script.text
     assert (await client.get("/static/viewer.css")).status_code == 200
+    # The request helper the viewer and the graph page share, loaded before their scripts.
+    helper = await client.get("/static/api.js")
+    assert helper.status_code == 200 and 'fetch("/graphql"' in helper.text
+    assert page.text.index("/static/api.js") < page.text.index("/static/viewer.js")

@@ -34,21 +34,6 @@ const NODE_STEP = 18;
 const MARGIN = { top: 20, right: 20, bottom: 50, left: 80 };
 let current = null; // { graph, nLayers }
 
-async function graphql(query, variables) {
-  const response = await fetch("/graphql", {
-    method: "POST",
-    headers: { "content-type": "application/json", accept: "application/json" },
-    body: JSON.stringify({ query, variables }),
-  });
-  const body = await response.json();
-  if (body.errors && body.errors.length) {
-    const [error] = body.errors;
-    const code = error.extensions && error.extensions.code;
-    throw new Error(code ? `${code}: ${error.message}` : error.message);
-  }
-  return body.data;
-}
-
 function status(text, isError = false) {
   $("status").textContent = text;
   $("status").classList.toggle("error", isError);

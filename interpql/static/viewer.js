@@ -13,21 +13,6 @@ const DEFAULT_NODE_QUERY = "{ models { name } }";
 
 const $ = (id) => document.getElementById(id);
 
-async function graphql(query, variables) {
-  const response = await fetch("/graphql", {
-    method: "POST",
-    headers: { "content-type": "application/json", accept: "application/json" },
-    body: JSON.stringify({ query, variables }),
-  });
-  const body = await response.json();
-  if (body.errors && body.errors.length) {
-    const [error] = body.errors;
-    const code = error.extensions && error.extensions.code;
-    throw new Error(code ? `${code}: ${error.message}` : error.message);
-  }
-  return body.data;
-}
-
 // Orange for positive activations, blue for negative; `strength` in [-1, 1]. The strongest
 // colour stays light enough to read the token on it.
 function colour(strength) {
