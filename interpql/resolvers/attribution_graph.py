@@ -230,8 +230,8 @@ async def graph_by_id(ctx: RequestContext, id: str) -> GraphData:
     found = await _store(ctx).get(id)
     if found is None:
         raise NotFoundError(
-            f"no attribution graph {id[:64]!r} on this server (graphs are kept while recent: "
-            "ask Model.attributionGraph again)",
+            f"no attribution graph {id[:64]!r} is kept (graphs are kept while recent: ask "
+            "Model.attributionGraph again)",
             code="GRAPH_NOT_FOUND",
         )
     return found
