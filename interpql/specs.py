@@ -201,6 +201,10 @@ class GraphSpec:
     logit_probability: float = 0.95
     node_threshold: float = 0.8
     edge_threshold: float = 0.98
+    # A fingerprint of the weights it runs on (the model's and the transcoders': see
+    # attribution_graph.weights_fingerprint): the same request on other weights under the same
+    # names is another graph, with another id.
+    weights: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,6 +27,7 @@ from interpql.backends.tokenizer import gpt2_encoding
 from interpql.bootstrap import ServeOptions, build_services
 from interpql.demo.artifacts import DEMO_DIR, load_demo_dictionaries, load_demo_model
 from interpql.loaders.models import attach_dictionaries
+from interpql.loaders.registry import ModelRegistry
 from interpql.resolvers.context import RequestContext
 from interpql.schema.build import build_schema
 from interpql.server import create_app
@@ -209,6 +210,35 @@ def test_both_backends_give_the_same_graph(tmp_path: Path) -> None:
     assert torch.equal(native.features, lens.features)
     assert native.logit_tokens == lens.logit_tokens
     assert torch.allclose(native.adjacency, lens.adjacency, atol=1e-5, rtol=1e-4)
+
+
+async def test_other_weights_under_the_same_name_are_another_graph(tmp_path: Path) -> None:
+    """A graph's id covers the weights: a model trained again (or other transcoders) under the
+    same names never gets the stored graph of the old ones."""
+    ids = []
+    for variant in ("same", "same again", "retrained", "other transcoders"):
+        weights = state()
+        if variant == "retrained":
+            weights["xf_layers.1.mlp.out_layer.weight"] += 1e-3
+        root = tmp_path / variant.replace(" ", "-")
+        random_transcoders(root, d_sae=32 if variant != "other transcoders" else 48)
+        backend = BACKENDS["native"](weights)
+        entry = entry_of(backend)
+        attach_dictionaries(entry, "tc", str(root))
+        registry = ModelRegistry()
+        registry.add(entry)
+        transport = httpx.ASGITransport(app=create_app(registry))
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            body = await graphql(
+                client,
+                '{ model(name: "m") { attributionGraph(input: {prompt: "a b", '
+                'dictionary: "tc"}) { id } } }',
+            )
+        assert "errors" not in body, body
+        ids.append(body["data"]["model"]["attributionGraph"]["id"])
+        registry.close()
+    same, again, retrained, other = ids
+    assert same == again and len({same, retrained, other}) == 3
 
 
 def test_feature_cap_selects_by_influence(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "check_transcoders",
     "graph_id",
     "intervene",
+    "weights_fingerprint",
 ]
 
 
@@ -150,6 +151,37 @@ def beginning_of_sequence(entry: ModelEntry) -> int | None:
     except (KeyError, ValueError):
         return None
     return ids[0] if len(ids) == 1 else None
+
+
+# Each weight read for the fingerprint, at most this many of its values (evenly strided).
+_FINGERPRINT_SAMPLE = 4096
+
+
+def weights_fingerprint(entry: ModelEntry, dictionary: str) -> str:
+    """A digest of a strided sample of the embedding, unembedding, every layer's attention and
+    MLP matrices and the transcoders' decoders: a model trained again (or other transcoders)
+    under the same names gets another, so a stored graph of the old weights is never served
+    for the new. Computed once per model and set."""
+    key = ("weights_fingerprint", dictionary)
+    if key not in entry.derived:
+        backend = entry.require_backend()
+        digest = hashlib.sha256()
+        names = ["W_E", "W_U"] + [
+            f"blocks.{layer}.{name}"
+            for layer in range(entry.architecture.n_layers)
+            for name in ("attn.W_Q", "attn.W_O", "mlp.W_out")
+        ]
+        tensors = [backend.weight(name) for name in names] + [
+            attached.dictionary.decoder_directions()
+            for _, attached in sorted(transcoders_of(backend, dictionary).items())
+        ]
+        for tensor in tensors:
+            flat = tensor.detach().flatten()
+            sample = flat[:: max(1, flat.numel() // _FINGERPRINT_SAMPLE)]
+            digest.update(sample.float().cpu().numpy().tobytes())
+        entry.derived[key] = digest.hexdigest()[:16]
+    found: str = entry.derived[key]
+    return found
 
 
 def graph_id(spec: GraphSpec) -> str:

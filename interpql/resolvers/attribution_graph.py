@@ -23,6 +23,7 @@ from interpql.loaders.attribution_graph import (
     check_transcoders,
     graph_id,
     intervene,
+    weights_fingerprint,
 )
 from interpql.loaders.graph_store import GraphStore
 from interpql.loaders.jobs import Job
@@ -118,6 +119,7 @@ def graph_spec(ctx: RequestContext, model_name: str, args: GraphArgs) -> GraphSp
         logit_probability=_fraction("logitProbability", args.logit_probability),
         node_threshold=_fraction("nodeThreshold", args.node_threshold),
         edge_threshold=_fraction("edgeThreshold", args.edge_threshold),
+        weights=weights_fingerprint(entry, args.dictionary),
     )
 
 
