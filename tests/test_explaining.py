@@ -94,7 +94,10 @@ async def run_job(
     body = await graphql(client, mutation, variables)
     assert "errors" not in body, body
     job_id = next(iter(body["data"].values()))["id"]
-    for _ in range(200):
+    # By the clock, not by a count of polls: a job that retries timed-out calls takes seconds
+    # of wall time however fast each poll is answered.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
         state = await graphql(
             client,
             "query($id: ID!) { job(id: $id) { status progress message error fromStore "
