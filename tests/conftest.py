@@ -118,5 +118,18 @@ async def graphql(
     return body
 
 
+async def serve_entries(*entries: ModelEntry, query: str) -> dict[str, Any]:
+    """One query to an app of its own serving these entries (then closed)."""
+    registry = ModelRegistry()
+    for entry in entries:
+        registry.add(entry)
+    try:
+        transport = httpx.ASGITransport(app=create_app(registry))
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            return await graphql(client, query)
+    finally:
+        registry.close()
+
+
 def error_codes(body: dict[str, Any]) -> list[str]:
     return [error["extensions"]["code"] for error in body.get("errors", [])]

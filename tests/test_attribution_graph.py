@@ -27,12 +27,11 @@ from interpql.backends.tokenizer import gpt2_encoding
 from interpql.bootstrap import ServeOptions, build_services
 from interpql.demo.artifacts import DEMO_DIR, load_demo_dictionaries, load_demo_model
 from interpql.loaders.models import attach_dictionaries
-from interpql.loaders.registry import ModelRegistry
 from interpql.resolvers.context import RequestContext
 from interpql.schema.build import build_schema
 from interpql.server import create_app
 from interpql.settings import Settings
-from tests.conftest import SMALL, error_codes, graphql
+from tests.conftest import SMALL, error_codes, graphql, serve_entries
 from tests.linearised_reference import LinearisedReference
 from tests.reference import reference_forward
 from tests.test_dictionary_attachment import BACKENDS, entry_of, state
@@ -225,18 +224,13 @@ async def test_other_weights_under_the_same_name_are_another_graph(tmp_path: Pat
         backend = BACKENDS["native"](weights)
         entry = entry_of(backend)
         attach_dictionaries(entry, "tc", str(root))
-        registry = ModelRegistry()
-        registry.add(entry)
-        transport = httpx.ASGITransport(app=create_app(registry))
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
-            body = await graphql(
-                client,
-                '{ model(name: "m") { attributionGraph(input: {prompt: "a b", '
-                'dictionary: "tc"}) { id } } }',
-            )
+        body = await serve_entries(
+            entry,
+            query='{ model(name: "m") { attributionGraph(input: {prompt: "a b", '
+            'dictionary: "tc"}) { id } } }',
+        )
         assert "errors" not in body, body
         ids.append(body["data"]["model"]["attributionGraph"]["id"])
-        registry.close()
     same, again, retrained, other = ids
     assert same == again and len({same, retrained, other}) == 3
 
