@@ -152,14 +152,22 @@ class ModelEntry:
     def require_writes_reach_stream(self, what: str) -> None:
         """UNSUPPORTED for `what` (a field reading nodes' write directions) on a model whose
         sublayer outputs pass a norm before they join the residual stream."""
+        refused = self.writes_refusal(what)
+        if refused is not None:
+            raise refused
+
+    def writes_refusal(self, what: str) -> UnavailableError | None:
+        """The error require_writes_reach_stream raises, for a field to raise later (None
+        where writes reach the stream as they are)."""
         if self.architecture.post_sublayer_norms:
-            raise UnavailableError(
+            return UnavailableError(
                 f"{what} is not computed for {self.name!r}: its post-attention and post-"
                 "feed-forward norms (Gemma-2's) rescale every write, per token and per "
                 "channel, before it joins the residual stream, so W_O and W_out do not say "
                 "what reaches it. Activations, ablations and the ACTIVATION and "
                 "ACT_TIMES_GRAD rankings are exact."
             )
+        return None
 
     def require_backend(self) -> Backend:
         if self.backend is None:

@@ -39,8 +39,8 @@ class Services:
     rate_limiter: Limiter | None = None
     # An OpenTelemetry TracerProvider (--otel): operations and resolvers are traced to it.
     tracer_provider: Any = None
-    # Attribution graphs by id (their JSON URL and follow-up queries): computed here, or with
-    # --redis by any replica.
+    # Attribution graphs by id (their JSON URL and follow-up queries): computed here, or by
+    # any replica sharing its Redis or its graph file (graph_store.py).
     graphs: GraphStore = field(default_factory=GraphStore)
 
     @property

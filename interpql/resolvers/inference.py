@@ -9,7 +9,6 @@ import numpy as np
 
 from interpql.errors import (
     InvalidInputError,
-    UnavailableError,
     check_position,
     check_range,
     invalid_argument,
@@ -323,13 +322,9 @@ def _writes_refused(entry: ModelEntry, kind: str) -> Exception | None:
     the writes pass a norm before the stream (None where it can)."""
     if entry.kind(kind).per_token_value != "write_norm":
         return None
-    try:
-        entry.require_writes_reach_stream(
-            f"The {kind} value per token (the norm of its write; attentionPattern is served)"
-        )
-    except UnavailableError as refused:
-        return refused
-    return None
+    return entry.writes_refusal(
+        f"The {kind} value per token (the norm of its write; attentionPattern is served)"
+    )
 
 
 async def activations_of_ids(
