@@ -25,6 +25,7 @@ from typing import Any
 
 from interpql.backends.explanations.base import ExplanationError, SimulationError
 from interpql.errors import InterpqlError, NotFoundError
+from interpql.loaders.cache import OutageLog
 from interpql.loaders.jobs import owners
 from interpql.loaders.jobs.base import (
     STOPPED,
@@ -87,10 +88,14 @@ class JobManager:
         self._enqueued = 0
         self._written = 0
         self._wrote = asyncio.Event()
-        self._failing = False
+        self._writes = OutageLog(
+            "job store", "job changes wait", "is back; the waiting changes follow"
+        )
         self._heartbeat: asyncio.Task[None] | None = None
         self._renewed_at = -float("inf")
-        self._beat_failing = False
+        self._lease = OutageLog(
+            "job store lease renewal", "other servers may take this one for stopped", "works again"
+        )
         self._stopped = False
         self._finished: Counter[JobStatus] = Counter()
 
@@ -116,13 +121,11 @@ class JobManager:
             await self._renew()
             await self.recover()
         except SharedStateUnavailable as exc:
-            if not self._beat_failing:
-                log.warning("job store: cannot renew this server's lease (%s)", exc.__cause__)
-            self._beat_failing = True
+            self._lease.failed(exc.__cause__ or exc)
             return
         except Exception:
             log.exception("job store: renewing the lease or recovering jobs failed")
-        self._beat_failing = False
+        self._lease.answered()
 
     async def _renew(self) -> None:
         await self.store.renew(self.owner, self.lease_s)
@@ -159,7 +162,7 @@ class JobManager:
             if loop.time() - self._renewed_at > self.lease_s / 2:
                 # Never a job without a fresh lease: others would take it for a dead server's.
                 await self._renew()
-        if self._failing:
+        if self._writes.failing:
             raise SharedStateUnavailable(
                 "The job store is unavailable (earlier changes are still waiting to be "
                 "written); try again shortly."
@@ -245,17 +248,13 @@ class JobManager:
             try:
                 await self._pending[0]()
             except SharedStateUnavailable as exc:
-                if not self._failing:
-                    log.warning("job store unavailable (%s); job changes wait", exc.__cause__)
-                self._failing = True
+                self._writes.failed(exc.__cause__ or exc)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 2.0)
                 continue
             except Exception:
                 log.exception("a job change could not be written; dropped")
-            if self._failing:
-                log.warning("the job store is back; writing the job changes that waited")
-                self._failing = False
+            self._writes.answered()
             delay = 0.05
             self._pending.popleft()
             self._written += 1
