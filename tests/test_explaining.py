@@ -187,6 +187,16 @@ async def test_score_explanation(
     assert "opening parentheses" in simulate_prompt
 
 
+async def test_an_explanation_with_control_characters_is_refused(
+    setup: tuple[httpx.AsyncClient, Services], fake: FakeOpenAI
+) -> None:
+    client, _ = setup
+    body = await graphql(client, SCORE, {"n": NODE, "t": "opening\0parentheses"})
+    assert error_codes(body) == ["INVALID_ARGUMENT"]
+    assert "U+0000 at index 7" in body["errors"][0]["message"]
+    assert fake.calls("chat") == []  # refused before any job or model call
+
+
 def _all_held_out(records_dir: Path) -> list[Any]:
     record = RecordStore.load(records_dir / "records").node_record("mlp_neuron", 1, 7)
     return [e for e in record.top if e.offset >= 0] + [

@@ -299,6 +299,12 @@ CASES = [
         "query($t: String!) { searchNodes(text: $t) { totalCount } }",
         t="word " * (MB // 5),
     ),
+    query(
+        "NUL inside search text",
+        {OK},
+        "query($t: String!) { searchNodes(text: $t) { totalCount } }",
+        t="import\0def",
+    ),
     query("1 MB of whitespace in the query", {OK}, "{ models { name } }" + " " * MB),
     query("1 MB comment in the query", {OK}, "{ models { name } }\n#" + "x" * MB),
     query(

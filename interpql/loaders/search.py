@@ -152,6 +152,7 @@ def _peak_rows(source: NodeSource, model: str) -> Iterable[tuple[str, str, str, 
 
 
 def _fts_query(text: str) -> str:
-    """Every word as a quoted FTS5 string, so no user text is read as query syntax."""
-    words = [w.replace('"', '""') for w in text.split() if w.strip()]
+    """Every word as a quoted FTS5 string, so no user text is read as query syntax. NUL
+    separates words too: inside a quoted string SQLite would take it for the string's end."""
+    words = [w.replace('"', '""') for w in text.replace("\0", " ").split() if w.strip()]
     return " ".join(f'"{w}"' for w in words[:32])

@@ -112,6 +112,13 @@ async def score_explanation(
     check_range("heldOutRandom", args.held_out_random, 0, 101)
     if not text.strip() or len(text) > 2000:
         raise invalid_argument("The explanation must be 1-2000 characters.")
+    control = next((c for c in text if c < " " and c not in "\n\t"), None)
+    if control is not None:
+        # Stored, searched and sent to a model as text: a NUL or an escape is never meant.
+        raise invalid_argument(
+            f"The explanation must be plain text; it holds control character "
+            f"U+{ord(control):04X} at index {text.index(control)}."
+        )
     options = ScoreOptions(args.method, args.held_out_random)
     node = node_from_id(ctx, node_id)
     entry = ctx.registry.get(node.model)
