@@ -207,6 +207,26 @@ async def test_scored_tokens_are_matrix_products(
         np.testing.assert_allclose([t["value"] for t in scored[field]], expected.values, rtol=1e-5)
 
 
+async def test_scored_token_lists_a_kind_has_no_meaning_for_are_null(
+    client: httpx.AsyncClient,
+) -> None:
+    """A head writes a subspace (no output tokens); only a head has key tokens."""
+    fields = (
+        "scoredTokens(k: 2) { upvotedOutputTokens { value } downvotedOutputTokens { value } "
+        "upvotingInputTokens { value } upvotingKeyTokens { value } }"
+    )
+    body = await graphql(
+        client,
+        f'{{ head: node(id: "small/attention_head/1/2") {{ {fields} }} '
+        f'neuron: node(id: "small/mlp_neuron/2/11") {{ {fields} }} }}',
+    )
+    head, neuron = body["data"]["head"]["scoredTokens"], body["data"]["neuron"]["scoredTokens"]
+    assert head["upvotedOutputTokens"] is None and head["downvotedOutputTokens"] is None
+    assert len(head["upvotingInputTokens"]) == len(head["upvotingKeyTokens"]) == 2
+    assert neuron["upvotingKeyTokens"] is None
+    assert len(neuron["upvotedOutputTokens"]) == len(neuron["downvotedOutputTokens"]) == 2
+
+
 async def test_ablation_matches_reference(
     client: httpx.AsyncClient, small_backend: CountingBackend
 ) -> None:

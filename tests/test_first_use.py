@@ -83,6 +83,27 @@ async def test_token_probabilities_and_predictions_at_any_position(
     assert found["tokenLosses"][-1] is None
 
 
+async def test_a_one_token_prompt_has_no_next_token_objective(
+    client: httpx.AsyncClient, small_backend: CountingBackend
+) -> None:
+    """The next-token loss of one token averages nothing: null, with the rest of the answer
+    intact; a loss that reads the last position is still defined."""
+    [token] = gpt2_encoding().encode(" import")
+    [re_id] = gpt2_encoding().encode(" re")
+    [os_id] = gpt2_encoding().encode(" os")
+    found = await infer(client, '{prompt: " import"}', "loss objective tokenLosses")
+    assert found == {"loss": None, "objective": None, "tokenLosses": [None]}
+    diff = await infer(
+        client,
+        '{prompt: " import", loss: {kind: LOGIT_DIFF, targetTokens: [" re"], '
+        'distractorTokens: [" os"]}}',
+        "objective",
+    )
+    logits, _ = reference_forward(SMALL, state_of(small_backend), [token])
+    expected = float(logits[-1, re_id] - logits[-1, os_id])
+    assert diff["objective"] == pytest.approx(expected, abs=1e-4)
+
+
 async def test_negative_token_indices_mean_counting_from_the_end(
     client: httpx.AsyncClient,
 ) -> None:

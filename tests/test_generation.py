@@ -113,6 +113,8 @@ async def test_sampling_is_seeded(client: httpx.AsyncClient) -> None:
         f'{{prompt: "{PROMPT}", temperature: -1}}',
         f'{{prompt: "{PROMPT}", topP: 0}}',
         f'{{prompt: "{PROMPT}", steering: [{{nodeId: "small/mlp_neuron/2/9", strength: 1, tokenIndices: [99]}}]}}',
+        # One position named twice (the last, as 1 and as -1 of a two-token prompt).
+        '{prompt: "hello there", steering: [{nodeId: "small/mlp_neuron/2/9", strength: 1, tokenIndices: [1, -1]}]}',
     ],
 )
 async def test_bad_generation_input(client: httpx.AsyncClient, input: str) -> None:

@@ -410,3 +410,17 @@ async def test_what_a_request_loaded_is_freed_when_its_answer_is_sent(
         assert [r() for r in results] == [None] * len(results)
     finally:
         gc.enable()
+
+
+def test_a_value_graphql_cannot_serialise_is_an_internal_error() -> None:
+    """graphql's own errors while completing a result (they carry a path) are our fault, not
+    the request's: never GRAPHQL_VALIDATION_FAILED, which tells a client to change its query."""
+    from graphql import GraphQLError
+
+    from interpql.schema.errors import add_codes
+
+    completing = GraphQLError("Float cannot represent non numeric value: nan", path=["a", "b"])
+    validating = GraphQLError("Cannot query field 'x' on type 'Query'.")
+    add_codes([completing, validating])
+    assert completing.extensions == {"code": "INTERNAL_SERVER_ERROR"}
+    assert validating.extensions == {"code": "GRAPHQL_VALIDATION_FAILED"}

@@ -7,7 +7,8 @@
   head: h itself, or h // (heads per key-value head) with grouped-query attention).
 
 These are raw weight products, without the LayerNorms in between: a lens, not an exact
-attribution. Attention heads write no fixed direction, so they have no output tokens. Tokens the
+attribution. Attention heads write no fixed direction (W_O spans a subspace), so they have no
+output tokens (None), and only heads have key tokens. Tokens the
 model never learned (a zero input embedding: ModelEntry.unused_tokens) are left out: their
 unembedding columns are whatever training left there, and they would crowd every list.
 """
@@ -27,11 +28,12 @@ from interpql.specs import NodeRef
 
 @dataclass(frozen=True)
 class TokenScores:
-    upvoted_output: list[tuple[int, float]]
-    downvoted_output: list[tuple[int, float]]
+    # None for attention heads: they write a subspace (W_O's rows), not one direction.
+    upvoted_output: list[tuple[int, float]] | None
+    downvoted_output: list[tuple[int, float]] | None
     # MLP neurons; heads: through their query. None for a gated MLP's neuron: it reads none.
     upvoting_input: list[tuple[int, float]] | None
-    upvoting_input_keys: list[tuple[int, float]]  # attention heads: through their key
+    upvoting_input_keys: list[tuple[int, float]] | None  # attention heads only: their key
 
 
 def _top(
@@ -56,7 +58,7 @@ def scored_tokens(entry: ModelEntry, node: NodeRef, k: int) -> TokenScores:
         queries = (w_e @ backend.weight(f"blocks.{node.layer}.attn.W_Q")[node.index]).norm(dim=-1)
         w_k = backend.weight(f"blocks.{node.layer}.attn.W_K")[node.index // group]
         keys = (w_e @ w_k).norm(dim=-1)
-        return TokenScores([], [], _top(queries, k, unused), _top(keys, k, unused))
+        return TokenScores(None, None, _top(queries, k, unused), _top(keys, k, unused))
     if not kind.has_write_direction:
         raise UnavailableError(f"Nodes of kind {kind.name} have no scored tokens.")
     entry.require_writes_reach_stream("scoredTokens of a node that writes to the stream")
@@ -67,5 +69,5 @@ def scored_tokens(entry: ModelEntry, node: NodeRef, k: int) -> TokenScores:
         read = kind.read_direction(backend, node.layer, node.index)
         upvoting = None if read is None else _top(w_e @ read, k, unused)
     return TokenScores(
-        _top(logits, k, unused), _top(logits, k, unused, largest=False), upvoting, []
+        _top(logits, k, unused), _top(logits, k, unused, largest=False), upvoting, None
     )

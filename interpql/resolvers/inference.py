@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -152,8 +153,22 @@ def steering(
         positions = None
         if steer.token_indices is not None:
             positions = tuple(position_of(index) for index in steer.token_indices)
+            _check_distinct(steer.token_indices, positions)
         checked.append(Steering(node=node, strength=steer.strength, positions=positions))
     return tuple(checked)
+
+
+def _check_distinct(indices: Sequence[int], positions: Sequence[int]) -> None:
+    """tokenIndices is a set of positions: one named twice (3 and -1 of four tokens, say) would
+    be steered twice over, which a strength says better."""
+    first_at: dict[int, int] = {}
+    for index, position in zip(indices, positions, strict=True):
+        if position in first_at:
+            raise invalid_argument(
+                f"Steering tokenIndices name position {position} twice ({first_at[position]} "
+                f"and {index}); give each position once, and a larger strength to steer harder."
+            )
+        first_at[position] = index
 
 
 def ablations(
@@ -277,8 +292,9 @@ async def token_losses(ctx: RequestContext, spec: InferenceSpec) -> list[float |
     return [None if np.isnan(v) else float(v) for v in found.tolist()]
 
 
-async def objective(ctx: RequestContext, spec: InferenceSpec) -> float:
-    return (await result(ctx, spec, objective_needs(spec))).objective
+async def objective(ctx: RequestContext, spec: InferenceSpec) -> float | None:
+    value = (await result(ctx, spec, objective_needs(spec))).objective
+    return value if math.isfinite(value) else None
 
 
 async def pass_figures(ctx: RequestContext, spec: InferenceSpec) -> PassFigures:

@@ -65,5 +65,6 @@ async def feature(ctx: RequestContext, node: NodeRef) -> dict[str, Any]:
             ("top_logits", scores.upvoted_output),
             ("bottom_logits", scores.downvoted_output),
         ):
-            shaped[key] = [{"token": entry.token_text(t), "value": v} for t, v in found]
+            if found is not None:  # None for a head: Neuronpedia's lists stay empty
+                shaped[key] = [{"token": entry.token_text(t), "value": v} for t, v in found]
     return shaped

@@ -44,6 +44,10 @@ class MaskInternalErrors(MaskErrors):
 
 def _code_for(error: GraphQLError) -> str:
     message = error.message
+    if error.path is not None:
+        # Raised by graphql itself while completing a result (a value its type cannot carry,
+        # a null where none may be): our fault, whatever the request was.
+        return "INTERNAL_SERVER_ERROR"
     if isinstance(error, GraphQLSyntaxError):
         if "tokens" in message:
             return "QUERY_TOO_COMPLEX"
@@ -63,6 +67,10 @@ def add_codes(errors: list[GraphQLError]) -> None:
     """Gives every error that lacks one a code; client errors are not logged as failures."""
     for error in errors:
         extensions = dict(error.extensions or {})
-        extensions.setdefault("code", _code_for(error))
+        if "code" not in extensions:
+            extensions["code"] = _code_for(error)
+            if extensions["code"] == "INTERNAL_SERVER_ERROR":
+                log.error("internal error at %s: %s", error.path, error.message)
+            else:
+                log.debug("client error %s: %s", extensions["code"], error.message)
         error.extensions = extensions
-        log.debug("client error %s: %s", extensions["code"], error.message)

@@ -135,9 +135,12 @@ class InferenceResult:
         return await inference_resolvers.token_losses(info.context, self.spec)
 
     @strawberry.field(
-        description="The value of the input's loss (default NEXT_TOKEN, then equal to loss)."
+        description=(
+            "The value of the input's loss (default NEXT_TOKEN, then equal to loss); null "
+            "where that loss reads no position (NEXT_TOKEN on a one-token prompt)."
+        )
     )
-    async def objective(self, info: Info) -> float:
+    async def objective(self, info: Info) -> float | None:
         return await inference_resolvers.objective(info.context, self.spec)
 
     @strawberry.field(

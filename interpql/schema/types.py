@@ -415,11 +415,14 @@ class TokenScore:
     "LayerNorm in between); tokens the model never learned (Token.inUse false) are left out."
 )
 class ScoredTokens:
-    upvoted_output_tokens: list[TokenScore] = strawberry.field(
-        description="Output tokens whose logits the node's write raises most (d @ W_U)."
+    upvoted_output_tokens: list[TokenScore] | None = strawberry.field(
+        description="Output tokens whose logits the node's write raises most (d @ W_U, d its "
+        "write direction). Null for an attention head: W_O writes a d_head-dimensional "
+        "subspace, not one direction (a head's write on a prompt has tokens: NodeTableRow's)."
     )
-    downvoted_output_tokens: list[TokenScore] = strawberry.field(
-        description="Output tokens whose logits the node's write lowers most."
+    downvoted_output_tokens: list[TokenScore] | None = strawberry.field(
+        description="Output tokens whose logits the node's write lowers most, lowest first. "
+        "Null for an attention head, as upvotedOutputTokens."
     )
     upvoting_input_tokens: list[TokenScore] | None = strawberry.field(
         description=(
@@ -429,10 +432,10 @@ class ScoredTokens:
             "direction is its input)."
         )
     )
-    upvoting_key_tokens: list[TokenScore] = strawberry.field(
-        description="Attention heads: input tokens whose embeddings drive its key, "
-        "|W_E @ W_K[h']|, h' the key-value head it reads (h itself, or h // (nHeads / "
-        "nKvHeads) with grouped-query attention)."
+    upvoting_key_tokens: list[TokenScore] | None = strawberry.field(
+        description="Attention heads only (null for other kinds): input tokens whose "
+        "embeddings drive its key, |W_E @ W_K[h']|, h' the key-value head it reads (h itself, "
+        "or h // (nHeads / nKvHeads) with grouped-query attention)."
     )
 
 
@@ -627,7 +630,9 @@ class Node:
         scores = await analysis_resolvers.node_scored_tokens(info.context, self.ref, k)
         ctx, model = info.context, self.ref.model
 
-        def listed(pairs: list[tuple[int, float]]) -> list[TokenScore]:
+        def listed(pairs: list[tuple[int, float]] | None) -> list[TokenScore] | None:
+            if pairs is None:
+                return None
             return [
                 TokenScore(
                     token=Token.at(ctx, model, rank, t),
@@ -639,9 +644,7 @@ class Node:
         return ScoredTokens(
             upvoted_output_tokens=listed(scores.upvoted_output),
             downvoted_output_tokens=listed(scores.downvoted_output),
-            upvoting_input_tokens=None
-            if scores.upvoting_input is None
-            else listed(scores.upvoting_input),
+            upvoting_input_tokens=listed(scores.upvoting_input),
             upvoting_key_tokens=listed(scores.upvoting_input_keys),
         )
 
