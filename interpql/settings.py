@@ -77,6 +77,11 @@ class Settings:
         group=groups.LIMITS,
         help="MiB an attribution graph's adjacency matrix may take (larger: RESOURCE_EXHAUSTED)",
     )
+    max_graph_edges: int = option(
+        200_000,
+        group=groups.LIMITS,
+        help="edges an attribution graph may keep after pruning (more: RESOURCE_EXHAUSTED)",
+    )
     # Targets per batched backward pass of an attribution graph.
     graph_batch_size: int = 32
     max_body_bytes: int = option(

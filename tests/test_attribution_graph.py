@@ -622,6 +622,35 @@ async def test_limits_of_the_server() -> None:
         services.registry.close()
 
 
+async def test_a_graph_keeping_more_edges_than_the_limit_is_refused() -> None:
+    """Thresholds of 1 keep nearly every edge: a graph of N edges is served under a limit of N
+    and refused, saying what to lower, under N - 1 (it was served whole: hundreds of MB)."""
+    graph = f"""{{ model(name: "{DEMO}") {{ attributionGraph(input: {{prompt: "x = 1",
+        dictionary: "transcoder", nodeThreshold: 1, edgeThreshold: 1}}) {{
+        pruned {{ edges }} unpruned {{ edges }} edges {{ weight }} }} }} }}"""
+    answers = []
+    for limit in (None, 0, -1):
+        settings = Settings() if limit is None else Settings(max_graph_edges=answers[0] + limit)
+        services = build_services(ServeOptions(explanation_store=":memory:", settings=settings))
+        transport = httpx.ASGITransport(app=create_app(services))
+        try:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://localhost"
+            ) as client:
+                body = await graphql(client, graph)
+        finally:
+            services.registry.close()
+        if limit == -1:
+            assert error_codes(body) == ["RESOURCE_EXHAUSTED"]
+            assert "lower edgeThreshold" in body["errors"][0]["message"]
+        else:
+            found = body["data"]["model"]["attributionGraph"]
+            assert found["pruned"]["edges"] == len(found["edges"])
+            assert found["pruned"]["edges"] > 0.8 * found["unpruned"]["edges"]
+            answers.append(len(found["edges"]))
+    assert answers[0] == answers[1] > 0
+
+
 async def test_a_large_graph_runs_as_a_job_of_the_callers_key() -> None:
     services = build_services(ServeOptions(explanation_store=":memory:", api_keys=["k1"]))
     transport = httpx.ASGITransport(app=create_app(services))

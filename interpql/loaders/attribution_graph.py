@@ -24,7 +24,7 @@ from interpql.backends.circuits import pruning
 from interpql.backends.circuits.attribution import GraphParams, Progress, RawGraph, attribute
 from interpql.backends.circuits.linearised import linear_change, linearise, transcoders_of
 from interpql.backends.tokenizer import END_OF_TEXT
-from interpql.errors import invalid_argument
+from interpql.errors import UnavailableError, invalid_argument
 from interpql.loaders.registry import ModelEntry
 from interpql.specs import FeatureIntervention, GraphSpec, NodeRef
 
@@ -188,11 +188,21 @@ def graph_id(spec: GraphSpec) -> str:
     return hashlib.sha256(repr(spec).encode()).hexdigest()[:24]
 
 
+@dataclass(frozen=True)
+class GraphLimits:
+    """The server's bounds on one graph's work and answer (Settings)."""
+
+    batch_size: int = 32  # targets per batched backward pass
+    matrix_budget_bytes: int = 2 << 30  # the unpruned adjacency matrix
+    # Edges kept after pruning: thresholds near 1 keep nearly all of an unpruned graph's
+    # millions, hundreds of MB of JSON that no viewer draws and the store would hold.
+    max_edges: int = 200_000
+
+
 def build_graph(
     entry: ModelEntry,
     spec: GraphSpec,
-    batch_size: int,
-    matrix_budget_bytes: int,
+    limits: GraphLimits,
     stop: threading.Event | None = None,
     progress: Progress | None = None,
 ) -> GraphData:
@@ -204,14 +214,21 @@ def build_graph(
         max_feature_nodes=spec.max_feature_nodes,
         max_logits=spec.max_logits,
         logit_probability=spec.logit_probability,
-        batch_size=batch_size,
-        matrix_budget_bytes=matrix_budget_bytes,
+        batch_size=limits.batch_size,
+        matrix_budget_bytes=limits.matrix_budget_bytes,
     )
     raw = attribute(backend, list(spec.tokens), transcoders, params, stop, progress)
     layout = layout_of(raw)
     pruned = pruning.prune(
         raw.adjacency, layout, raw.logit_probabilities, spec.node_threshold, spec.edge_threshold
     )
+    if len(pruned.weights) > limits.max_edges:
+        raise UnavailableError(
+            f"The pruned graph keeps {len(pruned.weights):,} edges, over this server's limit of "
+            f"{limits.max_edges:,}: lower edgeThreshold (and nodeThreshold) to keep less of "
+            f"the influence, or ask for fewer maxFeatureNodes.",
+            code="RESOURCE_EXHAUSTED",
+        )
     replacement, completeness = pruning.scores(
         raw.adjacency, layout, raw.logit_probabilities, pruned.influence
     )

@@ -13,6 +13,7 @@ from typing import Any
 from interpql.errors import NotFoundError, check_range, invalid_argument
 from interpql.loaders.attribution_graph import (
     GraphData,
+    GraphLimits,
     GraphNode,
     InterventionResult,
     NodeType,
@@ -123,6 +124,15 @@ def graph_spec(ctx: RequestContext, model_name: str, args: GraphArgs) -> GraphSp
     )
 
 
+def _limits(ctx: RequestContext) -> GraphLimits:
+    settings = ctx.settings
+    return GraphLimits(
+        batch_size=settings.graph_batch_size,
+        matrix_budget_bytes=settings.graph_memory_mb << 20,
+        max_edges=settings.max_graph_edges,
+    )
+
+
 def _store(ctx: RequestContext) -> GraphStore:
     return ctx.services.graphs
 
@@ -133,13 +143,10 @@ async def attribution_graph(ctx: RequestContext, spec: GraphSpec) -> GraphData:
     if found is not None:
         return found
     entry = ctx.registry.get(spec.model)
-    settings = ctx.settings
     graph = await ctx.services.model_runner.compute(
         entry,
         "attribution_graph",
-        lambda stop: build_graph(
-            entry, spec, settings.graph_batch_size, settings.graph_memory_mb << 20, stop
-        ),
+        lambda stop: build_graph(entry, spec, _limits(ctx), stop),
     )
     await _store(ctx).put(graph)
     return graph
@@ -155,7 +162,6 @@ async def stream_graph(
         return
     loop = asyncio.get_running_loop()
     entry = ctx.registry.get(spec.model)
-    settings = ctx.settings
     events: asyncio.Queue[GraphProgress] = asyncio.Queue()
 
     def progress(done: int, rows: int) -> None:
@@ -165,14 +171,7 @@ async def stream_graph(
         ctx.services.model_runner.compute(
             entry,
             "attribution_graph",
-            lambda stop: build_graph(
-                entry,
-                spec,
-                settings.graph_batch_size,
-                settings.graph_memory_mb << 20,
-                stop,
-                progress,
-            ),
+            lambda stop: build_graph(entry, spec, _limits(ctx), stop, progress),
         )
     )
     try:
@@ -197,7 +196,6 @@ async def start_graph_job(ctx: RequestContext, spec: GraphSpec) -> JobView:
     key_id = ctx.services.api_keys.require(ctx.authorization)
     loop = asyncio.get_running_loop()
     entry = ctx.registry.get(spec.model)
-    settings = ctx.settings
     store = _store(ctx)
 
     async def work(job: Job, progress: Callable[[float, str], None]) -> None:
@@ -210,9 +208,7 @@ async def start_graph_job(ctx: RequestContext, spec: GraphSpec) -> JobView:
         graph = await ctx.services.model_runner.compute(
             entry,
             "attribution_graph",
-            lambda stop: build_graph(
-                entry, spec, settings.graph_batch_size, settings.graph_memory_mb << 20, stop, rows
-            ),
+            lambda stop: build_graph(entry, spec, _limits(ctx), stop, rows),
             bounded=False,
         )
         await store.put(graph)
