@@ -1,9 +1,11 @@
 """A limit on the bytes of one HTTP request body, before anything parses it.
 
-A declared Content-Length over the limit is refused at once; a body sent in chunks (or with a
-wrong length) is counted as it arrives and refused when it passes the limit, before the app has
-answered. The refusal is a GraphQL-shaped JSON error (413, code REQUEST_TOO_LARGE), so clients
-handle it like any other error. WebSocket messages are limited by uvicorn's ws_max_size.
+A declared Content-Length over the limit is refused at the app's first read, before a byte is
+received; a body sent in chunks (or with a wrong length) is counted as it arrives and refused
+when it passes the limit, before the app has answered. Either way the app's read raises
+RequestBodyRefused, so the request log records a 413, not a failure. The refusal is a
+GraphQL-shaped JSON error (413, code REQUEST_TOO_LARGE), so clients handle it like any other
+error. WebSocket messages are limited by uvicorn's ws_max_size.
 """
 
 from __future__ import annotations
@@ -13,9 +15,7 @@ import contextlib
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-
-class _TooLarge(Exception):
-    pass
+from interpql.errors import RequestBodyRefused
 
 
 class BodySizeLimit:
@@ -28,20 +28,23 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
-            return
+        declared_too_large = (
+            declared is not None and declared.isdigit() and int(declared) > self.max_bytes
+        )
         received = 0
         started = too_large = False
 
         async def counting_receive() -> Message:
             nonlocal received, too_large
+            if declared_too_large:
+                too_large = True
+                raise RequestBodyRefused(413)
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     too_large = True
-                    raise _TooLarge
+                    raise RequestBodyRefused(413)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -51,7 +54,7 @@ class BodySizeLimit:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        with contextlib.suppress(_TooLarge):
+        with contextlib.suppress(RequestBodyRefused):
             await self.app(scope, counting_receive, tracking_send)
         if too_large and not started:
             await self._refuse(send)

@@ -130,7 +130,9 @@ def _run_uvicorn(app: Any, listen: Listen, settings: Settings) -> None:
         # uvicorn builds one per connection; a partial (of an importable class) survives the
         # pickling that --workers needs.
         http=functools.partial(  # type: ignore[arg-type]
-            HeaderTimeoutProtocol, header_timeout_s=settings.header_timeout_s
+            HeaderTimeoutProtocol,
+            header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
         ),
         # SIGTERM: stop accepting, let in-flight requests finish (this long at most), then the
         # app's shutdown fails what jobs still run and closes the model.
@@ -145,6 +147,8 @@ def _refused(listen: Listen, options: Any) -> str | None:
         return "--workers must be at least 1"
     if options.settings.header_timeout_s < 0:
         return "--header-timeout must not be negative"
+    if options.settings.body_timeout_s < 0:
+        return "--body-timeout must not be negative"
     if options.remote_timeout_s < 0:
         return "--remote-timeout must not be negative"
     return _port_in_use(listen.host, listen.port)

@@ -78,6 +78,16 @@ class UnauthenticatedError(InterpqlError):
     default_code = "UNAUTHENTICATED"
 
 
+class RequestBodyRefused(Exception):
+    """Raised into the app, from its reads of an HTTP body, by the transport's body limits
+    (body_limit.py): not a GraphQL error, the transport answers `status` itself. The request
+    log catches it to record that status rather than a failure."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
 def resource_exhausted(why: str) -> UnavailableError:
     return UnavailableError(
         f"Out of memory while running this request ({why}); try fewer or shorter prompts.",

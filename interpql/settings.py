@@ -69,6 +69,12 @@ class Settings:
         group=groups.LIMITS,
         help="seconds a request's headers may take to arrive (0: unbounded)",
     )
+    body_timeout_s: float = option(
+        30.0,
+        flag="--body-timeout",
+        group=groups.LIMITS,
+        help="seconds a request's body may take to arrive after its headers (0: unbounded)",
+    )
     max_graph_tokens: int = option(
         128, group=groups.LIMITS, help="prompt tokens of one attribution graph"
     )

@@ -1,5 +1,5 @@
-"""Slow clients: a request whose headers do not arrive in time is answered 408 and its
-connection closed, on a real server; whole requests are untouched."""
+"""Slow clients: a request whose headers, or whose body, do not arrive in time is answered 408
+and its connection closed, on a real server; whole requests and WebSockets are untouched."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import orjson
 import pytest
+import websockets.sync.client
 
 from tests.processes import serve
 
@@ -18,7 +20,8 @@ TIMEOUT_S = 1.5
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    with serve("--model", "random:tiny", "--no-model", "--header-timeout", str(TIMEOUT_S)) as url:
+    limits = ("--header-timeout", str(TIMEOUT_S), "--body-timeout", str(TIMEOUT_S))
+    with serve("--model", "random:tiny", "--no-model", *limits) as url:
         yield url
 
 
@@ -64,10 +67,37 @@ def test_a_silent_connection_is_closed(server: str) -> None:
     assert answer.startswith(b"HTTP/1.1 408 ") and seconds < TIMEOUT_S * 4
 
 
+def test_a_body_that_stops_arriving_is_answered_408_and_closed(server: str) -> None:
+    with open_socket(server) as sock:
+        sock.sendall(
+            b"POST /graphql HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"query": "{ mod'
+        )
+        answer, seconds = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"body did not arrive" in answer
+    assert TIMEOUT_S * 0.8 < seconds < TIMEOUT_S * 4
+
+
+def test_a_websocket_outlives_both_deadlines(server: str) -> None:
+    port = int(server.rsplit(":", 1)[1])
+    with websockets.sync.client.connect(
+        f"ws://127.0.0.1:{port}/graphql",
+        subprotocols=["graphql-transport-ws"],  # type: ignore[list-item]
+    ) as ws:
+        ws.send(orjson.dumps({"type": "connection_init"}).decode())
+        assert orjson.loads(ws.recv(timeout=10))["type"] == "connection_ack"
+        time.sleep(TIMEOUT_S * 2.5)
+        ws.send(orjson.dumps({"id": "1", "type": "subscribe", "payload": QUERY}).decode())
+        answer = orjson.loads(ws.recv(timeout=10))
+    assert answer["type"] == "next" and answer["payload"]["data"]["models"]
+
+
+QUERY = {"query": "{ models { name } }"}
+
+
 def test_kept_alive_connections_and_slow_handlers_still_work(server: str) -> None:
     with httpx.Client(base_url=server) as client:
         for _ in range(3):
             assert client.get("/healthz").status_code == 200
             time.sleep(TIMEOUT_S * 1.2)  # idle between requests: keep-alive's own timeout
-    query = {"query": "{ models { name } }"}
-    assert httpx.post(server + "/graphql", json=query).json()["data"]["models"]
+    assert httpx.post(server + "/graphql", json=QUERY).json()["data"]["models"]

@@ -5,6 +5,7 @@ running out of memory. Each refusal is a typed error and the app goes on serving
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -196,7 +197,10 @@ async def test_rate_limited_requests_get_429_per_key(registry: ModelRegistry) ->
 # --- the body size limit --------------------------------------------------------------------------
 
 
-async def test_oversized_bodies_are_refused_with_413(registry: ModelRegistry) -> None:
+async def test_oversized_bodies_are_refused_with_413(
+    registry: ModelRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="interpql.requests")
     async with app_client(registry, max_body_bytes=10_000) as client:
         response = await client.post(
             "/graphql", json={"query": INFER, "variables": {"p": "x" * 20_000}}
@@ -216,6 +220,40 @@ async def test_oversized_bodies_are_refused_with_413(registry: ModelRegistry) ->
         assert error_codes(response.json()) == ["REQUEST_TOO_LARGE"]
         status, body = await post(client, INFER, {"p": "still serving"})
         assert status == 200 and body["data"]["model"]["infer"]["loss"] > 0
+    # Both refusals are logged as what the client got (the chunked one was logged a 500).
+    lines = [r.fields for r in caplog.records if r.name == "interpql.requests"]  # type: ignore[attr-defined]
+    assert [(line["status"], line["error_codes"]) for line in lines] == [
+        (413, ["HTTP_413"]),
+        (413, ["HTTP_413"]),
+        (200, []),
+    ]
+
+
+async def test_a_client_gone_before_its_body_is_logged_499_not_a_failure(
+    registry: ModelRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    app = create_app(registry, Settings())
+    sent: list[dict[str, Any]] = []
+    messages = iter([{"type": "http.request", "body": b'{"que', "more_body": True}])
+
+    async def receive() -> dict[str, Any]:
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "method": "POST", "path": "/graphql", "raw_path": b"/graphql",
+        "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
+        "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000),
+        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
+    }  # fmt: skip
+    await app(scope, receive, send)
+    assert sent == []  # no one to answer
+    [line] = [r.fields for r in caplog.records if r.name == "interpql.requests"]  # type: ignore[attr-defined]
+    assert line["status"] == 499 and line["error_codes"] == ["HTTP_499"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 # --- API keys for every operation, introspection --------------------------------------------------

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from graphql import GraphQLError
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.exceptions import MissingQueryError
 from strawberry.extensions import SchemaExtension
 from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
 
-from interpql.errors import InterpqlError
+from interpql.errors import InterpqlError, RequestBodyRefused
 from interpql.loaders.inference_stats import InferenceStats
 from interpql.observability.metrics import Metrics
 from interpql.resolvers.context import RequestContext
@@ -217,6 +218,11 @@ class ObservedHTTP:
 
         try:
             await self.app(scope, receive, send_observed)
+        except ClientDisconnect:
+            status = 499  # nginx's "client closed request": no one is left to answer
+        except RequestBodyRefused as refused:
+            status = refused.status  # answered by the body limit, around the app
+            raise
         finally:
             seconds = time.perf_counter() - started
             for record in records:
