@@ -391,6 +391,9 @@ async def test_attention_traces(client: httpx.AsyncClient) -> None:
         '{upstreamNodeId: "small/attention_head/2/1", tokenIndex: 3, keyTokenIndex: 5, attentionTraceType: Q}',
         '{upstreamNodeId: "small/mlp_neuron/2/1", tokenIndex: 99}',
         '{upstreamNodeId: "small/mlp_neuron/2/1", tokenIndex: 3, attentionTraceType: V}',
+        # Options a trace of this kind would ignore.
+        '{upstreamNodeId: "small/mlp_neuron/2/1", tokenIndex: 3, keyTokenIndex: 1}',
+        '{upstreamNodeId: "small/attention_head/1/1", tokenIndex: 3, keyTokenIndex: 1, attentionTraceType: Q, downstreamNodeId: "small/mlp_neuron/2/1"}',
     ],
 )
 async def test_bad_traces(client: httpx.AsyncClient, trace: str) -> None:

@@ -291,6 +291,39 @@ async def test_bottom_predictions_are_the_least_likely_learned_tokens(
     assert [p["probability"] for p in found] == pytest.approx(probabilities.tolist(), rel=1e-3)
 
 
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        (
+            '{ searchNodes(text: "def", kind: DICTIONARY_LATENT, dictionary: "nope") '
+            "{ totalCount } }",
+            "No served model has node kind 'nope'.",
+        ),
+        (
+            '{ searchNodes(text: "def", model: "tiny-stdlib", kind: DICTIONARY_LATENT, '
+            'dictionary: "nope") { totalCount } }',
+            "'tiny-stdlib' has no node kind 'nope'",
+        ),
+        (
+            '{ searchNodes(text: "def", dictionary: "res-sae") { totalCount } }',
+            "`dictionary` goes with kind: DICTIONARY_LATENT.",
+        ),
+        (
+            '{ model(name: "tiny-stdlib") { layer(index: 1) { nodes(kind: DICTIONARY_LATENT, '
+            'dictionary: "nope") { totalCount } } } }',
+            "'tiny-stdlib' has no node kind 'nope'",
+        ),
+    ],
+)
+async def test_a_filter_by_a_kind_no_model_has_is_refused(
+    demo: httpx.AsyncClient, query: str, message: str
+) -> None:
+    """Not an empty answer, which reads as 'nothing matched'."""
+    body = await graphql(demo, query)
+    assert error_codes(body) == ["INVALID_ARGUMENT"]
+    assert message in body["errors"][0]["message"]
+
+
 async def test_search_filters_by_kind_and_layer_with_scores_that_compare(
     demo: httpx.AsyncClient,
 ) -> None:

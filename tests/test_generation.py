@@ -124,6 +124,17 @@ async def test_bad_generation_input(client: httpx.AsyncClient, input: str) -> No
     assert error_codes(body) == ["INVALID_ARGUMENT"]
 
 
+async def test_a_prompt_that_fills_the_context_says_so(client: httpx.AsyncClient) -> None:
+    full = " x" * SMALL.n_ctx  # one token each
+    body = await graphql(
+        client,
+        f'{{ model(name: "small") {{ generate(input: {{prompt: "{full}", maxTokens: 1}}) '
+        "{ prompt } } }",
+    )
+    assert error_codes(body) == ["INVALID_ARGUMENT"]
+    assert f"fill the model's context of {SMALL.n_ctx}" in body["errors"][0]["message"]
+
+
 async def test_subscription_streams_tokens_in_order(
     registry: Any, small_backend: CountingBackend
 ) -> None:

@@ -102,6 +102,17 @@ async def test_layers_and_nodes(client: httpx.AsyncClient) -> None:
         "edges": [{"node": {"index": 2}}],
         "pageInfo": {"hasNextPage": False},
     }
+    # An empty page still says whether items follow it.
+    for after, follows in (("null", True), ('"1"', True), ('"2"', False)):
+        empty = await graphql(
+            client,
+            f'{{ model(name: "small") {{ layer(index: 2) {{ nodes(kind: ATTENTION_HEAD, '
+            f"first: 0, after: {after}) {{ edges {{ cursor }} pageInfo {{ hasNextPage endCursor }} }} }} }} }}",
+        )
+        assert empty["data"]["model"]["layer"]["nodes"] == {
+            "edges": [],
+            "pageInfo": {"hasNextPage": follows, "endCursor": None},
+        }
 
 
 async def test_tokenize(client: httpx.AsyncClient) -> None:

@@ -18,6 +18,7 @@ from interpql.errors import (
     NotFoundError,
     UnavailableError,
     check_range,
+    invalid_argument,
     invalid_node,
     model_not_found,
 )
@@ -85,6 +86,14 @@ class ModelEntry:
     def kind(self, name: str) -> NodeKind:
         """The table's entry for a kind name already checked (a parsed, resolved node's)."""
         return self.table[name]
+
+    def check_kind(self, name: str) -> str:
+        """INVALID_ARGUMENT for a kind name (a dictionary set's among them) this model lacks:
+        a filter by it would find nothing, silently."""
+        if name not in self.table:
+            known = ", ".join(self.table)
+            raise invalid_argument(f"{self.name!r} has no node kind {name!r} (known: {known}).")
+        return name
 
     def node_count(self, kind: str, layer: int) -> int:
         """Nodes of `kind` in `layer` (0 where there are none, e.g. no dictionary there)."""

@@ -31,6 +31,11 @@ def generation_spec(ctx: RequestContext, model_name: str, args: GenerateArgs) ->
     entry.require_backend()
     tokens = encode_prompt(ctx, entry, args.prompt)
     room = entry.architecture.n_ctx - len(tokens)
+    if room < 1:
+        raise invalid_argument(
+            f"The prompt's {len(tokens)} tokens fill the model's context of "
+            f"{entry.architecture.n_ctx}: there is no room to generate; shorten the prompt."
+        )
     check_range("maxTokens", args.max_tokens, 1, min(MAX_NEW_TOKENS, room) + 1)
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise invalid_argument("temperature must be a finite number >= 0.")

@@ -252,10 +252,15 @@ def _trace(ctx: RequestContext, entry: ModelEntry, args: TraceArgs, n_tokens: in
                 "Tracing an attention head needs attentionTraceType (Q, K, QK or V) and "
                 "keyTokenIndex."
             )
-    elif attention is not None:
-        raise invalid_argument("attentionTraceType applies to attention heads only.")
+    elif attention is not None or key_position is not None:
+        raise invalid_argument(
+            "attentionTraceType and keyTokenIndex apply to attention heads only."
+        )
     downstream = None
     if args.downstream_node_id is not None:
+        if attention is not AttentionTrace.V:
+            # Only a V trace reads a downstream node; any other would ignore it.
+            raise invalid_argument("downstreamNodeId applies to V traces only.")
         downstream = own_node(ctx, entry, str(args.downstream_node_id))
         if not reads_after(entry, upstream, downstream):
             raise invalid_argument(

@@ -131,15 +131,18 @@ def layer_nodes(
     first: int,
     after: str | None,
     order: str,
-) -> tuple[list[tuple[int, NodeRef]], int]:
-    """One page of a layer's nodes of one kind, as (position, node), and the total count."""
+) -> tuple[list[tuple[int, NodeRef]], int, int]:
+    """One page of a layer's nodes of one kind, as (position, node), the total count, and the
+    position the page starts at."""
     entry = ctx.registry.get(model_name)
+    entry.check_kind(kind)
     check_range("first", first, 0, 1001)
     start = offset_of(after)
     indices = ordered_indices(entry, layer, kind, order)[start : start + first]
-    return [
+    page = [
         (start + i, NodeRef(entry.name, kind, layer, int(index))) for i, index in enumerate(indices)
-    ], entry.node_count(kind, layer)
+    ]
+    return page, entry.node_count(kind, layer), start
 
 
 def token_text(ctx: RequestContext, model_name: str, token: int) -> str:
@@ -161,9 +164,12 @@ def _token_info(entry: ModelEntry, index: int, token: int) -> TokenInfo:
 def encode(ctx: RequestContext, entry: ModelEntry, text: str) -> tuple[int, ...]:
     max_chars = entry.architecture.n_ctx * ctx.settings.max_chars_per_token
     if len(text) > max_chars:
+        # Checked before tokenizing, so a megabyte is refused without the work; tokenize's
+        # answers may be longer than a context, but not by more than this.
         raise InvalidInputError(
-            f"Text of {len(text)} characters cannot fit the context of "
-            f"{entry.architecture.n_ctx} tokens.",
+            f"Text of {len(text)} characters is over the limit of {max_chars} (the model's "
+            f"context of {entry.architecture.n_ctx} tokens, at "
+            f"{ctx.settings.max_chars_per_token} characters a token).",
             code="PROMPT_TOO_LONG",
         )
     tokenizer = entry.require_backend().tokenizer

@@ -50,13 +50,15 @@ def search(
         raise invalid_argument("Search by exactly one of text and token.")
     if scope.model is not None:
         entry = ctx.registry.get(scope.model)
-        if scope.kind is not None and scope.kind not in entry.table:
-            known = ", ".join(entry.table)
-            raise invalid_argument(f"{entry.name!r} has no node kind {scope.kind!r} ({known}).")
+        if scope.kind is not None:
+            entry.check_kind(scope.kind)
         if scope.layer is not None:
             entry.check_layer(scope.layer)
-    elif scope.layer is not None:
-        check_range("layer", scope.layer, 0, 10**6)
+    else:
+        if scope.kind is not None and not any(scope.kind in e.table for e in ctx.registry.all()):
+            raise invalid_argument(f"No served model has node kind {scope.kind!r}.")
+        if scope.layer is not None:
+            check_range("layer", scope.layer, 0, 10**6)
     if (text is not None and len(text) > 1000) or (token is not None and len(token) > 256):
         raise invalid_argument("The search text is too long.")
     start = offset_of(after)

@@ -184,6 +184,15 @@ def dictionary_of(name: str) -> str | None:
     return name if node_kind(name) in _DICTIONARY_KINDS else None
 
 
+def optional_kind_name(kind: NodeKind | None, dictionary: str | None) -> str | None:
+    """kind_name of an optional kind: None for neither; a dictionary alone is refused."""
+    if kind is None:
+        if dictionary is not None:
+            raise invalid_argument("`dictionary` goes with kind: DICTIONARY_LATENT.")
+        return None
+    return kind_name(kind, dictionary)
+
+
 def kind_name(kind: NodeKind, dictionary: str | None) -> str:
     """The kind name below of a (kind, dictionary) argument pair."""
     if kind is NodeKind.DICTIONARY_LATENT:

@@ -10,7 +10,7 @@ from interpql.resolvers import models as model_resolvers
 from interpql.resolvers import neuronpedia as neuronpedia_resolvers
 from interpql.resolvers import search as search_resolvers
 from interpql.schema.attribution_graph import AttributionGraph, graph_by_id
-from interpql.schema.enums import NodeKind, kind_name
+from interpql.schema.enums import NodeKind, optional_kind_name
 from interpql.schema.jobs import Job, job
 from interpql.schema.types import Info, Model, Node, PageInfo, with_node_data
 
@@ -99,7 +99,7 @@ class Query:
     ) -> SearchConnection:
         scope = search_resolvers.Scope(
             model=model,
-            kind=None if kind is None else kind_name(kind, dictionary),
+            kind=optional_kind_name(kind, dictionary),
             layer=layer,
         )
         # On a worker thread: the first token search indexes every top example's peak.
@@ -116,9 +116,8 @@ class Query:
             )
             for i, h in enumerate(hits)
         ]
-        last = start + len(hits) - 1 if hits else None
         return SearchConnection(
-            edges=edges, page_info=PageInfo.after(last, total), total_count=total
+            edges=edges, page_info=PageInfo.of(start, len(hits), total), total_count=total
         )
 
     @strawberry.field(description="A job (explaining or scoring a node) by id.")

@@ -340,11 +340,12 @@ class PageInfo:
     end_cursor: str | None = strawberry.field(description="Cursor of the last item.")
 
     @classmethod
-    def after(cls, last: int | None, total: int) -> PageInfo:
-        """A page whose last item is at position `last` (None: an empty page) of `total`."""
+    def of(cls, start: int, count: int, total: int) -> PageInfo:
+        """A page of `count` items from position `start` of `total` (an empty page, first: 0,
+        still says whether items follow)."""
         return cls(
-            has_next_page=last is not None and last + 1 < total,
-            end_cursor=None if last is None else str(last),
+            has_next_page=start + count < total,
+            end_cursor=str(start + count - 1) if count else None,
         )
 
 
@@ -384,7 +385,7 @@ class Layer:
         order_by: NodeOrder = NodeOrder.INDEX,
         dictionary: str | None = None,
     ) -> NodeConnection:
-        page, total = model_resolvers.layer_nodes(
+        page, total, start = model_resolvers.layer_nodes(
             info.context,
             self.model_name,
             layer=self.index,
@@ -394,8 +395,8 @@ class Layer:
             order=order_by.value,
         )
         edges = [NodeEdge(cursor=str(position), node=Node(ref=r)) for position, r in page]
-        last = page[-1][0] if page else None
-        return NodeConnection(edges=edges, page_info=PageInfo.after(last, total), total_count=total)
+        page_info = PageInfo.of(start, len(page), total)
+        return NodeConnection(edges=edges, page_info=page_info, total_count=total)
 
 
 @strawberry.type(description="A node with a similarity.")
