@@ -513,6 +513,45 @@ async def test_direct_effects_with_dictionaries_add_up_to_the_objective(
         assert abs(found["objective"]) > 1e-3
 
 
+async def test_a_residual_dictionary_decomposes_the_stream_and_is_not_summed(
+    client: httpx.AsyncClient,
+) -> None:
+    """With residualDictionary "res" (at hook_resid_post of every layer) ranked too: the
+    writers' direct effects and terms still add up to the objective, and tokenSums is the
+    writers' sum; at each layer, its latents plus its bias and error (`residual` terms) add up
+    to everything written up to that layer's hook_resid_post (the audit summed both)."""
+    n = len(TOKENS)
+    body = await graphql(
+        client,
+        f"""query($p: String!) {{ model(name: "m") {{ infer(input: {{prompt: $p,
+              mlpDictionary: "tc", attentionDictionary: "attn", residualDictionary: "res",
+              {LOSS}}}) {{
+            objective
+            topNodes(group: DIRECT_EFFECT, k: 10000, tokenIndex: {n - 1}) {{
+              top {{ node {{ id }} value }} tokenSums }}
+            directEffectTerms(tokenIndex: {n - 1}) {{ name layerIndex value residual }} }} }} }}""",
+        {"p": PROMPT},
+    )
+    assert "errors" not in body, body
+    found = body["data"]["model"]["infer"]
+    nodes = [(t["node"]["id"].split("/"), t["value"]) for t in found["topNodes"]["top"]]
+    writers = [(int(layer), v) for (_, kind, layer, _), v in nodes if kind != "res"]
+    written = sum(v for _, v in writers)
+    assert found["topNodes"]["tokenSums"][n - 1] == pytest.approx(written, abs=1e-5)
+    terms = found["directEffectTerms"]
+    assert {t["layerIndex"] for t in terms if t["residual"]} == set(range(SMALL.n_layers))
+    writes = [t for t in terms if not t["residual"]]
+    assert written + sum(t["value"] for t in writes) == pytest.approx(found["objective"], abs=1e-5)
+    for layer in range(SMALL.n_layers):
+        decomposed = sum(v for (_, kind, at, _), v in nodes if kind == "res" and int(at) == layer)
+        decomposed += sum(t["value"] for t in terms if t["residual"] and t["layerIndex"] == layer)
+        before = sum(v for at, v in writers if at <= layer)
+        before += sum(
+            t["value"] for t in writes if t["layerIndex"] is not None and t["layerIndex"] <= layer
+        )
+        assert decomposed == pytest.approx(before, abs=1e-5), layer
+
+
 async def test_the_node_table_ranks_the_chosen_dictionaries(client: httpx.AsyncClient) -> None:
     body = await graphql(
         client,

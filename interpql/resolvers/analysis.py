@@ -34,7 +34,8 @@ class RankedNode:
 class Ranking:
     top: list[RankedNode]
     bottom: list[RankedNode]
-    token_sums: list[float]  # per position: the group's value summed over every ranked node
+    # Per position: the group's value summed over every ranked node that writes to the stream.
+    token_sums: list[float]
 
 
 def ranked_layer_kinds(
@@ -102,10 +103,13 @@ async def top_nodes(
             out.append(RankedNode(ref, float(values[i]), per_position[:, i].tolist()))
         return out
 
+    # A residual dictionary's latents decompose the stream at their hook (everything written
+    # before it, again): summed with the writers they would count those writes twice.
+    writes = np.array([kind not in spec.residual_kinds for (_, kind), _ in owners], dtype=bool)
     return Ranking(
         top=ranked(order[:k]),
         bottom=ranked(order[::-1][:k]),
-        token_sums=per_position.sum(axis=1).tolist(),
+        token_sums=per_position[:, writes].sum(axis=1).tolist(),
     )
 
 

@@ -75,6 +75,7 @@ class DirectEffectTerm:
     name: str
     layer: int | None  # None: the final LayerNorm's
     value: float
+    residual: bool = False  # the residual dictionary's: part of its decomposition of the stream
 
 
 async def direct_effect_terms(
@@ -93,7 +94,7 @@ async def direct_effect_terms(
         return float(values[position] if position is not None else values.sum())
 
     terms = [
-        DirectEffectTerm(name, layer, at(values))
+        DirectEffectTerm(name, layer, at(values), residual=kind in spec.residual_kinds)
         for (layer, kind) in sorted(set(layer_kinds) & set(done.bias_effects))
         for name, values in done.bias_effects[(layer, kind)].items()
     ]

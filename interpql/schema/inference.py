@@ -84,7 +84,9 @@ class NodeRanking:
     top: list[ScoredNode] = strawberry.field(description="The k highest, highest first.")
     bottom: list[ScoredNode] = strawberry.field(description="The k lowest, lowest first.")
     token_sums: list[float] = strawberry.field(
-        description="Per token, the group's value summed over all ranked nodes (token display)."
+        description="Per token, the group's value summed over the ranked nodes that write to "
+        "the stream (token display): a residualDictionary's latents, a decomposition of the "
+        "stream at their hook, are ranked but not summed (see directEffectTerms)."
     )
 
 
@@ -195,14 +197,19 @@ class InferenceResult:
             "a dictionary's bias and error, and the final LayerNorm's bias. With layerNormScale "
             "FROZEN and a loss linear in the logits (LOGIT_DIFF, LOGIT_MINUS_MEAN), these plus "
             "every node's DIRECT_EFFECT (the embedding, heads, neurons or latents) add up to the "
-            "objective."
+            "objective. A residualDictionary's terms (`residual` true) and latents are left out "
+            "of that sum: they decompose the stream at their hook rather than write to it, and "
+            "add up, per hook, to the direct effect of everything written before it."
         )
     )
     async def direct_effect_terms(
         self, info: Info, token_index: int | None = None
     ) -> list[DirectEffectTerm]:
         terms = await table_resolvers.direct_effect_terms(info.context, self.spec, token_index)
-        return [DirectEffectTerm(name=t.name, layer_index=t.layer, value=t.value) for t in terms]
+        return [
+            DirectEffectTerm(name=t.name, layer_index=t.layer, value=t.value, residual=t.residual)
+            for t in terms
+        ]
 
     @strawberry.field(
         description="The k least likely next tokens at tokenIndex (default -1: after the "

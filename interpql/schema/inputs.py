@@ -146,7 +146,9 @@ class InferenceInput:
         default=None,
         description=(
             "Also rank the latents of this residual-stream dictionary set (hook_resid_pre, "
-            "hook_resid_mid, hook_resid_post) in topNodes and nodeTable."
+            "hook_resid_mid, hook_resid_post) in topNodes and nodeTable. They decompose the "
+            "stream at their hook, everything written before it, rather than write to it: "
+            "tokenSums and the sum of directEffectTerms leave them out."
         ),
     )
     hide_early_layers_when_ablating: bool = strawberry.field(

@@ -284,3 +284,8 @@ class DirectEffectTerm:
         description="Its layer (null for the final LayerNorm)."
     )
     value: float = strawberry.field(description="Its direct effect.")
+    residual: bool = strawberry.field(
+        description="True for the bias and error of the input's residualDictionary: with its "
+        "latents a decomposition of the stream at their hook, not a write to it, so not part "
+        "of the sum that equals the objective."
+    )
