@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import orjson
@@ -21,11 +21,13 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
+from strawberry.http.streaming import HTTPStreamTransport, MultipartSubscriptionTransport
 from strawberry.subscriptions import (
     GRAPHQL_TRANSPORT_WS_PROTOCOL,
     GRAPHQL_WS_PROTOCOL,
     MULTIPART_SUBSCRIPTION_PROTOCOL,
 )
+from strawberry.types.graphql import OperationType
 
 from interpql import web
 from interpql.body_limit import BodySizeLimit
@@ -37,15 +39,37 @@ from interpql.resolvers import attribution_graph as graph_resolvers
 from interpql.resolvers.context import RequestContext, Services
 from interpql.schema.build import build_schema
 from interpql.settings import Settings
-from interpql.websocket_protocols import LegacyProtocolHandler, TextFrameAdapter
+from interpql.websocket_protocols import (
+    LegacyProtocolHandler,
+    TextFrameAdapter,
+    TransportProtocolHandler,
+)
 
 # Container objects allocated between young collections (Python's default: 700).
 YOUNG_COLLECTION_THRESHOLD = 50_000
 
 
+class MultipartAnyOperation(MultipartSubscriptionTransport):
+    """Multipart HTTP for every operation the request's method allows, not subscriptions alone:
+    a query or mutation sent with the subscription Accept header runs, its result the stream's
+    one part. (Strawberry refuses it, with an error we would mask as internal; a client that
+    sends every operation with that header, as a fetcher built on meros may, would get one for
+    each of its queries.)"""
+
+    def allowed_operation_types(
+        self, allowed_operation_types: set[OperationType]
+    ) -> set[OperationType]:
+        return allowed_operation_types
+
+
 class GraphQLApp(GraphQL[RequestContext, None]):
     websocket_adapter_class = TextFrameAdapter  # type: ignore[assignment]
+    graphql_transport_ws_handler_class = TransportProtocolHandler
     graphql_ws_handler_class = LegacyProtocolHandler
+    stream_transport_classes_by_protocol: Mapping[str, type[HTTPStreamTransport]] = {
+        **GraphQL.stream_transport_classes_by_protocol,
+        MULTIPART_SUBSCRIPTION_PROTOCOL: MultipartAnyOperation,
+    }
 
     def __init__(self, services: Services, observability: Observability | None = None) -> None:
         super().__init__(

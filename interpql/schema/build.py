@@ -4,11 +4,23 @@ caches, errors."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from typing import Any
 
 import strawberry
-from graphql import FieldNode, GraphQLError, GraphQLSchema, ValidationRule
+from graphql import (
+    SKIP,
+    FieldNode,
+    FragmentSpreadNode,
+    GraphQLError,
+    GraphQLSchema,
+    InlineFragmentNode,
+    OperationDefinitionNode,
+    SelectionSetNode,
+    ValidationContext,
+    ValidationRule,
+    VisitorAction,
+)
 from strawberry.extensions import (
     AddValidationRules,
     DisableIntrospection,
@@ -18,11 +30,11 @@ from strawberry.extensions import (
     ValidationCache,
 )
 from strawberry.extensions.max_aliases import create_validator as aliases_validator
-from strawberry.extensions.query_depth_limiter import create_validator as depth_validator
 from strawberry.federation.schema import FederationAny
 from strawberry.schema.config import StrawberryConfig
 from strawberry.schema.schema import StreamResult
 from strawberry.types import ExecutionContext, Info
+from strawberry.types.execution import ExecutionResult, PreExecutionError
 from strawberry.types.graphql import OperationType
 
 from interpql.errors import check_range, invalid_argument
@@ -33,6 +45,7 @@ from interpql.schema.generation import Subscription
 from interpql.schema.inference import InferenceResult
 from interpql.schema.jobs import Mutation
 from interpql.schema.limits import OperationLimits
+from interpql.schema.operations import operation_refusal
 from interpql.schema.query import Query
 from interpql.schema.scalars import SCALARS
 from interpql.settings import Settings
@@ -54,6 +67,61 @@ class NoFederationSdl(ValidationRule):
             )
 
 
+def depth_limit(max_depth: int) -> type[ValidationRule]:
+    """A rule refusing an operation whose fields nest more than `max_depth` deep (fields with a
+    selection set, introspection's aside), with strawberry's QueryDepthLimiter's message.
+
+    Strawberry's own rule crashes on a spread of an unknown fragment and on an empty selection
+    set (which graphql-core allows), before graphql-core's rules can say what is wrong; this
+    one counts what is there and leaves the rest to them. A fragment's depth is counted once,
+    however often it is spread."""
+
+    class DepthLimit(ValidationRule):
+        def __init__(self, context: ValidationContext) -> None:
+            super().__init__(context)
+            self.fragment_depths: dict[str, int] = {}
+
+        def enter_operation_definition(
+            self, node: OperationDefinitionNode, *_args: Any
+        ) -> VisitorAction:
+            if self.depth(node.selection_set) > max_depth:
+                name = node.name.value if node.name else "anonymous"
+                self.report_error(
+                    GraphQLError(f"'{name}' exceeds maximum operation depth of {max_depth}", node)
+                )
+            return SKIP
+
+        def depth(self, selection_set: SelectionSetNode) -> int:
+            deepest = 0
+            for selection in selection_set.selections:
+                if isinstance(selection, FragmentSpreadNode):
+                    deepest = max(deepest, self.fragment_depth(selection.name.value))
+                elif isinstance(selection, FieldNode):
+                    if selection.selection_set and not selection.name.value.startswith("__"):
+                        deepest = max(deepest, 1 + self.depth(selection.selection_set))
+                elif isinstance(selection, InlineFragmentNode):
+                    deepest = max(deepest, self.depth(selection.selection_set))
+            return deepest
+
+        def fragment_depth(self, name: str) -> int:
+            if name not in self.fragment_depths:
+                # 0 while it is counted: a cycle back to it adds nothing (NoFragmentCycles
+                # refuses the document); so does an unknown fragment (KnownFragmentNames).
+                self.fragment_depths[name] = 0
+                fragment = self.context.get_fragment(name)
+                if fragment is not None:
+                    self.fragment_depths[name] = self.depth(fragment.selection_set)
+            return self.fragment_depths[name]
+
+    return DepthLimit
+
+
+DEFAULT_OPERATION_TYPES = frozenset(OperationType)
+PARSE_CACHE_SIZE = 256
+# The parser cache's own function (one LRU for each size, shared by its instances): what
+# operation_refusal parses, strawberry then finds parsed.
+_parse = ParserCache(maxsize=PARSE_CACHE_SIZE).cached_parse_document
+
 # graphql-core's validation and coercion messages end with "Did you mean ...?", naming fields,
 # types and enum values: the schema, piece by piece, to a client that guesses.
 _SUGGESTION = re.compile(r" Did you mean .*\?$", re.DOTALL)
@@ -64,6 +132,8 @@ class InterpqlSchema(strawberry.federation.Schema):
     max_representations: int = Settings().max_nodes_per_request
     # Set by build_schema: with introspection off, errors name nothing the client did not.
     hide_suggestions: bool = False
+    # Set by build_schema: the most tokens a document may have (MaxTokensLimiter's limit).
+    max_query_tokens: int = Settings().max_query_tokens
 
     # The annotations are strawberry's own: it builds the _entities field from them.
     def entities_resolver(
@@ -95,8 +165,21 @@ class InterpqlSchema(strawberry.federation.Schema):
         operation_extensions: dict[str, Any] | None = None,
         allowed_operation_types: Iterable[OperationType] | None = None,
     ) -> StreamResult:
-        """Every WebSocket operation runs through here: on a connection's context, it runs
-        with a context of its own, released once its last result is out."""
+        """Every WebSocket operation, and every multipart HTTP one, runs through here. One
+        that cannot run (operation_refusal) gets its error as its one result. On a connection's
+        context, an operation runs with a context of its own, released once its last result is
+        out."""
+        refusal = operation_refusal(
+            query,
+            operation_name,
+            DEFAULT_OPERATION_TYPES
+            if allowed_operation_types is None
+            else frozenset(allowed_operation_types),
+            lambda text: _parse(text, max_tokens=self.max_query_tokens),
+        )
+        if refusal is not None:
+            self.process_errors([refusal])
+            return _only(PreExecutionError(data=None, errors=[refusal]))
         own: RequestContext | None = None
         if isinstance(context_value, RequestContext) and context_value.per_connection:
             own = context_value.for_operation()
@@ -119,6 +202,10 @@ class InterpqlSchema(strawberry.federation.Schema):
         if self.hide_suggestions:
             for error in errors:
                 error.message = _SUGGESTION.sub("", error.message)
+
+
+async def _only(result: ExecutionResult) -> AsyncGenerator[ExecutionResult, None]:
+    yield result
 
 
 async def _released_at_end(results: StreamResult, ctx: RequestContext) -> StreamResult:
@@ -160,7 +247,7 @@ def build_schema(
     # ones per request, and the validation cache, whose key holds the rules, then never hits
     # (and keeps 256 requests' classes alive).
     limits = (
-        depth_validator(settings.max_query_depth, None),
+        depth_limit(settings.max_query_depth),
         aliases_validator(settings.max_aliases),
     )
     extensions: list[Any] = [
@@ -168,7 +255,7 @@ def build_schema(
         MaskInternalErrors,
         lambda: MaxTokensLimiter(max_token_count=settings.max_query_tokens),
         lambda: AddValidationRules(list(limits)),
-        lambda: ParserCache(maxsize=256),
+        lambda: ParserCache(maxsize=PARSE_CACHE_SIZE),
         lambda: ValidationCache(maxsize=256),
         OperationLimits,
     ]
@@ -187,6 +274,7 @@ def build_schema(
     )
     schema.max_representations = settings.max_nodes_per_request
     schema.hide_suggestions = not settings.introspection
+    schema.max_query_tokens = settings.max_query_tokens
     _describe(schema._schema, FEDERATION_DESCRIPTIONS)
     read_plain_fields_directly(schema)
     return schema

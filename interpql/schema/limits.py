@@ -23,6 +23,7 @@ from strawberry.extensions import SchemaExtension
 from interpql.errors import InterpqlError, QueryTooComplexError, UnauthenticatedError
 from interpql.resolvers.models import generation_caches, prompt_token_counter
 from interpql.schema.cost import estimate_cost
+from interpql.schema.operations import SEVERAL_UNNAMED
 
 
 class OperationLimits(SchemaExtension):
@@ -106,10 +107,7 @@ def _operation(document: Any, name: str | None) -> OperationDefinitionNode | Non
     operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
     if name is None and len(operations) > 1:
         # The spec's rule, which execution here would otherwise skip by running the first.
-        raise InterpqlError(
-            "The document has several operations: name the one to run in operationName.",
-            code="BAD_REQUEST",
-        )
+        raise InterpqlError(SEVERAL_UNNAMED, code="BAD_REQUEST")
     for operation in operations:
         if name is None or (operation.name is not None and operation.name.value == name):
             return operation
