@@ -40,6 +40,10 @@ Codes graphql itself produces are mapped too: GRAPHQL_PARSE_FAILED, GRAPHQL_VALI
 BAD_USER_INPUT (a variable of the wrong type); a request that is not a GraphQL request at all
 (not JSON, not UTF-8, no query, a subscription over plain HTTP) gets BAD_REQUEST (HTTP 400);
 masked internal errors carry INTERNAL_SERVER_ERROR.
+
+The HTTP routes beside /graphql carry codes too: NOT_FOUND (404) and METHOD_NOT_ALLOWED (405);
+/graphs/{id}.json GRAPH_NOT_FOUND and UNAUTHENTICATED; the CUDA memory snapshot route (its own
+{"error": {code, message}}) CUDA_MEMORY_DEBUGGING_OFF and NO_API_KEYS.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from strawberry.types.graphql import OperationType
 
 from interpql import web
 from interpql.body_limit import BodySizeLimit
+from interpql.errors import InterpqlError
 from interpql.host_check import AllowedHosts
 from interpql.loaders.cache import NodeDataCache
 from interpql.loaders.registry import ModelRegistry
@@ -141,8 +142,8 @@ class GraphQLApp(GraphQL[RequestContext, None]):
         return web.graphiql_page() if web.graphiql_assets_installed() else super().graphql_ide_html
 
 
-def graphql_error_response(status: int, message: str) -> JSONResponse:
-    code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(status, "BAD_REQUEST")
+def graphql_error_response(status: int, message: str, code: str | None = None) -> JSONResponse:
+    code = code or {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(status, "BAD_REQUEST")
     errors = [{"message": message, "extensions": {"code": code}}]
     return JSONResponse({"data": None, "errors": errors}, status_code=status)
 
@@ -187,11 +188,14 @@ def create_app(
             settings.require_api_key
             and services.api_keys.identify(request.headers.get("authorization")) is None
         ):
-            return graphql_error_response(401, "This graph needs an API key.")
-        graph = await services.graphs.get(request.path_params["id"])
-        if graph is None:
-            return graphql_error_response(404, "No such attribution graph on this server.")
+            return graphql_error_response(
+                401, "This graph needs an API key.", code="UNAUTHENTICATED"
+            )
         ctx = RequestContext.create(services, request=request)
+        try:
+            graph = await graph_resolvers.graph_by_id(ctx, request.path_params["id"])
+        except InterpqlError as missing:  # GRAPH_NOT_FOUND, worded as the GraphQL field's
+            return graphql_error_response(404, missing.message, code=missing.code)
         return JSONResponse(await graph_resolvers.neuronpedia_json(ctx, graph))
 
     @contextlib.asynccontextmanager

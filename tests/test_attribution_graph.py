@@ -478,6 +478,8 @@ async def test_graph_json_for_the_viewer(demo: httpx.AsyncClient) -> None:
     for node in graph["nodes"]:
         if node["type"] == "FEATURE" and node["node"]["explanations"]:
             assert clerps[node["id"]] == node["node"]["explanations"][0]["text"]
+    missing = await demo.get(f"/graphs/{'0' * 24}.json")
+    assert missing.status_code == 404 and error_codes(missing.json()) == ["GRAPH_NOT_FOUND"]
     assert (await demo.get("/graphs/nope.json")).status_code == 404
 
 
