@@ -707,13 +707,17 @@ async def test_a_latents_write_direction_in_scored_tokens_similarity_and_steerin
     body = await graphql(
         client,
         """{ res: node(id: "m/res/1/3") {
-               scoredTokens(k: 3) { upvotedOutputTokens { token { id } value } }
+               scoredTokens(k: 3) { upvotedOutputTokens { token { id } value }
+                 upvotingInputTokens { value } upvotingKeyTokens { value } }
                similarNodes(first: 1) { node { id } cosine } }
              z: node(id: "m/z/2/4") { scoredTokens(k: 3) { upvotedOutputTokens { value } } }
              model(name: "m") { generate(input: {prompt: "Hello", maxTokens: 3,
                steering: [{nodeId: "m/res/1/3", strength: 50}]}) { steered { text } } } }""",
     )
     assert "errors" not in body, body
+    # A latent reads its hook, not the embeddings: no input tokens (they were an empty list).
+    assert body["data"]["res"]["scoredTokens"]["upvotingInputTokens"] is None
+    assert body["data"]["res"]["scoredTokens"]["upvotingKeyTokens"] is None
     expected = torch.topk(res[3] @ w_u, 3)
     served = body["data"]["res"]["scoredTokens"]["upvotedOutputTokens"]
     assert [t["token"]["id"] for t in served] == expected.indices.tolist()

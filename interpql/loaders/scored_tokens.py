@@ -31,7 +31,8 @@ class TokenScores:
     # None for attention heads: they write a subspace (W_O's rows), not one direction.
     upvoted_output: list[tuple[int, float]] | None
     downvoted_output: list[tuple[int, float]] | None
-    # MLP neurons; heads: through their query. None for a gated MLP's neuron: it reads none.
+    # MLP neurons; heads: through their query. None for other kinds, and for a gated MLP's
+    # neuron: it reads no one direction.
     upvoting_input: list[tuple[int, float]] | None
     upvoting_input_keys: list[tuple[int, float]] | None  # attention heads only: their key
 
@@ -64,7 +65,9 @@ def scored_tokens(entry: ModelEntry, node: NodeRef, k: int) -> TokenScores:
     entry.require_writes_reach_stream("scoredTokens of a node that writes to the stream")
     direction = write_directions(entry, node.layer, node.kind)[node.index]  # [d_model]
     logits = direction @ backend.weight("W_U")  # [vocab]
-    upvoting: list[tuple[int, float]] | None = []
+    # Only a neuron reads one residual-stream direction through W_in; a latent reads its
+    # hook (neuron values, the head outputs, the stream) through a LayerNorm or none: null.
+    upvoting: list[tuple[int, float]] | None = None
     if isinstance(kind, MlpNeurons):
         read = kind.read_direction(backend, node.layer, node.index)
         upvoting = None if read is None else _top(w_e @ read, k, unused)

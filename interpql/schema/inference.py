@@ -139,7 +139,8 @@ class InferenceResult:
     @strawberry.field(
         description=(
             "The value of the input's loss (default NEXT_TOKEN, then equal to loss); null "
-            "where that loss reads no position (NEXT_TOKEN on a one-token prompt)."
+            "where that loss reads no position (NEXT_TOKEN on a one-token prompt). With a "
+            "trace, gradients are the traced node's value's, but this stays the loss."
         )
     )
     async def objective(self, info: Info) -> float | None:

@@ -428,7 +428,8 @@ class ScoredTokens:
     upvoting_input_tokens: list[TokenScore] | None = strawberry.field(
         description=(
             "Input tokens whose embeddings drive it most: an MLP neuron's W_E @ W_in; an "
-            "attention head's query, |W_E @ W_Q[h]|. Null for a neuron of a gated MLP "
+            "attention head's query, |W_E @ W_Q[h]|. Null for other kinds (a dictionary's "
+            "latent reads its hook, not the token embeddings) and for a neuron of a gated MLP "
             "(Llama's, Gemma's: act(x . gate) * (x . up) reads two directions, and no one "
             "direction is its input)."
         )
