@@ -75,7 +75,9 @@ class GraphQLApp(GraphQL[RequestContext, None]):
     def __init__(self, services: Services, observability: Observability | None = None) -> None:
         super().__init__(
             build_schema(
-                services.settings, observability.schema_extensions() if observability else ()
+                services.settings,
+                observability.schema_extensions() if observability else (),
+                observability.telemetry.report_refused_stream if observability else None,
             ),
             graphql_ide="graphiql",
             # graphql-transport-ws and graphql-ws on /graphql's WebSocket, and subscriptions

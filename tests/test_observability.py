@@ -449,6 +449,10 @@ def test_json_logs_of_a_running_server() -> None:
             ws.send(json.dumps({"id": "1", "type": "subscribe", "payload": payload}))
             assert json.loads(ws.recv(timeout=10))["type"] == "next"
             assert json.loads(ws.recv(timeout=10))["type"] == "complete"
+            # Refused before it runs (no extension sees it): logged all the same.
+            broken = {"query": "subscription {", "operationName": "Broken"}
+            ws.send(json.dumps({"id": "2", "type": "subscribe", "payload": broken}))
+            assert json.loads(ws.recv(timeout=10))["type"] == "error"
         assert httpx.get(url + "/metrics").status_code == 200
         process.terminate()
         process.wait(timeout=30)
@@ -465,5 +469,8 @@ def test_json_logs_of_a_running_server() -> None:
     assert served[0]["inference_passes"] == 1 and served[0]["errors"] == 0
     assert len(over_ws) == 1 and over_ws[0]["transport"] == "websocket"
     assert over_ws[0]["status"] is None and over_ws[0]["errors"] == 0
+    [broken] = [line for line in lines if line.get("operation") == "Broken"]
+    assert broken["transport"] == "websocket"
+    assert broken["error_codes"] == ["GRAPHQL_PARSE_FAILED"]
     assert any(line["logger"] == "uvicorn.access" for line in lines)
     assert KEY not in output

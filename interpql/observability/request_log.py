@@ -90,6 +90,33 @@ class RequestTelemetry:
         if self.metrics is not None:
             self.metrics.observe_request(record.type or "none", record.error_codes, seconds, stats)
 
+    def report_refused_stream(
+        self, operation_name: str | None, codes: list[str], context: object
+    ) -> None:
+        """A WebSocket or multipart operation InterpqlSchema.stream refused before it ran (no
+        extension saw it): logged and counted like any other."""
+        ctx = context if isinstance(context, RequestContext) else None
+        request = ctx.request if ctx else None
+        record = OperationRecord(
+            name=operation_name,
+            type=None,
+            error_codes=codes,
+            inference=InferenceStats(),
+            key_id=ctx.key_id if ctx else None,
+            client=_client(getattr(request, "scope", None)),
+            seconds=0.0,
+        )
+        self.deliver(record, request)
+
+    def deliver(self, record: OperationRecord, request: object) -> None:
+        """To the HTTP request's list, which ObservedHTTP reports with its status once the
+        response is out; reported at once over a WebSocket (no status)."""
+        records = getattr(request, "scope", {}).get(SCOPE_KEY)
+        if isinstance(records, list):
+            records.append(record)
+        else:
+            self.report(record, "websocket", None, record.seconds)
+
     def report_rejected(self, status: int, client: str | None, seconds: float) -> None:
         """An HTTP request refused before any operation ran (a body that is not JSON, ...)."""
         record = OperationRecord(None, None, [f"HTTP_{status}"], InferenceStats(), None, client, 0)
@@ -153,11 +180,7 @@ class RequestObserver(SchemaExtension):
             client=_client(getattr(request, "scope", None)),
             seconds=seconds,
         )
-        records = getattr(request, "scope", {}).get(SCOPE_KEY)
-        if isinstance(records, list):
-            records.append(record)
-        else:
-            self.telemetry.report(record, "websocket", None, seconds)
+        self.telemetry.deliver(record, request)
 
     def _context(self) -> RequestContext | None:
         context = self.execution_context.context

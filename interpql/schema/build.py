@@ -134,6 +134,9 @@ class InterpqlSchema(strawberry.federation.Schema):
     hide_suggestions: bool = False
     # Set by build_schema: the most tokens a document may have (MaxTokensLimiter's limit).
     max_query_tokens: int = Settings().max_query_tokens
+    # Set by build_schema: told of each operation `stream` refuses (name, codes, context),
+    # which no extension sees: the request log and metrics.
+    refusal_observer: Callable[[str | None, list[str], Any], None] | None = None
 
     # The annotations are strawberry's own: it builds the _entities field from them.
     def entities_resolver(
@@ -179,6 +182,9 @@ class InterpqlSchema(strawberry.federation.Schema):
         )
         if refusal is not None:
             self.process_errors([refusal])
+            if self.refusal_observer is not None:
+                code = str((refusal.extensions or {}).get("code"))
+                self.refusal_observer(operation_name, [code], context_value)
             return _only(PreExecutionError(data=None, errors=[refusal]))
         own: RequestContext | None = None
         if isinstance(context_value, RequestContext) and context_value.per_connection:
@@ -237,10 +243,13 @@ FEDERATION_DESCRIPTIONS = {
 
 
 def build_schema(
-    settings: Settings | None = None, observers: Sequence[Callable[[], SchemaExtension]] = ()
+    settings: Settings | None = None,
+    observers: Sequence[Callable[[], SchemaExtension]] = (),
+    refusal_observer: Callable[[str | None, list[str], Any], None] | None = None,
 ) -> strawberry.Schema:
     """`observers`: extensions that log, measure or trace operations (interpql.observability);
-    outermost, so that they see each operation's final result."""
+    outermost, so that they see each operation's final result. `refusal_observer`: told of
+    the streamed operations refused before any extension runs."""
     settings = settings or Settings()
     # Factories: strawberry builds fresh extension instances for each request. The depth and
     # alias rules are classes made once here: strawberry's own limiter extensions make new
@@ -275,6 +284,7 @@ def build_schema(
     schema.max_representations = settings.max_nodes_per_request
     schema.hide_suggestions = not settings.introspection
     schema.max_query_tokens = settings.max_query_tokens
+    schema.refusal_observer = refusal_observer
     _describe(schema._schema, FEDERATION_DESCRIPTIONS)
     read_plain_fields_directly(schema)
     return schema
