@@ -21,6 +21,12 @@ class Settings:
     max_top_k: int = 1000
     max_nodes_per_request: int = 10_000
     max_batch: int = option(64, group=groups.LIMITS, help="inputs of one inferBatch")
+    max_pass_tokens: int = option(
+        4096,
+        group=groups.LIMITS,
+        help="prompt tokens of one request's inputs that share a pass: a longer inferBatch "
+        "runs in several passes, and other requests' passes run between them (0: one pass)",
+    )
     coalesce_window_ms: float | None = option(
         None,
         flag="--coalesce-ms",

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from typing import Any
 
 import httpx
+import numpy as np
+import pytest
 
+from interpql.backends.gpt2.loading import random_model
+from interpql.backends.tokenizer import gpt2_encoding
 from interpql.loaders.registry import ModelRegistry
 from interpql.resolvers.context import Services
 from interpql.server import create_app
 from interpql.settings import Settings
-from tests.conftest import CountingBackend, graphql, small_registry
+from tests.conftest import SMALL, CountingBackend, graphql, small_registry
 
 QUERY = """query($p: String!) { model(name: "small") { infer(input: {prompt: $p}) {
   loss topPredictions(k: 3) { token { id } probability }
@@ -126,3 +132,78 @@ async def test_a_result_from_the_cache_reports_no_pass_of_its_own(
     assert (fresh["batchSize"], fresh["fromCache"]) == (1, False) and fresh["inferenceTimeMs"] > 0
     assert first["loss"] == earlier["data"]["model"]["inferBatch"][0]["loss"]
     assert [len(c.tokens) for c in small_backend.calls] == [1]  # only "five" ran
+
+
+BATCH = """query($i: [InferenceInput!]!) { model(name: "small") { inferBatch(inputs: $i) {
+  loss batchSize layerActivations(layer: 1, kind: MLP_NEURON) { values } } } }"""
+EIGHT_TOKENS = [f"prompt {i} is eight tokens long here" for i in range(6)]
+
+
+async def batch_answers(
+    backend: CountingBackend, max_pass_tokens: int, prompts: list[str]
+) -> list[Any]:
+    registry = small_registry(backend)
+    settings = Settings(coalesce_window_ms=0, cached_runs=0, max_pass_tokens=max_pass_tokens)
+    app = create_app(Services(registry, settings))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://localhost"
+    ) as client:
+        body = await graphql(client, BATCH, {"i": [{"prompt": p} for p in prompts]})
+    registry.close()
+    assert "errors" not in body, body
+    return body["data"]["model"]["inferBatch"]  # type: ignore[no-any-return]
+
+
+async def test_a_long_batch_runs_in_parts_that_answer_as_one_pass(
+    small_backend: CountingBackend,
+) -> None:
+    """Under max_pass_tokens 20, six 8-token prompts run as three passes of two rows; every
+    row is what one pass of all six gives."""
+    assert {len(gpt2_encoding().encode(p)) for p in EIGHT_TOKENS} == {8}
+    small_backend.calls.clear()
+    whole = await batch_answers(small_backend, 0, EIGHT_TOKENS)
+    assert [len(call.tokens) for call in small_backend.calls] == [6]
+    small_backend.calls.clear()
+    parts = await batch_answers(small_backend, 20, EIGHT_TOKENS)
+    assert [len(call.tokens) for call in small_backend.calls] == [2, 2, 2]
+    assert [row["batchSize"] for row in parts] == [2] * 6
+    for one, part in zip(whole, parts, strict=True):
+        assert part["loss"] == pytest.approx(one["loss"], abs=1e-5)
+        np.testing.assert_allclose(
+            part["layerActivations"]["values"], one["layerActivations"]["values"], atol=1e-5
+        )
+
+
+class SlowBackend(CountingBackend):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.started = threading.Event()
+
+    def forward(self, request: Any) -> Any:
+        self.started.set()
+        time.sleep(0.2)
+        return super().forward(request)
+
+
+async def test_another_request_runs_between_the_parts_of_a_long_batch() -> None:
+    backend = SlowBackend(random_model(SMALL, seed=1))
+    registry = small_registry(backend)
+    settings = Settings(coalesce_window_ms=0, cached_runs=0, max_pass_tokens=20)
+    app = create_app(Services(registry, settings))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://localhost"
+    ) as client:
+
+        async def small() -> Any:
+            while not backend.started.is_set():  # until the long batch's first part runs
+                await asyncio.sleep(0.01)
+            return await graphql(client, QUERY, {"p": "just this"})
+
+        long, alone = await asyncio.gather(
+            graphql(client, BATCH, {"i": [{"prompt": p} for p in EIGHT_TOKENS]}), small()
+        )
+    registry.close()
+    assert "errors" not in long and "errors" not in alone
+    rows = [len(call.tokens) for call in backend.calls]
+    # The small request's one-row pass ran second: after the first part, before the others.
+    assert rows == [2, 1, 2, 2]

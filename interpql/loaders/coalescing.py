@@ -5,7 +5,8 @@ idle, the runner waits `window_s` for other requests; while it is busy, requests
 and all that gathered run together as soon as it is free (so batches grow with the load). Batches
 with the same request-wide switches (error term, loss, trace) merge while their prompts are of
 similar length (padding wasted is bounded by `max_length_ratio`) and up to `max_rows` prompts;
-one request's own batch is never split. With `window_s` 0 every batch runs as it comes.
+a batch the runner is given is never split (InferenceLoader gives a long inferBatch in parts,
+so that other requests run between them). With `window_s` 0 every batch runs as it comes.
 
 A request waits at most `timeout_s` (INFERENCE_TIMEOUT); one that gave up is dropped from the
 queue before its pass runs. When a merged pass runs out of memory, each request in it runs again
@@ -67,11 +68,21 @@ class InferenceRunner:
         self.pass_observers: list[PassObserver] = []
 
     async def submit(
-        self, entry: ModelEntry, switches: Hashable, keys: list[Any]
+        self,
+        entry: ModelEntry,
+        switches: Hashable,
+        keys: list[Any],
+        deadline: float | None = None,
     ) -> dict[Any, Any]:
-        """Results by pass key for `keys`; `switches` must be equal for batches to merge."""
+        """Results by pass key for `keys`; `switches` must be equal for batches to merge.
+        `deadline` (the event loop's clock): when the caller's time runs out, if sooner than
+        the runner's timeout from now (one request's batch run in several passes shares one)."""
+        timeout = self.timeout_s
+        if deadline is not None:
+            left = max(0.0, deadline - asyncio.get_running_loop().time())
+            timeout = left if timeout is None else min(timeout, left)
         try:
-            return await asyncio.wait_for(self._run(entry, switches, keys), self.timeout_s)
+            return await asyncio.wait_for(self._run(entry, switches, keys), timeout)
         except TimeoutError:
             raise inference_timeout(self.timeout_s or 0) from None
 

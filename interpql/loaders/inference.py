@@ -12,6 +12,7 @@ arrays (loaders/pass_results.py): nothing above loaders/ sees torch.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
@@ -87,10 +88,13 @@ class InferenceLoader:
         registry: ModelRegistry,
         runner: InferenceRunner | None = None,
         cache: ResultCache | None = None,
+        max_pass_tokens: int = 0,
     ) -> None:
         self._registry = registry
         self._runner = runner or default_runner(0.0)
         self._cache = cache
+        # Prompt tokens of one part of this request's batch (0: one pass, however long).
+        self.max_pass_tokens = max_pass_tokens
         self._loader = self._new_loader()
         self._memo: dict[Hashable, RowResult] = {}
         # This request's passes and result-cache lookups, for its log line and the metrics.
@@ -140,18 +144,41 @@ class InferenceLoader:
             shared = (s.keep_error_term, s.spliced_kinds, s.loss, s.trace, s.layer_norm_scale)
             groups[(s.model, *shared)].append(key)
         results: dict[_Key, RowResult] = {}
+        timeout = self._runner.timeout_s
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         for (name, *switches), group in groups.items():
             entry = self._registry.get(name)
-            rows = await self._runner.submit(entry, tuple(switches), group)
-            first = rows[group[0].spec.pass_key()]  # every row of a group comes from one pass
-            self.stats.add_pass(
-                first.elapsed_s, first.batch_size, len({k.spec.pass_key() for k in group})
-            )
-            for key in group:
-                found = rows[key.spec.pass_key()]
-                results[key] = replace(found, spec=key.spec)
-                self._memo[key.spec.pass_key()] = results[key]
+            for part in _parts(group, self.max_pass_tokens):
+                # Submitted one after another: whatever other requests queued meanwhile runs
+                # between the parts, rather than waiting for all of them.
+                rows = await self._runner.submit(entry, tuple(switches), part, deadline)
+                first = rows[part[0].spec.pass_key()]  # every row of a part shares one pass
+                self.stats.add_pass(
+                    first.elapsed_s, first.batch_size, len({k.spec.pass_key() for k in part})
+                )
+                for key in part:
+                    found = rows[key.spec.pass_key()]
+                    results[key] = replace(found, spec=key.spec)
+                    self._memo[key.spec.pass_key()] = results[key]
         return [results[key] for key in keys]
+
+
+def _parts(keys: list[_Key], max_tokens: int) -> list[list[_Key]]:
+    """`keys` in parts of at most `max_tokens` prompt tokens (one input longer than that is a
+    part of its own), in order; every key of one input in the same part."""
+    by_input: dict[Hashable, list[_Key]] = defaultdict(list)
+    for key in keys:
+        by_input[key.spec.pass_key()].append(key)
+    parts: list[list[_Key]] = []
+    tokens = 0
+    for same_input in by_input.values():
+        n = len(same_input[0].spec.tokens)
+        if not parts or (max_tokens > 0 and tokens + n > max_tokens):
+            parts.append([])
+            tokens = 0
+        parts[-1].extend(same_input)
+        tokens += n
+    return parts
 
 
 def run_batch(entry: ModelEntry, keys: list[_Key]) -> dict[Hashable, RowResult]:

@@ -147,7 +147,12 @@ class RequestContext:
             services = Services(services, settings or Settings())
         return cls(
             services,
-            InferenceLoader(services.registry, services.runner, services.results),
+            InferenceLoader(
+                services.registry,
+                services.runner,
+                services.results,
+                max_pass_tokens=services.settings.max_pass_tokens,
+            ),
             NodeDataLoaders(services.registry, services.cache),
             request,
             response,
