@@ -8,6 +8,7 @@ from bench import (
     concurrency,
     demo_heads,
     dictionaries,
+    fairness,
     generation,
     load,
     node_lookup,
@@ -28,6 +29,7 @@ def main() -> None:
     node_lookup.main()
     demo_heads.main()
     concurrency.main()
+    fairness.main()
     generation.main()
     payload.main()
     startup.main()
