@@ -313,6 +313,11 @@ async def test_bottom_predictions_are_the_least_likely_learned_tokens(
             'dictionary: "nope") { totalCount } } } }',
             "'tiny-stdlib' has no node kind 'nope'",
         ),
+        (
+            '{ model(name: "tiny-stdlib") { node(layer: 1, kind: DICTIONARY_LATENT, '
+            'dictionary: "nope", index: 3) { id } } }',
+            "'tiny-stdlib' has no node kind 'nope' (known: token_embedding, mlp_neuron",
+        ),
     ],
 )
 async def test_a_filter_by_a_kind_no_model_has_is_refused(

@@ -109,7 +109,10 @@ def nodes_from_ids(ctx: RequestContext, node_ids: list[str]) -> list[NodeRef]:
 
 
 def node(ctx: RequestContext, model_name: str, kind: str, layer: int, index: int) -> NodeRef:
-    return ctx.registry.get(model_name).node(kind, layer, index)
+    entry = ctx.registry.get(model_name)
+    # Checked first: the client gave a kind (a dictionary's name), not an id to call invalid.
+    entry.check_kind(kind)
+    return entry.node(kind, layer, index)
 
 
 def node_kind_counts(
