@@ -14,8 +14,9 @@ Three corrections to strawberry's defaults:
   connection stays open; strawberry closes the connection for some, and for others crashes
   the handler or the operation's task, so that the client sees only `complete`, a dropped
   connection or nothing at all. A message that cannot be answered by id (not a JSON object, an
-  id that is not a string) is refused as each protocol says: graphql-transport-ws closes with
-  4400 and the reason, graphql-ws answers `connection_error`.
+  id that is not a string, for graphql-ws a frame that is not JSON) is refused as each protocol
+  says: graphql-transport-ws closes with 4400 and the reason, graphql-ws answers
+  `connection_error`.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from graphql import GraphQLError
 from starlette.websockets import WebSocketDisconnect
 from strawberry.asgi import ASGIWebSocketAdapter
-from strawberry.http.exceptions import WebSocketDisconnected
+from strawberry.http.exceptions import NonJsonMessageReceived, WebSocketDisconnected
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
 )
@@ -74,7 +75,26 @@ def payload_refusal(payload: object) -> GraphQLError | None:
     return None
 
 
+# What TextFrameAdapter hands the graphql-ws handler for a text frame that is not JSON.
+NOT_JSON = object()
+
+
 class TextFrameAdapter(ASGIWebSocketAdapter):
+    async def iter_json(
+        self, *, ignore_parsing_errors: bool = False
+    ) -> AsyncGenerator[object, None]:
+        """As strawberry reads frames, except where it would skip a frame that is not JSON
+        (graphql-ws asks that): NOT_JSON, which the handler answers, in its place."""
+        while True:
+            try:
+                async for message in super().iter_json():
+                    yield message
+                return
+            except NonJsonMessageReceived:
+                if not ignore_parsing_errors:
+                    raise
+                yield NOT_JSON
+
     async def send_json(self, message: Mapping[str, object]) -> None:
         encoded = self.view.encode_json(message)
         text = encoded.decode() if isinstance(encoded, bytes) else encoded
@@ -115,7 +135,9 @@ class TransportProtocolHandler(BaseGraphQLTransportWSHandler[Any, Any]):
 
 class LegacyProtocolHandler(BaseGraphQLWSHandler[Any, Any]):
     async def handle_message(self, message: OperationMessage) -> None:
-        if not isinstance(message, dict):
+        if message is NOT_JSON:
+            await self.send_connection_error("A message must be JSON.")
+        elif not isinstance(message, dict):
             await self.send_connection_error("A message must be a JSON object.")
         elif message.get("type") in ("start", "stop") and not isinstance(message.get("id"), str):
             await self.send_connection_error(f"A {message['type']} message's id must be a string.")

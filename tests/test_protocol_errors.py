@@ -399,3 +399,13 @@ def test_graphql_ws_answers_a_message_it_cannot_read_with_a_connection_error(
             reason or "A start message's id must be a string.",
         )
         assert_legacy_ws_still_runs(ws)
+
+
+def test_graphql_ws_answers_a_frame_that_is_not_json(http: TestClient) -> None:
+    """strawberry skips it silently; the client would wait for an answer that never comes."""
+    with legacy_ws(http) as ws:
+        ws.send_text("{not json")
+        answer = receive_json(ws)
+        assert answer["type"] == "connection_error"
+        assert error_of([answer["payload"]]) == ("BAD_REQUEST", "A message must be JSON.")
+        assert_legacy_ws_still_runs(ws)
