@@ -9,11 +9,13 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import socket
 import sys
 import tempfile
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -30,9 +32,10 @@ class Listen:
     """Where `serve` listens and how it runs (its flags are these fields: options.py)."""
 
     host: str = option("127.0.0.1", help="the address to listen on")
-    port: int = option(8000, help="the port to listen on")
+    port: int = option(8000, help="the port to listen on", maximum=65535)
     workers: int = option(
         1,
+        minimum=1,
         help="GraphQL worker processes on this port, each with its own copy of the model (or "
         "its own handle on the --ray deployment); share jobs and caches with --redis",
     )
@@ -151,7 +154,32 @@ def _refused(listen: Listen, options: Any) -> str | None:
         return "--body-timeout must not be negative"
     if options.remote_timeout_s < 0:
         return "--remote-timeout must not be negative"
+    try:
+        re.compile(options.settings.cors_origin_regex)
+    except re.error as exc:
+        return f"--cors-origin-regex {options.settings.cors_origin_regex!r} is no regex ({exc})"
+    if not options.explanation_store:
+        return "--explanation-store must name a file (or be :memory:)"
+    for flag, url in (("--redis", options.redis), ("--cache", options.cache)):
+        if url is not None and url.startswith(("redis://", "rediss://", "unix://")):
+            problem = _redis_url_problem(url)
+            if problem is not None:
+                return f"{flag} {url}: {problem}"
     return _port_in_use(listen.host, listen.port)
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """What redis-py would refuse in `url` when it first connects (after the model loaded)."""
+    import redis
+
+    try:
+        redis.Redis.from_url(url)
+    except ValueError as exc:
+        return str(exc)
+    database = urllib.parse.urlsplit(url).path.strip("/")
+    if database and not database.isdigit():
+        return f"the database must be a number, not {database!r}"
+    return None
 
 
 WORKER_OPTIONS_ENV = "INTERPQL_WORKER_OPTIONS"
@@ -244,7 +272,11 @@ def _export_schema(args: argparse.Namespace) -> int:
 
     sdl = build_schema().as_str() + "\n"
     if args.output:
-        Path(args.output).write_text(sdl)
+        try:
+            Path(args.output).write_text(sdl)
+        except OSError as exc:
+            print(f"interpql: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     else:
         sys.stdout.write(sdl)
     return 0
@@ -255,6 +287,10 @@ def _build_demo(args: argparse.Namespace) -> int:
     from interpql.demo.build import build_demo, rebuild_dictionaries, rebuild_explanations
 
     out = Path(args.out) if args.out else DEMO_DIR
+    problem = _demo_build_problem(args, out)
+    if problem is not None:
+        print(f"interpql: cannot build the demo: {problem}", file=sys.stderr)
+        return 2
     if args.only_dictionaries:
         rebuild_dictionaries(out, progress=True)
     elif args.only_explanations:
@@ -269,6 +305,21 @@ def _build_demo(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
         )
     return 0
+
+
+def _demo_build_problem(args: argparse.Namespace, out: Path) -> str | None:
+    """What would stop a build part-way (minutes of training in): found before it starts."""
+    import torch
+
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder"
+    if (args.only_dictionaries or args.only_explanations) and not (
+        out / "weights.safetensors"
+    ).is_file():
+        return f"{out} holds no built demo (weights.safetensors) to rebuild a part of"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        return f"--device {args.device}: torch here has no CUDA device"
+    return None
 
 
 def _positive_int(text: str) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, TypeVar
@@ -41,9 +42,20 @@ def option(
     choices: tuple[str, ...] | None = None,
     metavar: str | None = None,
     default_factory: Any = _UNSET,
+    minimum: float = 0,
+    maximum: float | None = None,
 ) -> Any:
-    """A dataclass field that is a command-line option (see the module docstring)."""
-    metadata = {"help": help, "flag": flag, "group": group, "choices": choices, "metavar": metavar}
+    """A dataclass field that is a command-line option (see the module docstring). A number
+    must be finite and within [`minimum`, `maximum`] (by default, not negative)."""
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "group": group,
+        "choices": choices,
+        "metavar": metavar,
+        "minimum": minimum,
+        "maximum": maximum,
+    }
     if default_factory is not _UNSET:
         return dataclasses.field(default_factory=default_factory, metadata={"option": metadata})
     return dataclasses.field(default=default, metadata={"option": metadata})
@@ -119,10 +131,32 @@ def add_options(
             continue
         if meta["choices"] is not None:
             named["choices"] = meta["choices"]
+        convert = _scalar(kind)
+        if convert in (int, float):
+            convert = _bounded(convert, meta.get("minimum", 0), meta.get("maximum"))
         if _is_sequence(kind):
-            target.add_argument(flag, action="append", type=_scalar(kind), default=[], **named)
+            target.add_argument(flag, action="append", type=convert, default=[], **named)
         else:
-            target.add_argument(flag, type=_scalar(kind), default=default, **named)
+            target.add_argument(flag, type=convert, default=default, **named)
+
+
+def _bounded(kind: type[Any], minimum: float, maximum: float | None) -> Any:
+    """argparse's converter to `kind`, refusing what is not finite or out of bounds: a limit
+    of -1 or nan is never meant, and would refuse every request or none, silently."""
+
+    def convert(text: str) -> Any:
+        value = kind(text)
+        if not (
+            math.isfinite(value) and value >= minimum and (maximum is None or value <= maximum)
+        ):
+            bounds = (
+                f"at least {minimum:g}" if maximum is None else f"in [{minimum:g}, {maximum:g}]"
+            )
+            raise argparse.ArgumentTypeError(f"must be a finite number {bounds}, not {text}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in "invalid int value" errors
+    return convert
 
 
 def _group(parser: argparse.ArgumentParser, title: str) -> Any:

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from interpql.backends.gpt2.loading import load_weights, save_hf_folder, save_tdb_folder
 from interpql.loaders.sources import ExplanationStore
 from interpql.specs import parse_node_id
@@ -146,8 +148,63 @@ def test_a_port_in_use_is_found_before_the_model_loads() -> None:
     assert refused_in < time.monotonic() - building
 
 
-def test_a_negative_header_timeout() -> None:
-    assert_refused(start_up(*TINY, "--header-timeout", "-1"), "--header-timeout")
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--header-timeout", "-1"),
+        ("--max-batch", "-1"),
+        ("--inference-timeout", "nan"),
+        ("--explainer-temperature", "inf"),
+        ("--port", "99999"),
+        ("--workers", "0"),
+    ],
+)
+def test_a_number_out_of_its_bounds_is_refused_naming_the_option(flag: str, value: str) -> None:
+    """Before the model loads: a limit of -1 or nan refused every request, or none, silently;
+    a port out of range was a traceback."""
+    status, text, _ = start_up(*TINY, flag, value)
+    assert status == 2 and "Traceback" not in text, text
+    [line] = [line for line in text.splitlines() if "error:" in line]
+    assert f"argument {flag}: must be a finite number" in line and value in line
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (("--cors-origin-regex", "("), "--cors-origin-regex '(' is no regex"),
+        (("--redis", "redis://127.0.0.1:99999"), "--redis redis://127.0.0.1:99999: Port out"),
+        (("--redis", "redis://127.0.0.1:6390/abc"), "the database must be a number, not 'abc'"),
+        (("--explanation-store", ""), "--explanation-store must name a file"),
+    ],
+)
+def test_options_that_fail_later_are_refused_before_the_model_loads(
+    args: tuple[str, ...], named: str
+) -> None:
+    """They were tracebacks, or one line only after the model had loaded, not naming the
+    option."""
+    assert_refused(start_up(*TINY, "--no-model", *args), named)
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("export-schema", "-o", "/nonexistent/dir/schema.graphql"), "cannot write /nonexistent"),
+        (("build-demo", "--only-explanations", "--out", "{empty}"), "holds no built demo"),
+        (("build-demo", "--quick", "--out", "{file}"), "is a file, not a folder"),
+    ],
+)
+def test_other_commands_refuse_in_one_line(
+    tmp_path: Path, args: tuple[str, ...], said: str
+) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("")
+    given = [a.format(empty=tmp_path / "empty", file=tmp_path / "file") for a in args]
+    done = subprocess.run(
+        [sys.executable, "-m", "interpql.cli", *given], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith("interpql: cannot") and said in line, line
 
 
 def test_storage_that_cannot_be_reached_is_given_up_in_bounded_time() -> None:
