@@ -37,7 +37,21 @@ def read_deployment(path: str) -> list[dict[str, Any]]:
     models = data.get("model")
     if unknown or not isinstance(models, list) or not models:
         raise FileProblem(path, "expected one or more [[model]] tables and nothing else")
-    return [_model(path, i, table) for i, table in enumerate(models)]
+    read = [_model(path, i, table) for i, table in enumerate(models)]
+    first_named: dict[str, int] = {}
+    for i, fields in enumerate(read):
+        # Found here, not after both models have loaded (names left out are the models'
+        # defaults, known only once loaded; the registry refuses a clash of those).
+        name = fields.get("name")
+        if name:
+            if name in first_named:
+                raise FileProblem(
+                    path,
+                    f"[[model]] number {i + 1}: the name {name!r} is taken by [[model]] number "
+                    f"{first_named[name] + 1}",
+                )
+            first_named[name] = i
+    return read
 
 
 def _model(path: str, i: int, table: Any) -> dict[str, Any]:

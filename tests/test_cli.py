@@ -64,6 +64,18 @@ def test_a_garbage_explanation_store(tmp_path: Path) -> None:
     assert "not a SQLite database" in line
 
 
+def test_another_programs_database_is_not_taken_for_an_explanation_store(tmp_path: Path) -> None:
+    """It was accepted, and the server created its table inside it."""
+    store = tmp_path / "theirs.sqlite"
+    with sqlite3.connect(store) as db:
+        db.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+    line = assert_refused(start_up(*TINY, "--explanation-store", str(store)), store)
+    assert "holds tables that are not an explanation store's (invoices)" in line
+    with sqlite3.connect(store) as db:
+        tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master")]
+    assert tables == ["invoices"]
+
+
 def test_an_explanation_store_with_a_corrupt_index_page(tmp_path: Path) -> None:
     store = tmp_path / "store.sqlite"
     filled_store(store)

@@ -110,6 +110,10 @@ no_model = true
         ("name = 'x'\n", "expected one or more [[model]] tables"),
         ("[[model]]\ndictionaries = { res = 3 }\n", "dictionary 'res' must be a path"),
         ("[[model]\n", "cannot be read as a deployment file"),
+        (
+            "[[model]]\nname = 'a'\n[[model]]\nname = 'b'\n[[model]]\nname = 'a'\n",
+            "[[model]] number 3: the name 'a' is taken by [[model]] number 1",
+        ),
     ],
 )
 def test_a_bad_deployment_file_is_named(tmp_path: Path, text: str, message: str) -> None:

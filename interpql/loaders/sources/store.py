@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from interpql.file_errors import open_sqlite, reading
+from interpql.file_errors import FileProblem, open_sqlite, reading
 from interpql.loaders.sources.base import ExplanationData, NodeSource, RecordAnswer
 from interpql.specs import NodeRef, parse_node_id
 
@@ -57,6 +57,18 @@ class ExplanationStore(NodeSource):
         else:
             self._db = open_sqlite(self.path, "the explanation store")
         with self._lock, reading(self.path, "the explanation store"):
+            foreign = sorted(
+                name
+                for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                if name != "explanations" and not name.startswith("sqlite_")
+            )
+            if foreign:
+                # Another program's database: tables of ours written into it are not ours to add.
+                raise FileProblem(
+                    self.path,
+                    f"holds tables that are not an explanation store's ({', '.join(foreign[:5])}): "
+                    "give --explanation-store a file of its own",
+                )
             if self.path != ":memory:":
                 self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
