@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 
 class FileProblem(ValueError):
@@ -34,6 +35,15 @@ def reading(path: str | Path, expected: str) -> Iterator[None]:
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         cause = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
         raise FileProblem(path, f"cannot be read as {expected} ({cause})") from exc
+
+
+def require_finite(path: str | Path, tensors: Mapping[str, Any]) -> None:
+    """FileProblem naming the first floating tensor of `tensors` (torch's) that holds a NaN or
+    an infinity: loaded, such weights served NaN, which no GraphQL Float carries, or zeros."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            bad = int((~tensor.isfinite()).sum())
+            raise FileProblem(path, f"tensor {name!r} holds {bad} NaN or infinite values")
 
 
 def open_sqlite(path: str | Path, what: str) -> sqlite3.Connection:

@@ -114,6 +114,30 @@ def test_a_garbage_autoencoder_file(tmp_path: Path) -> None:
     assert "state dict" in line
 
 
+def test_weights_holding_nan_are_refused_naming_the_tensor(tmp_path: Path) -> None:
+    """They loaded, and served NaN (no GraphQL Float carries it) or silent zeros."""
+    cfg, state = load_weights("random:tiny")
+    state["xf_layers.0.mlp.in_layer.weight"][3, 5] = float("nan")
+    folder = tmp_path / "hf"
+    save_hf_folder(folder, cfg, state)
+    line = assert_refused(start_up("--model", str(folder)), folder)
+    assert "holds 1 NaN or infinite values" in line
+
+
+def test_a_dictionary_holding_infinities_is_refused_naming_the_file(tmp_path: Path) -> None:
+    from interpql.backends.dictionaries.saelens import read_saelens, saelens_config, write_saelens
+    from interpql.file_errors import FileProblem
+    from tests.test_dictionaries import random_tensors
+
+    tensors = random_tensors("topk", 8, 8, 16, seed=1)
+    tensors["W_dec"][2, 1] = float("inf")
+    config = saelens_config("topk", 8, 16, "blocks.0.hook_resid_post", k=4)
+    write_saelens(tmp_path / "sae", config, tensors)
+    with pytest.raises(FileProblem, match="'W_dec' holds 1 NaN or infinite values") as raised:
+        read_saelens(str(tmp_path / "sae"))
+    assert "sae_weights.safetensors" in str(raised.value)
+
+
 def test_a_truncated_safetensors_file(tmp_path: Path) -> None:
     folder = tmp_path / "hf"
     save_hf_folder(folder, *load_weights("random:tiny"))

@@ -14,7 +14,7 @@ import torch
 from interpql.backends import remote
 from interpql.backends.autoencoder import SparseAutoencoder
 from interpql.backends.base import AutoencoderInput
-from interpql.file_errors import FileProblem, reading
+from interpql.file_errors import FileProblem, reading, require_finite
 
 _PUBLIC = "az://openaipublic/sparse-autoencoder/gpt2-small"
 REGISTERED_AUTOENCODERS: dict[str, tuple[str, AutoencoderInput]] = {
@@ -38,6 +38,7 @@ def read_autoencoder(path: str, data: bytes | None = None) -> SparseAutoencoder:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise FileProblem(path, "does not hold a state dict")
+    require_finite(path, {k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
     try:
         return SparseAutoencoder.from_state_dict(state)
     except ValueError as exc:

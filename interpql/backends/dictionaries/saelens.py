@@ -34,7 +34,7 @@ from safetensors.torch import load, save_file
 
 from interpql.backends import remote
 from interpql.backends.dictionaries.base import Dictionary
-from interpql.file_errors import reading
+from interpql.file_errors import reading, require_finite
 
 ARCHITECTURES = (
     "standard",
@@ -280,7 +280,9 @@ def read_saelens(path: str, scaling_factor: float | None = None) -> SaeLensDicti
         cfg = parse_config(raw)
     with reading(weights_path, "a SAELens sae_weights.safetensors"):
         [raw_weights] = remote.read_files([weights_path], "a SAELens dictionary's weights")
-        dictionary = SaeLensDictionary(cfg, load(raw_weights), scaling_factor)
+        tensors = load(raw_weights)
+        require_finite(weights_path, tensors)
+        dictionary = SaeLensDictionary(cfg, tensors, scaling_factor)
     return dictionary
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from interpql.backends import remote
 from interpql.backends.gpt2.model import GPT2, PRESETS, GPT2Config, init_random
-from interpql.file_errors import FileProblem, reading
+from interpql.file_errors import FileProblem, reading, require_finite
 
 # Transformer Debugger's public GPT-2 folders, readable where the network allows.
 REGISTERED_MODELS: dict[str, str] = {
@@ -282,6 +282,12 @@ def load_weights(spec: str) -> tuple[GPT2Config, StateDict]:
         cfg, seed = _preset(spec)
         return cfg, {k: v.detach() for k, v in random_model(cfg, seed).state_dict().items()}
     location = REGISTERED_MODELS.get(spec, spec)
+    cfg, state = _load_located(spec, location)
+    require_finite(location, state)
+    return cfg, state
+
+
+def _load_located(spec: str, location: str) -> tuple[GPT2Config, StateDict]:
     if "://" in location:
         return load_tdb_folder(location)
     root = Path(location)
