@@ -319,7 +319,9 @@ def _loaded_model(options: ServeOptions) -> ModelEntry:
         name, sep, folder = spec.partition("=")
         if not sep or not name or not folder:
             raise ValueError(f"--neuronpedia-source {spec!r}: expected NAME=FOLDER")
-        entry.sources.append(NeuronpediaFolderSource(name, folder))
+        source = NeuronpediaFolderSource(name, folder)
+        source.check_nodes(entry.node_count, entry.architecture.n_layers)
+        entry.sources.append(source)
     log.info(
         "model %s (%s on %s, %s): loaded in %.1f s, resident memory +%.0f MB; kinds: %s",
         entry.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import OrderedDict, defaultdict
@@ -24,9 +25,14 @@ from interpql.loaders.sources.base import (
 from interpql.loaders.sources.compact_format import (
     STATISTICS,
     ExplanationTable,
+    GroupKey,
     RecordStore,
+    group_problem,
 )
+from interpql.loaders.sources.tdb import BrokenRecordError
 from interpql.specs import NodeRef
+
+log = logging.getLogger(__name__)
 
 # Records kept built (with the examples read of them): about 15 MB at 5 examples each. Every
 # full collection scans them (~10 objects each), so a few lookups' worth, not a layer's.
@@ -52,6 +58,9 @@ class CompactSource(NodeSource):
         # again is most of its time.
         self._built: OrderedDict[tuple[str, int, int], NodeRecordData] = OrderedDict()
         self._built_lock = threading.Lock()
+        # Each group's problem (None: it is sound), found on its first read. A store loaded
+        # from files was checked then; one built in memory is checked here, once.
+        self._problems: dict[GroupKey, str | None] = {}
 
     @classmethod
     def open(cls, name: str, folder: Path, decode: Callable[[int], str]) -> CompactSource:
@@ -69,17 +78,46 @@ class CompactSource(NodeSource):
                 if key in self._built:
                     self._built.move_to_end(key)
                     found[position] = self._built[key]
+                elif self._group_problem(node.kind, node.layer) is not None:
+                    found[position] = self._unreadable(node)
                 elif 0 <= node.index < self.records.count(node.kind, node.layer):
                     by_group[(node.kind, node.layer)].append(position)
         for (kind, layer), positions in by_group.items():
             indices = [nodes[p].index for p in positions]
-            records = self._group_records(kind, layer, indices)
+            try:
+                records = self._group_records(kind, layer, indices)
+            except Exception as exc:  # whatever the arrays hold that the checks missed
+                log.warning("source %s: cannot read %s %d: %r", self.name, kind, layer, exc)
+                for p in positions:
+                    found[p] = self._unreadable(nodes[p])
+                continue
             with self._built_lock:
                 for p, index, record in zip(positions, indices, records, strict=True):
                     found[p] = self._built.setdefault((kind, layer, index), record)
                 while len(self._built) > MAX_BUILT_RECORDS:
                     self._built.popitem(last=False)
         return found
+
+    def _group_problem(self, kind: str, layer: int) -> str | None:
+        key = (kind, layer)
+        if key not in self._problems:
+            try:
+                arrays = self.records.arrays(kind, layer)
+            except KeyError:  # no such group: its nodes have no records here
+                return None
+            problem = group_problem(
+                arrays,
+                len(arrays.get("mean", ())),
+                self.records.layout.window,
+                len(self.records.tokens),
+            )
+            if problem is not None:
+                log.warning("source %s: %s.%d.%s", self.name, kind, layer, problem)
+            self._problems[key] = problem
+        return self._problems[key]
+
+    def _unreadable(self, node: NodeRef) -> BrokenRecordError:
+        return BrokenRecordError(f"The {self.name} data of {node.id} is unreadable.")
 
     def _group_records(self, kind: str, layer: int, indices: list[int]) -> list[NodeRecordData]:
         arrays = self.records.arrays(kind, layer)
@@ -125,6 +163,17 @@ class CompactSource(NodeSource):
     ) -> list[Example]:
         """Stored windows (`which`: "top" or "random"), the `slots[i]`th of node `indices[i]`,
         as Examples: one gather of all their tokens and activations."""
+        try:
+            return self._gathered(kind, layer, which, indices, slots)
+        except Exception as exc:  # read lazily, in a resolver: fail that field, typed
+            log.warning("source %s: cannot read %s %d windows: %r", self.name, kind, layer, exc)
+            raise BrokenRecordError(
+                f"The {self.name} data of {kind} nodes in layer {layer} is unreadable."
+            ) from exc
+
+    def _gathered(
+        self, kind: str, layer: int, which: str, indices: Sequence[int], slots: Sequence[int]
+    ) -> list[Example]:
         arrays = self.records.arrays(kind, layer)
         offsets = arrays[f"{which}_offsets"][indices, slots]
         window, tokens = self.records.layout.window, self.records.tokens

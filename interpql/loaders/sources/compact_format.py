@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from interpql.backends.explanations.scoring import tdb_scored_explanation
+from interpql.file_errors import FileProblem, reading
 
 GroupKey = tuple[str, int]  # (node kind, layer)
 
@@ -207,21 +208,119 @@ class RecordStore:
 
     @classmethod
     def load(cls, directory: str | Path) -> RecordStore:
+        """The store in `directory`; FileProblem naming the file (and its array or key) that
+        does not fit: every array's presence, dtype and shape against the header, and every
+        window offset inside the corpus, are checked here (a few milliseconds for the demo)."""
         root = Path(directory)
-        header = json.loads((root / "header.json").read_text())
-        if header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{root} holds no node records of format {FORMAT} v{FORMAT_VERSION}")
-        with np.load(root / "records.npz") as npz:
+        header_path, arrays_path = root / "header.json", root / "records.npz"
+        with reading(header_path, "a node-records header (JSON)"):
+            header = json.loads(header_path.read_text())
+        layout, groups_of = _read_header(header_path, header)
+        # Opened here, not by np.load: it leaves the file open when the zip does not parse.
+        with (
+            reading(arrays_path, "node-record arrays (.npz)"),
+            arrays_path.open("rb") as file,
+            np.load(file) as npz,
+        ):
             arrays = {name: npz[name] for name in npz.files}
+        tokens = arrays.get("tokens")
+        if tokens is None or tokens.dtype.kind not in "iu" or tokens.ndim != 1:
+            raise FileProblem(arrays_path, "array tokens: expected a 1-d array of token ids")
+        if header.get("n_tokens", len(tokens)) != len(tokens):
+            raise FileProblem(
+                arrays_path,
+                f"holds {len(tokens)} tokens; {header_path.name} says {header['n_tokens']}",
+            )
         groups: dict[GroupKey, dict[str, np.ndarray]] = {}
-        for g in header["groups"]:
-            prefix = f"{g['kind']}.{g['layer']}."
-            groups[(g["kind"], g["layer"])] = {
+        for group in groups_of:
+            prefix = f"{group.kind}.{group.layer}."
+            found = {
                 name.removeprefix(prefix): value
                 for name, value in arrays.items()
                 if name.startswith(prefix)
             }
-        return cls(RecordLayout(**header["layout"]), arrays["tokens"], groups)
+            problem = group_problem(found, group.n_nodes, layout.window, len(tokens))
+            if problem is not None:
+                raise FileProblem(arrays_path, f"array {prefix}{problem}")
+            groups[(group.kind, group.layer)] = found
+        return cls(layout, tokens, groups)
+
+
+def _read_header(path: Path, header: Any) -> tuple[RecordLayout, list[NodeGroup]]:
+    if not isinstance(header, dict):
+        raise FileProblem(path, "expected a JSON object")
+    if header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
+        raise FileProblem(path, f"holds no node records of format {FORMAT} v{FORMAT_VERSION}")
+    for key in ("layout", "groups"):
+        if key not in header:
+            raise FileProblem(path, f"has no {key!r}")
+    layout = header["layout"]
+    if not isinstance(layout, dict) or set(layout) != set(RecordLayout.__dataclass_fields__):
+        fields = ", ".join(RecordLayout.__dataclass_fields__)
+        raise FileProblem(path, f"'layout' must be an object of {fields}")
+    if not all(_is_count(v) for v in layout.values()) or layout["window"] < 1:
+        raise FileProblem(path, "'layout' must hold whole numbers >= 0 (a window >= 1)")
+    groups = header["groups"]
+    if not isinstance(groups, list) or not all(
+        isinstance(g, dict)
+        and isinstance(g.get("kind"), str)
+        and _is_count(g.get("layer"))
+        and _is_count(g.get("n_nodes"))
+        for g in groups
+    ):
+        raise FileProblem(path, "'groups' must be a list of {kind, layer, n_nodes}")
+    return RecordLayout(**layout), [NodeGroup(g["kind"], g["layer"], g["n_nodes"]) for g in groups]
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# Each group array's element kind and shape: "n" a node, "w" a window's tokens, letters the
+# group's own sizes (top, random, quantile buckets, windows per bucket, boundaries).
+_GROUP_ARRAYS = {
+    "top_offsets": ("offset", "nt"),
+    "top_acts": ("value", "ntw"),
+    "random_offsets": ("offset", "nr"),
+    "random_acts": ("value", "nrw"),
+    "quantile_offsets": ("offset", "nqp"),
+    "quantile_acts": ("value", "nqpw"),
+    "quantile_boundaries": ("value", "nb"),
+    **{name: ("value", "n") for name in STATISTICS},
+}
+# numpy's dtype kinds of each element, and their name in a message.
+_ELEMENTS = {"offset": ("iu", "integers"), "value": ("f", "floats")}
+# nan where the moment is undefined (a constant node); served as unknown.
+_MAY_BE_NAN = frozenset({"skewness", "kurtosis"})
+
+
+def group_problem(
+    arrays: Mapping[str, np.ndarray], n_nodes: int, window: int, n_tokens: int
+) -> str | None:
+    """What is wrong with one group's arrays (`<array>: why`), or None. Offsets are -1 (no
+    window) or where a window starts in the corpus; served values are finite."""
+    sizes = {"n": n_nodes, "w": window}
+    for name, (element, axes) in _GROUP_ARRAYS.items():
+        array = arrays.get(name)
+        if array is None:
+            return f"{name}: missing"
+        dtype_kinds, described = _ELEMENTS[element]
+        if array.dtype.kind not in dtype_kinds:
+            return f"{name}: holds {array.dtype}, expected {described}"
+        if array.ndim != len(axes):
+            return f"{name}: has {array.ndim} dimensions, expected {len(axes)}"
+        for axis, size in zip(axes, array.shape, strict=True):
+            expected = sizes.setdefault(axis, size)
+            if size != expected:
+                return (
+                    f"{name}: shape {array.shape} does not fit the group's other arrays "
+                    f"({n_nodes} nodes, windows of {window} tokens)"
+                )
+        if element == "offset" and array.size and (array.min() < -1 or array.max() >= n_tokens):
+            return f"{name}: an offset outside the corpus's {n_tokens} tokens"
+        if element == "value" and name not in _MAY_BE_NAN and not np.isfinite(array).all():
+            return f"{name}: holds a value that is not finite"
+    return None
 
 
 def tdb_neuron_id(layer: int, index: int) -> dict[str, Any]:
@@ -301,12 +400,20 @@ class ExplanationTable:
 
     @classmethod
     def load(cls, directory: str | Path) -> ExplanationTable:
-        table = json.loads(gzip.decompress((Path(directory) / EXPLANATIONS_FILE).read_bytes()))
+        """The table in `directory`; FileProblem naming the file (and its column) that does
+        not fit."""
+        path = Path(directory) / EXPLANATIONS_FILE
+        with reading(path, "interpql explanations (gzipped JSON)"):
+            table = json.loads(gzip.decompress(path.read_bytes()))
         if (
-            table.get("format") != EXPLANATIONS_FORMAT
+            not isinstance(table, dict)
+            or table.get("format") != EXPLANATIONS_FORMAT
             or table.get("version") != EXPLANATIONS_FORMAT_VERSION
         ):
-            raise ValueError(f"{directory} holds no explanations of format {EXPLANATIONS_FORMAT}")
+            raise FileProblem(path, f"holds no explanations of format {EXPLANATIONS_FORMAT}")
+        problem = _explanation_table_problem(table)
+        if problem is not None:
+            raise FileProblem(path, problem)
         named = {col: [table["names"][col][c] for c in table[col]] for col in _NAMED_COLUMNS}
         scores = [math.nan if s is None else float(s) for s in table["score"]]
         rows = [
@@ -323,6 +430,37 @@ class ExplanationTable:
             )
         ]
         return cls(rows)
+
+
+def _explanation_table_problem(table: dict[str, Any]) -> str | None:
+    """What is wrong with a table's columns (`key: why`), or None."""
+    names = table.get("names")
+    if not isinstance(names, dict):
+        return "'names': missing, or not an object"
+    columns = (*_NAMED_COLUMNS, "layer", "index", "text", "score")
+    for col in columns:
+        if not isinstance(table.get(col), list):
+            return f"{col!r}: missing, or not a list"
+    lengths = {len(table[col]) for col in columns}
+    if len(lengths) > 1:
+        return "the columns are not all of one length"
+    for col in _NAMED_COLUMNS:
+        known = names.get(col)
+        if not isinstance(known, list) or not all(isinstance(n, str) for n in known):
+            return f"'names.{col}': missing, or not a list of strings"
+        if not all(_is_count(c) and c < len(known) for c in table[col]):
+            return f"{col!r}: a code outside names.{col}"
+    for col in ("layer", "index"):
+        if not all(_is_count(v) for v in table[col]):
+            return f"{col!r}: holds a value that is not a whole number >= 0"
+    if not all(isinstance(t, str) for t in table["text"]):
+        return "'text': holds a value that is not a string"
+    if not all(
+        s is None or (isinstance(s, int | float) and not isinstance(s, bool))
+        for s in table["score"]
+    ):
+        return "'score': holds a value that is not a number or null"
+    return None
 
 
 _NAMED_COLUMNS = ("kind", "explainer", "simulator")
