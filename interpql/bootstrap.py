@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -216,6 +217,14 @@ class ServeOptions:
 
 def build_services(options: ServeOptions) -> Services:
     remote.configure(options.remote_timeout_s)
+    for digest in options.api_key_hashes:
+        # Any other text is a key no request can ever present.
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            shown = digest if len(digest) <= 16 else digest[:16] + "..."
+            raise ValueError(
+                f"--api-key-hash {shown!r}: expected a key's SHA-256 digest, 64 hex digits "
+                "(printf %s KEY | sha256sum)"
+            )
     if options.ray is not None and options.settings.coalesce_window_ms is None:
         # The deployment gathers every server's calls into batches; waiting here too would
         # only hold calls back.
@@ -258,6 +267,7 @@ def build_services(options: ServeOptions) -> Services:
     settings = options.settings
     limiter: Limiter | None = None
     if options.redis is not None:
+        _warn_if_silent(options.redis)
         limiter = RedisRateLimiter(
             options.redis,
             settings.rate_limit_requests_per_minute,
@@ -274,6 +284,24 @@ def build_services(options: ServeOptions) -> Services:
         rate_limiter=limiter,
         graphs=open_graph_store(options.redis, options.explanation_store),
     )
+
+
+def _warn_if_silent(url: str) -> None:
+    """A warning at start-up when Redis does not answer: the server runs (it may come later),
+    but jobs, shared rate limits and graphs fail until it does, and the first to hear of it
+    would be a client."""
+    import redis
+
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1) as client:
+            client.ping()
+    except (redis.RedisError, OSError) as exc:
+        log.warning(
+            "--redis %s does not answer (%s): jobs, shared rate limits and attribution graphs "
+            "answer SHARED_STATE_UNAVAILABLE until it does",
+            url,
+            exc,
+        )
 
 
 # The fields of ServeOptions that describe one model (its flags: --model, --name, ...).

@@ -211,6 +211,7 @@ def test_a_number_out_of_its_bounds_is_refused_naming_the_option(flag: str, valu
         (("--redis", "redis://127.0.0.1:99999"), "--redis redis://127.0.0.1:99999: Port out"),
         (("--redis", "redis://127.0.0.1:6390/abc"), "the database must be a number, not 'abc'"),
         (("--explanation-store", ""), "--explanation-store must name a file"),
+        (("--api-key-hash", "xyz"), "--api-key-hash 'xyz': expected a key's SHA-256 digest"),
     ],
 )
 def test_options_that_fail_later_are_refused_before_the_model_loads(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -163,3 +164,19 @@ def test_several_worker_processes_serve_one_port() -> None:
         logged = process.stdout.read().decode() if process.stdout else ""
     # Nothing is shared between the workers without Redis, and the server says so.
     assert "--workers 2 without --redis: each worker counts its own rate limits;" in logged
+
+
+def test_a_redis_that_does_not_answer_is_warned_of_at_start_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The server runs (Redis may come later), but says so before a client finds out."""
+    from interpql.bootstrap import ServeOptions, build_services
+    from tests.processes import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}"  # nothing listens there
+    caplog.set_level(logging.WARNING, logger="interpql.bootstrap")
+    options = ServeOptions(model="random:tiny", no_model=True, redis=url)
+    build_services(options).registry.close()
+    [warning] = [r.getMessage() for r in caplog.records if "does not answer" in r.getMessage()]
+    assert warning.startswith(f"--redis {url} does not answer")
+    assert "SHARED_STATE_UNAVAILABLE until it does" in warning
