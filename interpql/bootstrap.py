@@ -350,6 +350,11 @@ def _loaded_model(options: ServeOptions) -> ModelEntry:
         source = NeuronpediaFolderSource(name, folder)
         source.check_nodes(entry.node_count, entry.architecture.n_layers)
         entry.sources.append(source)
+    names = [source.name for source in entry.sources]
+    taken = sorted({name for name in names if names.count(name) > 1})
+    if taken:
+        # Answers name their source: two of one name could not be told apart.
+        raise ValueError(f"model {entry.name!r}: two node-data sources are named {taken[0]!r}")
     log.info(
         "model %s (%s on %s, %s): loaded in %.1f s, resident memory +%.0f MB; kinds: %s",
         entry.name,
@@ -485,9 +490,12 @@ def _ray_model(options: ServeOptions, address: str) -> ModelEntry:
 def parse_source(spec: str, kinds: list[str]) -> TdbFolderSource:
     """`name=NAME,kind=mlp_neuron,records=URL[,explanations=URL]`: Transformer Debugger folders
     (local paths or blobfile URLs) of one node kind."""
-    fields = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
+    pairs = [part.split("=", 1) for part in spec.split(",") if "=" in part]
+    fields = dict(pairs)
     unknown = set(fields) - {"name", "kind", "records", "explanations"}
-    if unknown or "name" not in fields or "kind" not in fields:
+    if len(fields) < len(pairs):  # a key given twice: which one was meant?
+        raise ValueError(f"--source {spec!r}: each of name, kind, records and explanations once")
+    if unknown or not fields.get("name") or "kind" not in fields:
         raise ValueError(
             f"--source {spec!r}: expected name=NAME,kind=KIND,records=URL[,explanations=URL]"
         )

@@ -138,6 +138,16 @@ def test_a_dictionary_holding_infinities_is_refused_naming_the_file(tmp_path: Pa
     assert "sae_weights.safetensors" in str(raised.value)
 
 
+def test_weights_that_do_not_fit_their_config_are_named_on_one_line(tmp_path: Path) -> None:
+    """torch's shape mismatch was two lines, naming no file."""
+    folder = tmp_path / "hf"
+    save_hf_folder(folder, *load_weights("random:tiny"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_embd": 2 * config["n_embd"]}))
+    line = assert_refused(start_up("--model", str(folder)), folder)
+    assert "the weights do not fit the config" in line and "size mismatch" in line
+
+
 def test_a_truncated_safetensors_file(tmp_path: Path) -> None:
     folder = tmp_path / "hf"
     save_hf_folder(folder, *load_weights("random:tiny"))
@@ -220,6 +230,14 @@ def test_options_that_fail_later_are_refused_before_the_model_loads(
     """They were tracebacks, or one line only after the model had loaded, not naming the
     option."""
     assert_refused(start_up(*TINY, "--no-model", *args), named)
+
+
+def test_sources_that_cannot_be_told_apart_are_refused(tmp_path: Path) -> None:
+    source = f"name=t,kind=mlp_neuron,records={tmp_path}"
+    twice = assert_refused(start_up(*TINY, "--source", source, "--source", source))
+    assert "two node-data sources are named 't'" in twice
+    repeated = assert_refused(start_up(*TINY, "--source", f"{source},records={tmp_path}"))
+    assert "each of name, kind, records and explanations once" in repeated
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from interpql.backends.gpt2.model import GPT2, GPT2Config, KeyValueCache
 from interpql.backends.hooks import HookSession
 from interpql.backends.runtime import check_cacheable, execute
 from interpql.backends.tokenizer import gpt2_encoding
+from interpql.file_errors import FileProblem
 
 
 class NativeGPT2Backend(Backend):
@@ -42,8 +43,15 @@ class NativeGPT2Backend(Backend):
     def load(
         cls, spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32
     ) -> NativeGPT2Backend:
-        cfg, state = load_weights(spec)
-        return cls(build_model(cfg, state), device=device, dtype=dtype)
+        try:
+            cfg, state = load_weights(spec)
+            model = build_model(cfg, state)
+        except RuntimeError as exc:
+            # torch's words for weights that do not fit their config (a shape mismatch, a
+            # negative size), on one line and naming what was loaded.
+            detail = " ".join(str(exc).split())[:300]
+            raise FileProblem(spec, f"the weights do not fit the config ({detail})") from exc
+        return cls(model, device=device, dtype=dtype)
 
     def forward(self, request: ForwardRequest) -> ForwardResult:
         return execute(
