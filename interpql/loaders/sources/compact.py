@@ -58,8 +58,8 @@ class CompactSource(NodeSource):
         # again is most of its time.
         self._built: OrderedDict[tuple[str, int, int], NodeRecordData] = OrderedDict()
         self._built_lock = threading.Lock()
-        # Each group's problem (None: it is sound), found on its first read. A store loaded
-        # from files was checked then; one built in memory is checked here, once.
+        # Each group's problem (None: it is sound), found on its first read, for a store built
+        # in memory (a loaded one was checked as it loaded: RecordStore.checked).
         self._problems: dict[GroupKey, str | None] = {}
 
     @classmethod
@@ -99,6 +99,8 @@ class CompactSource(NodeSource):
         return found
 
     def _group_problem(self, kind: str, layer: int) -> str | None:
+        if self.records.checked:
+            return None
         key = (kind, layer)
         if key not in self._problems:
             try:

@@ -107,10 +107,14 @@ class RecordStore:
         layout: RecordLayout,
         tokens: np.ndarray,
         groups: Mapping[GroupKey, Mapping[str, np.ndarray]],
+        checked: bool = False,
     ) -> None:
         self.layout = layout
         self.tokens = tokens  # [n_tokens] uint16
         self._groups: dict[GroupKey, Mapping[str, np.ndarray]] = dict(groups)
+        # Whether every group passed group_problem already (load checks them; a store built
+        # in memory is checked by its reader).
+        self.checked = checked
 
     def groups(self) -> list[NodeGroup]:
         return [NodeGroup(k, layer, len(a["mean"])) for (k, layer), a in self._groups.items()]
@@ -243,7 +247,7 @@ class RecordStore:
             if problem is not None:
                 raise FileProblem(arrays_path, f"array {prefix}{problem}")
             groups[(group.kind, group.layer)] = found
-        return cls(layout, tokens, groups)
+        return cls(layout, tokens, groups, checked=True)
 
 
 def _read_header(path: Path, header: Any) -> tuple[RecordLayout, list[NodeGroup]]:
