@@ -145,15 +145,8 @@ def _run_uvicorn(app: Any, listen: Listen, settings: Settings) -> None:
 
 def _refused(listen: Listen, options: Any) -> str | None:
     """What makes these options unservable, found before the model loads (which can take
-    minutes): a port in use is known at once."""
-    if listen.workers < 1:
-        return "--workers must be at least 1"
-    if options.settings.header_timeout_s < 0:
-        return "--header-timeout must not be negative"
-    if options.settings.body_timeout_s < 0:
-        return "--body-timeout must not be negative"
-    if options.remote_timeout_s < 0:
-        return "--remote-timeout must not be negative"
+    minutes): a port in use is known at once. (Numbers out of their bounds are argparse's
+    to refuse: options.option's minimum and maximum.)"""
     try:
         re.compile(options.settings.cors_origin_regex)
     except re.error as exc:
