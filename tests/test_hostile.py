@@ -299,6 +299,12 @@ CASES = [
         "query($t: String!) { searchNodes(text: $t) { totalCount } }",
         t="word " * (MB // 5),
     ),
+    query("unknown fragment", {"GRAPHQL_VALIDATION_FAILED"}, "{ ...Missing }"),
+    query(
+        "objective of a one-token prompt",
+        {OK},
+        '{ model(name: "small") { infer(input: {prompt: "x"}) { loss objective } } }',
+    ),
     query(
         "NUL inside search text",
         {OK},
@@ -599,6 +605,11 @@ async def test_valid_entity_representations_still_resolve(app_client: httpx.Asyn
 # A real server: a subset, plus what only a socket can send. The process must outlive each.
 
 REAL_SERVER_CASES = [
+    # Found by an outside audit on a real server (INTERNAL_SERVER_ERROR, a KeyError's repr,
+    # a whole answer lost to NaN).
+    "NUL inside search text",
+    "unknown fragment",
+    "objective of a one-token prompt",
     "depth bomb",
     "alias bomb (thousands)",
     "fragment cycle",
@@ -688,6 +699,15 @@ def test_hostile_request_to_a_real_server(real_server: RunningServer, case_id: s
     problems = problems_with(case, response.status_code, response.content, elapsed)
     problems += alive_problems(real_server)
     assert not problems, f"{case.id}: " + "; ".join(problems)
+
+
+def test_an_unknown_fragment_is_named_by_a_real_server(real_server: RunningServer) -> None:
+    """Its code was right already; its message was the KeyError's repr, "'Missing'"."""
+    body = httpx.post(
+        real_server.url + "/graphql", json={"query": "{ ...Missing }"}, timeout=DEADLINE_S
+    ).json()
+    assert [e["message"] for e in body["errors"]] == ["Unknown fragment 'Missing'."]
+    assert [e["extensions"]["code"] for e in body["errors"]] == ["GRAPHQL_VALIDATION_FAILED"]
 
 
 def raw_http(url: str, request: bytes) -> tuple[int, bytes]:
