@@ -225,6 +225,9 @@ def build_services(options: ServeOptions) -> Services:
                 f"--api-key-hash {shown!r}: expected a key's SHA-256 digest, 64 hex digits "
                 "(printf %s KEY | sha256sum)"
             )
+    keys = options.api_keys + [k for k in os.environ.get("INTERPQL_API_KEYS", "").split(",") if k]
+    if options.settings.require_api_key and not (keys or options.api_key_hashes):
+        raise ValueError("--require-api-key needs at least one --api-key or --api-key-hash")
     if options.ray is not None and options.settings.coalesce_window_ms is None:
         # The deployment gathers every server's calls into batches; waiting here too would
         # only hold calls back.
@@ -238,12 +241,14 @@ def build_services(options: ServeOptions) -> Services:
     registry = ModelRegistry()
     for one in served_models(options):
         registry.add(_loaded_model(one))
+    # The explanation store first: it is the one that refuses an existing file (another
+    # program's database), and a refused start should leave no job store made beside it.
+    store = ExplanationStore(options.explanation_store)
     jobs = JobManager(
         options.max_jobs_per_key,
         options.max_tokens_per_key,
         open_store(options.redis, options.explanation_store),
     )
-    store = ExplanationStore(options.explanation_store)
     api_key = options.openai_api_key or os.environ.get("OPENAI_API_KEY")
     api = None
     if api_key or options.openai_base_url:
@@ -255,9 +260,6 @@ def build_services(options: ServeOptions) -> Services:
             temperature=options.explainer_temperature,
             simulator=options.simulator,
         )
-    keys = options.api_keys + [k for k in os.environ.get("INTERPQL_API_KEYS", "").split(",") if k]
-    if options.settings.require_api_key and not (keys or options.api_key_hashes):
-        raise ValueError("--require-api-key needs at least one --api-key or --api-key-hash")
     if options.settings.cuda_memory_debugging and not (keys or options.api_key_hashes):
         log.warning(
             "--cuda-memory-debugging without an API key: %s will refuse every request "

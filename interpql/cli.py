@@ -153,12 +153,29 @@ def _refused(listen: Listen, options: Any) -> str | None:
         return f"--cors-origin-regex {options.settings.cors_origin_regex!r} is no regex ({exc})"
     if not options.explanation_store:
         return "--explanation-store must name a file (or be :memory:)"
+    if options.otel_endpoint is not None:
+        problem = _http_url_problem(options.otel_endpoint)
+        if problem is not None:
+            return f"--otel-endpoint {options.otel_endpoint!r}: {problem}"
     for flag, url in (("--redis", options.redis), ("--cache", options.cache)):
         if url is not None and url.startswith(("redis://", "rediss://", "unix://")):
             problem = _redis_url_problem(url)
             if problem is not None:
                 return f"{flag} {url}: {problem}"
     return _port_in_use(listen.host, listen.port)
+
+
+def _http_url_problem(url: str) -> str | None:
+    """What makes `url` no collector's base URL: the exporter would only log failed exports,
+    one batch at a time, long after start-up."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - a port out of range or not a number raises here
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "expected an http:// or https:// URL with a host, e.g. http://collector:4318"
+    return None
 
 
 def _redis_url_problem(url: str) -> str | None:

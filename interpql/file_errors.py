@@ -52,7 +52,15 @@ def open_sqlite(path: str | Path, what: str) -> sqlite3.Connection:
     spent. FileProblem says which of the two it is."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # The store's own folder (the default's .interpql/), not a tree: a mistyped path
+        # should be refused, not quietly made.
+        path.parent.mkdir(exist_ok=True)
+    except FileNotFoundError:
+        raise FileProblem(
+            path.parent,
+            f"cannot create the folder of {what}: {path.parent.parent} does not exist (only "
+            "the path's last folder is made)",
+        ) from None
     except OSError as exc:
         raise FileProblem(path.parent, f"cannot create the folder of {what} ({exc})") from exc
     try:

@@ -74,6 +74,16 @@ def test_another_programs_database_is_not_taken_for_an_explanation_store(tmp_pat
     with sqlite3.connect(store) as db:
         tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master")]
     assert tables == ["invoices"]
+    # Nothing else made beside it by a start that was refused (a job store was).
+    assert [path.name for path in tmp_path.iterdir()] == [store.name]
+
+
+def test_a_store_path_whose_folders_do_not_exist_is_refused(tmp_path: Path) -> None:
+    """Only the store's own folder is made: a mistyped path made a tree of folders."""
+    store = tmp_path / "typo" / "deeper" / "store.sqlite"
+    line = assert_refused(start_up(*TINY, "--explanation-store", str(store)), store.parent)
+    assert f"{tmp_path / 'typo'} does not exist" in line
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_explanation_store_with_a_corrupt_index_page(tmp_path: Path) -> None:
@@ -222,6 +232,8 @@ def test_a_number_out_of_its_bounds_is_refused_naming_the_option(flag: str, valu
         (("--redis", "redis://127.0.0.1:6390/abc"), "the database must be a number, not 'abc'"),
         (("--explanation-store", ""), "--explanation-store must name a file"),
         (("--api-key-hash", "xyz"), "--api-key-hash 'xyz': expected a key's SHA-256 digest"),
+        (("--otel-endpoint", "collector:4318"), "expected an http:// or https:// URL"),
+        (("--otel-endpoint", "http://collector:99999"), "Port out of range"),
     ],
 )
 def test_options_that_fail_later_are_refused_before_the_model_loads(
