@@ -85,3 +85,23 @@ def open_sqlite(path: str | Path, what: str) -> sqlite3.Connection:
         db.close()
         raise FileProblem(path, f"{what} is not writable ({exc})") from exc
     return db
+
+
+# SQLite's primary result codes (the low byte of sqlite_errorcode) a store's writes meet, as a
+# reader who must act on them would put it.
+_SQLITE_REASONS = {
+    5: "the file is locked by another program",  # SQLITE_BUSY
+    6: "the file is locked by another program",  # SQLITE_LOCKED
+    8: "the file is read-only",  # SQLITE_READONLY
+    10: "the disk could not be read or written",  # SQLITE_IOERR
+    11: "the file is damaged",  # SQLITE_CORRUPT
+    13: "the disk is full",  # SQLITE_FULL
+    14: "the file cannot be opened",  # SQLITE_CANTOPEN
+    26: "the file is not a SQLite database",  # SQLITE_NOTADB
+}
+
+
+def sqlite_reason(exc: sqlite3.Error) -> str:
+    """Why a SQLite store refused, in words (the disk is full, the file is read-only, ...)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return _SQLITE_REASONS.get((code or 0) & 0xFF, "the file refused the write")

@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import re
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -29,6 +30,7 @@ from interpql.loaders.sources.compact_format import RecordStore
 from interpql.resolvers.context import RequestContext, Services
 from interpql.schema.build import build_schema
 from interpql.server import create_app
+from interpql.specs import parse_node_id
 from tests.conftest import CountingBackend, error_codes, graphql, small_entry
 from tests.fake_openai import FakeOpenAI, chat_answer, reply, slow, status
 
@@ -580,3 +582,22 @@ async def test_a_job_that_cannot_store_says_so_in_words(
     assert job["status"] == "FAILED"
     assert job["error"].startswith("The explanation store could not be written")
     assert "Error" not in job["error"] and "sqlite" not in job["error"].lower()
+
+
+async def test_a_full_disk_is_named_in_the_jobs_error(
+    setup: tuple[httpx.AsyncClient, Services], fake: FakeOpenAI
+) -> None:
+    """It said "the disk may be full, or the file read-only or damaged": SQLite knows which."""
+    client, services = setup
+    assert services.explaining is not None
+    store = services.explaining.store
+    (pages,) = store._db.execute("PRAGMA page_count").fetchone()
+    store._db.execute(f"PRAGMA max_page_count = {pages}")  # as a disk with no page more
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        for _ in range(1000):  # until the pages it has are full too
+            store.add(parse_node_id(NODE), "filler " * 20, None, "s", "e")
+    before = len(store.all())
+    job = await run_job(client, EXPLAIN, {"n": NODE})
+    assert job["status"] == "FAILED"
+    assert job["error"].startswith("The explanation store could not be written (the disk is full)")
+    assert len(store.all()) == before

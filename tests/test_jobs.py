@@ -154,6 +154,23 @@ async def test_a_job_and_its_events_round_trip(open_store: StoreOpener) -> None:
     await store.close()
 
 
+async def test_a_full_job_store_says_the_disk_is_full(tmp_path: Path) -> None:
+    """SQLite rolls a transaction back itself when the disk fills: our ROLLBACK after it raised
+    "no transaction is active", and that hid why."""
+    store = SqliteJobStore(tmp_path / "jobs.sqlite")
+    (pages,) = store._db.execute("PRAGMA page_count").fetchone()
+    store._db.execute(f"PRAGMA max_page_count = {pages}")  # as a disk with no page more
+    with pytest.raises(SharedStateUnavailable) as refused:
+        for _ in range(1000):
+            job, first = new_job()
+            await store.create(job, first, Limits(10_000, 10**9))
+    assert (
+        refused.value.message
+        == "The job store is unavailable (the disk is full); try again shortly."
+    )
+    await store.close()
+
+
 async def test_a_late_subscriber_gets_past_events_then_new_ones(open_store: StoreOpener) -> None:
     store = open_store()
     job, first = new_job()

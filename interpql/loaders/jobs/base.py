@@ -6,12 +6,14 @@ import asyncio
 import datetime
 import enum
 import json
+import sqlite3
 import uuid
 from collections.abc import AsyncGenerator, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from interpql.errors import InterpqlError, UnavailableError
+from interpql.file_errors import sqlite_reason
 from interpql.loaders.sources import ExplanationData, StoredExplanation
 from interpql.specs import parse_node_id
 
@@ -121,7 +123,11 @@ class SharedStateUnavailable(UnavailableError):
 
 def shared_state_unavailable(cause: BaseException | str) -> SharedStateUnavailable:
     # The cause's type only: its text names hosts and ports clients have no business knowing.
-    why = cause if isinstance(cause, str) else type(cause).__name__
+    # (SQLite's codes name neither, and say what an operator must do: free disk space, ...)
+    if isinstance(cause, sqlite3.Error):
+        why = sqlite_reason(cause)
+    else:
+        why = cause if isinstance(cause, str) else type(cause).__name__
     return SharedStateUnavailable(f"The job store is unavailable ({why}); try again shortly.")
 
 

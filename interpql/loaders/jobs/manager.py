@@ -25,6 +25,7 @@ from typing import Any
 
 from interpql.backends.explanations.base import ExplanationError, SimulationError
 from interpql.errors import InterpqlError, NotFoundError
+from interpql.file_errors import sqlite_reason
 from interpql.loaders.cache import OutageLog
 from interpql.loaders.jobs import owners
 from interpql.loaders.jobs.base import (
@@ -367,8 +368,8 @@ def describe_failure(exc: BaseException) -> str:
         return f"The explainer API's answers could not be used: {exc}"[:300]
     if isinstance(exc, sqlite3.Error):
         return (
-            "The explanation store could not be written (the disk may be full, or the file "
-            "read-only or damaged); nothing was stored. The server's log has the details."
+            f"The explanation store could not be written ({sqlite_reason(exc)}); nothing was "
+            "stored. The server's log has the details."
         )
     return (
         "The job failed on an internal error; nothing was stored. The server's log has the "

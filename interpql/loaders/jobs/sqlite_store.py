@@ -106,7 +106,10 @@ class SqliteJobStore:
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # SQLite has rolled back already after some failures (a full disk): a second
+            # ROLLBACK would raise and hide why.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
 

@@ -104,7 +104,10 @@ class ExplanationStore(NodeSource):
                 )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite has rolled back already after some failures (a full disk): a second
+                # ROLLBACK would raise and hide why.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
         row_id = cursor.lastrowid
         assert row_id is not None
