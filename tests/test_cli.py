@@ -5,6 +5,7 @@ need to find the problem."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import sqlite3
@@ -14,8 +15,17 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
-from interpql.backends.gpt2.loading import load_weights, save_hf_folder, save_tdb_folder
+import interpql
+from interpql.backends.gpt2.loading import (
+    load_weights,
+    read_json_config,
+    save_hf_folder,
+    save_tdb_folder,
+    tdb_config_from_json,
+)
+from interpql.file_errors import FileProblem
 from interpql.loaders.sources import ExplanationStore
 from interpql.specs import parse_node_id
 from tests.processes import free_port
@@ -179,6 +189,42 @@ def test_bad_config_files(tmp_path: Path) -> None:
     (tdb / "config.json").write_text(json.dumps(config))
     line = assert_refused(start_up("--model", str(tdb)), tdb / "config.json")
     assert "d_model" in line
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"ctx_window": -5}, "ctx_window must be at least 1, not -5"),
+        ({"n_heads": 0}, "n_heads must be at least 1, not 0"),
+        ({"n_layers": 2.5}, "n_layers must be a whole number, not 2.5"),
+        ({"d_model": "128"}, "d_model must be a whole number, not '128'"),
+        ({"n_heads": 3}, "does not divide into 3 heads"),
+    ],
+)
+def test_config_sizes_that_no_model_has_are_refused_by_name(
+    tmp_path: Path, change: dict[str, object], said: str
+) -> None:
+    """A negative context was 'weights that do not fit' (torch's negative dimension); zero
+    heads a ZeroDivisionError."""
+    config = tmp_path / "config.json"
+    good = {"enc": "gpt2", "ctx_window": 64, "d_model": 128, "n_layers": 2, "n_heads": 4}
+    config.write_text(json.dumps(good | change))
+    with pytest.raises(FileProblem, match=re.escape(said)) as refused:
+        read_json_config(str(config), tdb_config_from_json)
+    assert refused.value.path == str(config)
+
+
+def test_a_compact_model_missing_a_tensor_is_named(tmp_path: Path) -> None:
+    """The message named no file."""
+    folder = tmp_path / "compact"
+    folder.mkdir()
+    demo = Path(interpql.__file__).parent / "data" / "tiny-stdlib"
+    shutil.copy(demo / "config.json", folder)
+    tensors = load_file(demo / "weights.safetensors")
+    del tensors["pos_embed.weight"]
+    save_file(tensors, folder / "weights.safetensors")
+    line = assert_refused(start_up("--model", str(folder)), folder)
+    assert "missing ['pos_embed.weight']" in line
 
 
 def test_a_source_folder_that_does_not_exist(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from interpql.backends.base import (
     HookSessionLike,
     Location,
 )
-from interpql.backends.gpt2.loading import build_model, load_weights
+from interpql.backends.gpt2.loading import WeightsFormatError, build_model, load_weights
 from interpql.backends.gpt2.model import GPT2, GPT2Config, KeyValueCache
 from interpql.backends.hooks import HookSession
 from interpql.backends.runtime import check_cacheable, execute
@@ -51,6 +51,8 @@ class NativeGPT2Backend(Backend):
             # negative size), on one line and naming what was loaded.
             detail = " ".join(str(exc).split())[:300]
             raise FileProblem(spec, f"the weights do not fit the config ({detail})") from exc
+        except WeightsFormatError as exc:
+            raise FileProblem(spec, str(exc)) from exc
         return cls(model, device=device, dtype=dtype)
 
     def forward(self, request: ForwardRequest) -> ForwardResult:
