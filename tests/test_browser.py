@@ -313,3 +313,128 @@ def test_graph_page_shows_the_apis_error(page: Page, served: Served) -> None:
     params = httpx.QueryParams({"model": served.model["name"], "prompt": "x" * 2000})
     page.goto(f"{served.url}/graph?{params}")
     expect(page.locator("#status.error")).to_contain_text("INVALID_ARGUMENT")
+
+
+class HeldRequests:
+    """Holds the page's GraphQL requests whose body contains `marker` until released: a slow
+    answer, arriving after the page asked something else."""
+
+    def __init__(self, page: Page, server: str, marker: str) -> None:
+        self.held: list[Route] = []
+        self.marker = marker
+        page.route(server + "/graphql", self._route)
+
+    def _route(self, route: Route) -> None:
+        if self.marker in (route.request.post_data or "") and not self.held:
+            self.held.append(route)  # only the first: the later ones are answered at once
+        else:
+            route.fallback()
+
+    def release(self, page: Page) -> None:
+        [route] = self.held
+        route.fallback()
+        page.wait_for_timeout(1500)  # time for the late answer to arrive and be (not) shown
+
+
+def test_viewer_clears_the_node_shown_before_when_a_load_fails(page: Page, served: Served) -> None:
+    """The explanation, records and live activations of the previous node stayed on screen
+    under the failed node's URL."""
+    page.goto(f"{served.url}/viewer?node={served.node}&prompt={PROMPT}")
+    expect(page.locator("#live .token").first).to_be_visible()
+    page.locator("#node-input").fill(f"{served.model['name']}/mlp_neuron/0/99999")
+    page.locator("#show").click()
+    expect(page.locator("#status.error")).to_contain_text("INVALID_NODE")
+    for section in ("#explanation", "#live", "#records"):
+        expect(page.locator(section)).to_have_text("—")
+    expect(page.locator(".token")).to_have_count(0)
+
+
+def test_viewer_shows_the_latest_node_asked_for(page: Page, served: Served) -> None:
+    """A slow answer for the node asked for first was shown under the second one's URL."""
+    first = f"{served.model['name']}/mlp_neuron/0/0"
+    second = f"{served.model['name']}/mlp_neuron/0/1"
+    slow = HeldRequests(page, served.url, f'"{first}"')
+    page.goto(f"{served.url}/viewer?node={first}&prompt={PROMPT}")
+    expect(page.locator("#status")).to_have_text(f"Loading {first}…")
+    page.locator("#node-input").fill(second)
+    page.locator("#show").click()
+    expect(page.locator("#status")).to_have_text(second)
+    expected = served.query(
+        "query($id: ID!, $p: String!) { node(id: $id) { activations(prompt: $p) { values } } }",
+        {"id": second, "p": PROMPT},
+    )["node"]["activations"]["values"]
+    slow.release(page)
+    expect(page.locator("#status")).to_have_text(second)
+    live = page.locator("#live .token")
+    shown = [float(v) for v in live.evaluate_all("ts => ts.map(t => t.dataset.activation)")]
+    assert shown == pytest.approx(expected)
+
+
+def test_pages_say_when_the_server_answers_no_graphql(page: Page, served: Served) -> None:
+    """A proxy's HTML error page was shown as JSON.parse's words."""
+    page.route(
+        served.url + "/graphql",
+        lambda route: route.fulfill(status=502, body="<html><body>Bad Gateway</body></html>"),
+    )
+    page.goto(f"{served.url}/viewer?node={served.node}")
+    expect(page.locator("#status.error")).to_have_text(
+        "The server answered 502 without a GraphQL body."
+    )
+    page.goto(f"{served.url}/graph")
+    expect(page.locator("#status.error")).to_have_text(
+        "The server answered 502 without a GraphQL body."
+    )
+
+
+@pytest.mark.parametrize(
+    ("params", "said"),
+    [
+        ({"model": "no-such-model"}, 'No model "no-such-model" is served here (served: '),
+        ({"dictionary": "res-sae"}, '"res-sae" is no transcoder set of '),
+    ],
+    ids=["model", "dictionary"],
+)
+def test_graph_page_says_what_its_url_names_wrongly(
+    page: Page, served: Served, params: dict[str, str], said: str
+) -> None:
+    """An unknown model showed "Cannot read properties of undefined" and left the form to
+    submit itself; a set that is no transcoder was quietly replaced and traced."""
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.post_data or "") if r.method == "POST" else None)
+    page.goto(f"{served.url}/graph?{httpx.QueryParams({'prompt': GRAPH_PROMPT, **params})}")
+    expect(page.locator("#status.error")).to_contain_text(said)
+    assert not any("attributionGraph" in body for body in requests)
+    # The form still works: Trace draws the chosen model's graph.
+    page.locator("#trace").click()
+    expect(page.locator("#graph .node").first).to_be_visible()
+    assert page.url.endswith(".json") is False and "/graph?" in page.url
+
+
+def test_graph_page_shows_the_latest_trace_and_the_latest_node(page: Page, served: Served) -> None:
+    """A slow first graph was drawn under the second prompt; two clicked latents' details
+    were mixed under the second one's heading."""
+    second_prompt = "def f(x):\n    return"
+    slow = HeldRequests(page, served.url, "import os")
+    params = httpx.QueryParams({"model": served.model["name"], "prompt": GRAPH_PROMPT})
+    page.goto(f"{served.url}/graph?{params}")
+    expect(page.locator("#status")).to_contain_text("Tracing")
+    page.locator("#prompt-input").fill(second_prompt)
+    page.locator("#trace").click()
+    graph = served.query(
+        "query($m: String!, $p: String!) { model(name: $m) { attributionGraph(input: "
+        '{prompt: $p, dictionary: "transcoder"}) { id nodes { id type } } } }',
+        {"m": served.model["name"], "p": second_prompt},
+    )["model"]["attributionGraph"]
+    expect(page.locator("#status")).to_have_text(graph["id"])
+    slow.release(page)
+    expect(page.locator("#status")).to_have_text(graph["id"])
+    expect(page.locator("#graph .node")).to_have_count(len(graph["nodes"]))
+    first, second = [n["id"] for n in graph["nodes"] if n["type"] == "FEATURE"][:2]
+    slow_feature = HeldRequests(page, served.url, "query Feature")
+    page.locator(f'#graph .node[data-id="{first}"]').click()
+    page.locator(f'#graph .node[data-id="{second}"]').click()
+    details = page.locator("#details")
+    expect(details.locator("h3", has_text="Best explanation")).to_have_count(1)
+    slow_feature.release(page)
+    expect(details.locator("h3", has_text="Best explanation")).to_have_count(1)
+    expect(details.locator("h3").first).to_contain_text(f"latent {second}")

@@ -22,28 +22,36 @@ from tests.test_browser import Served, browser, page, screenshot, served  # noqa
 PROMPT = "import os\nimport sys\nimport"
 
 # What the table view shows, field by field: the tokens and their losses and act x grad sums,
-# the loss, the top predictions, the node table's rows, and the choices of models and sets.
+# the loss, the top predictions and the node table's rows.
 TABLE_FIELDS = {
-    "models", "name", "model", "dictionaries", "transcoder", "hookIn", "infer", "tokens",
-    "index", "text", "loss", "tokenLosses", "topPredictions", "token", "probability",
-    "nodeTable", "rows", "node", "id", "kind", "dictionary", "layerIndex", "bestExplanation",
-    "tokenIndex", "keyTokenIndex", "activation", "writeNorm", "directEffect", "actTimesGrad",
-    "tokenSums", "embedding", "mlp", "attentionFrom", "attentionTo",
+    "model", "infer", "tokens", "index", "text", "loss", "tokenLosses", "topPredictions",
+    "token", "probability", "nodeTable", "rows", "node", "id", "kind", "dictionary",
+    "layerIndex", "bestExplanation", "tokenIndex", "keyTokenIndex", "activation", "writeNorm",
+    "directEffect", "actTimesGrad", "tokenSums", "embedding", "mlp", "attentionFrom",
+    "attentionTo",
 }  # fmt: skip
+# What the page asks once when it opens, for its controls: the models and their sets.
+SERVED_FIELDS = {"models", "name", "dictionaries", "transcoder", "hookIn"}
 
 
 class Requests:
-    """The page's GraphQL requests (HTTP bodies) and subscriptions (WebSocket messages)."""
+    """The page's GraphQL requests: each view's (HTTP bodies), the one it makes on opening
+    for its controls (`opening`), subscriptions (WebSocket messages) and uncaught errors."""
 
     def __init__(self, tab: Page) -> None:
         self.bodies: list[dict[str, Any]] = []
+        self.opening: list[dict[str, Any]] = []
         self.subscriptions: list[dict[str, Any]] = []
+        self.page_errors: list[str] = []
         tab.on("request", self._request)
         tab.on("websocket", self._websocket)
+        tab.on("pageerror", lambda error: self.page_errors.append(str(error)))
 
     def _request(self, request: Any) -> None:
         if request.url.endswith("/graphql") and request.method == "POST":
-            self.bodies.append(json.loads(request.post_data or "{}"))
+            body = json.loads(request.post_data or "{}")
+            opening = "query ExploreServed" in body.get("query", "")
+            (self.opening if opening else self.bodies).append(body)
 
     def _websocket(self, socket: WebSocket) -> None:
         def sent(payload: str | bytes) -> None:
@@ -117,6 +125,8 @@ def open_table(page: Page, served: Served, requests: Requests) -> dict[str, Any]
 def test_the_table_view(page: Page, served: Served, requests: Requests) -> None:  # noqa: F811
     data = open_table(page, served, requests)
     assert fields_of(requests.bodies[0]["query"]) == TABLE_FIELDS
+    [opening] = requests.opening
+    assert fields_of(opening["query"]) == SERVED_FIELDS
     found = data["model"]["infer"]
     assert values(page, ".pass .loss") == pytest.approx([found["loss"]])
     losses = [0.0 if v is None else v for v in found["tokenLosses"]]
@@ -264,3 +274,66 @@ def test_bad_input_shows_the_apis_error(
         f"{error['extensions']['code']}: {error['message']}"
     )
     assert not math.isnan(len(requests.bodies))
+
+
+@pytest.mark.parametrize(
+    ("params", "notice"),
+    [
+        ({"colour": "bogus"}, 'colour="bogus" is not one of loss, embedding, mlp'),
+        ({"k": "many"}, 'k="many" is no number: 5 is used.'),
+        ({"mlp": "bogus"}, 'tiny-stdlib has no dictionary set "bogus"'),
+    ],
+    ids=["colour", "k", "dictionary"],
+)
+def test_what_a_stale_url_gets_wrong_is_said_and_can_be_changed(
+    page: Page,  # noqa: F811
+    served: Served,  # noqa: F811
+    requests: Requests,
+    params: dict[str, str],
+    notice: str,
+) -> None:
+    """`?colour=bogus` crashed the page; `?mlp=bogus` left a select that could not be changed
+    back (its only option already chosen), so no click recovered the page."""
+    page.goto(f"{served.url}/explore?{httpx.QueryParams({'prompt': PROMPT, **params})}")
+    expect(page.locator("#notices")).to_contain_text(notice)
+    if "mlp" in params:
+        expect(page.locator("#status.error")).to_contain_text("INVALID_ARGUMENT")
+        assert page.locator("#mlp").input_value() == "bogus"
+        page.locator("#mlp").select_option("")  # neurons
+        page.locator("#run").click()
+        expect(page.locator("#notices")).to_have_count(0)
+    expect(page.locator('#view[data-view="table"]')).to_be_visible()
+    answer = replay(served, requests.bodies[-1])["data"]["model"]["infer"]
+    check_table(page, "#view", answer)
+    assert requests.page_errors == []
+
+
+def test_a_view_opened_from_its_url_shows_its_choices(
+    page: Page,  # noqa: F811
+    served: Served,  # noqa: F811
+    requests: Requests,
+) -> None:
+    """An ablation over transcoders opened from its URL showed "neurons" in the MLP select:
+    the sets were known only after a table view."""
+    node = "tiny-stdlib/mlp_neuron/1/149"
+    params = {"prompt": PROMPT, "view": "ablate", "mlp": "transcoder", "node": node, "at": "3"}
+    page.goto(f"{served.url}/explore?{httpx.QueryParams(params)}")
+    expect(page.locator('#view[data-view="ablate"]')).to_be_visible()
+    assert page.locator("#mlp").input_value() == "transcoder"
+    assert requests.bodies[0]["variables"]["input"]["mlpDictionary"] == "transcoder"
+    assert requests.page_errors == []
+
+
+def test_the_attention_view_of_a_node_that_is_no_head_says_so(
+    page: Page,  # noqa: F811
+    served: Served,  # noqa: F811
+    requests: Requests,
+) -> None:
+    """It drew two empty heatmaps."""
+    params = {"prompt": PROMPT, "view": "head", "node": "tiny-stdlib/mlp_neuron/1/149"}
+    page.goto(f"{served.url}/explore?{httpx.QueryParams(params)}")
+    expect(page.locator("#status.error")).to_have_text(
+        "tiny-stdlib/mlp_neuron/1/149 is no attention head: only heads have an attention pattern."
+    )
+    expect(page.locator("figure.heatmap")).to_have_count(0)
+    assert requests.page_errors == []

@@ -17,7 +17,7 @@ import type {
   PassFragment,
   TableRowFragment,
 } from "./gql/graphql";
-import { ABLATION_VIEW, HEAD_VIEW, STEER_VIEW, TABLE_VIEW, TRACE_VIEW } from "./queries";
+import { ABLATION_VIEW, HEAD_VIEW, SERVED, STEER_VIEW, TABLE_VIEW, TRACE_VIEW } from "./queries";
 
 type LossKind = "NEXT_TOKEN" | "LOGIT_DIFF";
 type Colouring = "loss" | "embedding" | "mlp" | "attentionFrom" | "attentionTo";
@@ -61,17 +61,48 @@ const DEFAULTS: State = {
   strength: 20,
 };
 
-function readState(): State {
+// The values a choice in the URL may take; any other is replaced by the default, and said.
+const CHOICES: Partial<Record<keyof State, readonly string[]>> = {
+  loss: ["NEXT_TOKEN", "LOGIT_DIFF"],
+  colour: ["loss", "embedding", "mlp", "attentionFrom", "attentionTo"],
+  view: ["table", "ablate", "trace", "head", "steer"],
+  through: ["", "Q", "K", "QK", "V"],
+};
+
+// The state the URL names, and what in it was not understood (each replaced by its default).
+function readState(): { state: State; notices: string[] } {
   const params = new URLSearchParams(location.search);
   // The server names its first model in the page; the URL may name another.
   const served = document.querySelector<HTMLMetaElement>('meta[name="interpql-model"]')?.content ?? "";
   const state: Record<string, unknown> = { ...DEFAULTS, model: served };
+  const notices: string[] = [];
   for (const [name, fallback] of Object.entries(DEFAULTS)) {
     const given = params.get(name);
-    if (given !== null) state[name] = typeof fallback === "number" ? Number(given) : given;
+    if (given === null) continue;
+    const allowed = CHOICES[name as keyof State];
+    if (typeof fallback === "number" && !Number.isFinite(Number(given))) {
+      notices.push(`${name}=${JSON.stringify(given)} is no number: ${fallback} is used.`);
+    } else if (allowed && !allowed.includes(given)) {
+      notices.push(`${name}=${JSON.stringify(given)} is not one of ${allowed.filter(Boolean).join(", ")}: ${JSON.stringify(fallback) } is used.`);
+    } else {
+      state[name] = typeof fallback === "number" ? Number(given) : given;
+    }
   }
-  return state as unknown as State;
+  return { state: state as unknown as State, notices };
 }
+
+// A choice the URL made that the model does not have (a stale bookmark): said, and offered in
+// its select, so that picking another one is a change.
+function unknownChoices(state: State, models: Served[]): string[] {
+  const model = models.find((m) => m.name === state.model);
+  if (!model) return models.length ? [`No model ${JSON.stringify(state.model)} is served here (served: ${models.map((m) => m.name).join(", ")}).`] : [];
+  const names = new Set(model.dictionaries.map((d) => d.name));
+  return (["mlp", "attention", "residual"] as const)
+    .filter((side) => state[side] !== "" && !names.has(state[side]))
+    .map((side) => `${state.model} has no dictionary set ${JSON.stringify(state[side])} (its sets: ${[...names].join(", ") || "none"}): pick another ${side} choice.`);
+}
+
+type Served = { name: string; dictionaries: { name: string; transcoder: boolean; hookIn: string }[] };
 
 function writeState(state: State): void {
   const params = new URLSearchParams();
@@ -244,7 +275,11 @@ async function load(state: State, onSteer: (s: Loaded) => void): Promise<Loaded>
     return { view: "trace", data: await request(TRACE_VIEW, { model: state.model, input: { ...input, trace }, k: state.k }) };
   }
   if (state.view === "head") {
-    return { view: "head", data: await request(HEAD_VIEW, { model: state.model, input, head: state.node }) };
+    const data = await request(HEAD_VIEW, { model: state.model, input, head: state.node });
+    if (!data.model.infer.activations[0]?.attentionPattern) {
+      throw new ApiError(`${state.node} is no attention head: only heads have an attention pattern.`);
+    }
+    return { view: "head", data };
   }
   if (state.view === "steer") {
     const shown: Loaded & { view: "steer" } = { view: "steer", unsteered: [], steered: [], done: false };
@@ -349,9 +384,11 @@ function Controls(props: { state: State; models: string[]; dictionaries: { name:
   const sets = [...new Set(props.dictionaries.map((d) => d.name))];
   const side = (test: (hook: string, transcoder: boolean) => boolean) =>
     sets.filter((name) => props.dictionaries.some((d) => d.name === name && test(d.hookIn, d.transcoder)));
+  // A choice the model does not have stays in its select (marked) until another is picked.
   const options = (names: string[], none: string, chosen: string) => [
     html`<option value="" selected=${chosen === ""}>${none}</option>`,
     ...names.map((name) => html`<option value=${name} selected=${chosen === name}>${name}</option>`),
+    ...(chosen !== "" && !names.includes(chosen) ? [html`<option value=${chosen} selected>${chosen} (not served)</option>`] : []),
   ];
   return html`<form id="controls" onSubmit=${(event: Event) => { event.preventDefault(); props.submit({ ...draft, view: "table", node: "" }); }}>
     <label>Model <select id="model" value=${draft.model} onChange=${set("model")}>
@@ -371,13 +408,28 @@ function Controls(props: { state: State; models: string[]; dictionaries: { name:
   </form>`;
 }
 
+const OPENED = readState();
+
 function App() {
-  const [state, setState] = useState<State>(readState);
-  const [models, setModels] = useState<string[]>([]);
-  const [dictionaries, setDictionaries] = useState<{ name: string; transcoder: boolean; hookIn: string }[]>([]);
+  const [state, setState] = useState<State>(OPENED.state);
+  const [served, setServed] = useState<Served[]>([]);
   const [loaded, setLoaded] = useState<Loaded | null>(null);
   const [error, setError] = useState<string>("");
   const [busy, setBusy] = useState(false);
+  const [notices, setNotices] = useState<string[]>(OPENED.notices);
+  const models = served.map((m) => m.name);
+  const dictionaries = served.find((m) => m.name === state.model)?.dictionaries ?? [];
+
+  // What the controls offer, whatever the first view's fate.
+  useEffect(() => {
+    request(SERVED, {}).then(
+      (data) => {
+        setServed(data.models);
+        setNotices((earlier) => [...earlier, ...unknownChoices(state, data.models)]);
+      },
+      (e: unknown) => setError(e instanceof Error ? e.message : String(e)),
+    );
+  }, []);
 
   useEffect(() => writeState(state), [JSON.stringify(state)]);
   // Colouring and steering strength change how an answer is shown, not what is asked: the
@@ -390,10 +442,6 @@ function App() {
     const run = async () => {
       const result = await load(state, (partial) => current && setLoaded(partial));
       if (!current) return;
-      if (result.view === "table") {
-        setModels(result.data.models.map((m) => m.name));
-        setDictionaries(result.data.model.dictionaries);
-      }
       setLoaded(result);
     };
     run().catch((e: unknown) => current && setError(e instanceof ApiError || e instanceof Error ? e.message : String(e)))
@@ -402,12 +450,17 @@ function App() {
   }, [JSON.stringify(asked), state.view === "steer" ? state.strength : 0]);
 
   const act = (next: Partial<State>) => setState({ ...state, ...next });
+  const submit = (next: State) => {
+    setNotices([]); // what the URL got wrong is either fixed or chosen again
+    setState(next);
+  };
   const graphParams = new URLSearchParams({ model: state.model, prompt: state.prompt, ...(dictionaries.some((d) => d.transcoder) ? { dictionary: dictionaries.find((d) => d.transcoder)!.name } : {}) });
   return html`<header>
       <h1>interpql <span>explorer</span></h1>
       <nav><a href=${`/graph?${graphParams}`} id="graph-link">Attribution graph</a> · <a href="/viewer">Node viewer</a> · <a href="/graphql">GraphiQL</a></nav>
     </header>
-    <${Controls} state=${state} models=${models.length ? models : [state.model]} dictionaries=${dictionaries} submit=${setState} />
+    <${Controls} state=${state} models=${models.includes(state.model) ? models : [...models, state.model]} dictionaries=${dictionaries} submit=${submit} />
+    ${notices.length ? html`<ul id="notices" role="status">${notices.map((text) => html`<li>${text}</li>`)}</ul>` : null}
     <p id="status" role="status" aria-live="polite" class=${error ? "error" : ""}>${error || (busy ? "Running…" : "")}</p>
     ${loaded && !error ? html`<main id="view" data-view=${loaded.view}><${Body} state=${state} loaded=${loaded} act=${act} /></main>` : null}`;
 }

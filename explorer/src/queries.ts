@@ -26,11 +26,16 @@ export const PASS = graphql(`
   }
 `);
 
+// What the controls offer, asked once when the page opens (before any view answers).
+export const SERVED = graphql(`
+  query ExploreServed {
+    models { name dictionaries { name transcoder hookIn } }
+  }
+`);
+
 export const TABLE_VIEW = graphql(`
   query ExploreTable($model: String!, $input: InferenceInput!, $k: Int!) {
-    models { name }
     model(name: $model) {
-      dictionaries { name transcoder hookIn }
       infer(input: $input) { ...Pass }
     }
   }

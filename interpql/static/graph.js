@@ -32,7 +32,10 @@ const $ = (id) => document.getElementById(id);
 const ROW_HEIGHT = 90;
 const NODE_STEP = 18;
 const MARGIN = { top: 20, right: 20, bottom: 50, left: 80 };
-let current = null; // { graph, nLayers }
+let current = null; // { models, graph, nLayers }
+// Only the latest trace and the latest node clicked show their answers.
+const traces = latestOnly();
+const selections = latestOnly();
 
 function status(text, isError = false) {
   $("status").textContent = text;
@@ -142,7 +145,11 @@ function draw(graph, nLayers) {
     .attr("tabindex", 0).attr("role", "button")
     .attr("aria-label", (n) => label(n))
     .on("click", (_, n) => select(n))
-    .on("keydown", (event, n) => { if (event.key === "Enter" || event.key === " ") select(n); });
+    .on("keydown", (event, n) => {
+      if (event.key !== "Enter" && event.key !== " ") return;
+      event.preventDefault(); // Space would scroll the page too
+      select(n);
+    });
   nodes.append("title").text((n) => label(n));
 }
 
@@ -176,6 +183,7 @@ function element(tag, text, className) {
 }
 
 async function select(node) {
+  const ticket = selections.next();
   d3.selectAll(".node").classed("selected", (n) => n.id === node.id);
   const details = $("details");
   const params = new URLSearchParams(location.search);
@@ -193,6 +201,7 @@ async function select(node) {
   try {
     const bos = current.graph.tokens[0].text === "<|endoftext|>" ? "<|endoftext|>" : "";
     const data = await graphql(FEATURE_QUERY, { id: node.node.id, prompt: bos + current.graph.prompt });
+    if (!selections.is(ticket)) return; // another node was clicked meanwhile
     const found = data.node;
     details.append(element("h3", "Best explanation"));
     details.append(element("p", found.bestExplanation ? `${found.bestExplanation.text} (score ${found.bestExplanation.score === null ? "–" : found.bestExplanation.score.toFixed(2)})` : "No explanation is stored.", "explanation"));
@@ -209,18 +218,22 @@ async function select(node) {
       details.append(row);
     }
   } catch (error) {
-    details.append(element("p", error.message, "error"));
+    if (selections.is(ticket)) details.append(element("p", error.message, "error"));
   }
 }
 
 async function trace(model, dictionary, prompt) {
+  const ticket = traces.next();
+  selections.next(); // a node of the graph drawn before answers into nothing
   status(`Tracing ${JSON.stringify(prompt)}…`);
   $("graph").replaceChildren();
+  $("details").replaceChildren(element("p", "Click a node to see what is known about it.", "empty"));
   $("summary").textContent = "";
   const params = new URLSearchParams({ model, dictionary, prompt });
   history.replaceState(null, "", `?${params}`);
   try {
     const data = await graphql(GRAPH_QUERY, { model, input: { prompt, dictionary } });
+    if (!traces.is(ticket)) return null; // a later trace is under way
     const graph = data.model.attributionGraph;
     const nLayers = current.models.find((m) => m.name === model).nLayers;
     current = { ...current, graph, nLayers };
@@ -232,31 +245,62 @@ async function trace(model, dictionary, prompt) {
     status(`${graph.id}`);
     return graph;
   } catch (error) {
-    status(error.message, true);
+    if (traces.is(ticket)) status(error.message, true);
     return null;
   }
 }
 
+// The model's transcoder sets in the select, `wanted` chosen; what is wrong with the choice
+// (no such set, no transcoders at all), or null.
 function fillDictionaries(models, model, wanted) {
   const found = models.find((m) => m.name === model);
   const sets = [...new Set(found.dictionaries.filter((d) => d.transcoder).map((d) => d.name))];
   $("dictionary-input").replaceChildren(...sets.map((name) => new Option(name, name, false, name === wanted)));
+  $("trace").disabled = sets.length === 0;
+  if (!sets.length) return `${model} has no transcoders: an attribution graph needs a set of them.`;
+  if (wanted !== null && !sets.includes(wanted)) {
+    return `${JSON.stringify(wanted)} is no transcoder set of ${model} (its sets: ${sets.join(", ")}): pick one and Trace.`;
+  }
+  return null;
 }
 
 async function main() {
   const params = new URLSearchParams(location.search);
+  // First, so that a failure below never leaves the browser to submit the form itself.
+  $("controls").addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (current && current.models) trace($("model-input").value, $("dictionary-input").value, $("prompt-input").value);
+  });
+  if (typeof d3 === "undefined") {
+    status("The graph page's drawing library (d3) is not installed here: run make serve, which installs it.", true);
+    $("trace").disabled = true;
+    return;
+  }
   try {
     const { models } = await graphql(MODELS_QUERY, {});
+    if (!models.length) {
+      status("This server serves no model.", true);
+      $("trace").disabled = true;
+      return;
+    }
     current = { models };
-    const model = params.get("model") || models[0].name;
+    const asked = params.get("model");
+    const known = asked === null || models.some((m) => m.name === asked);
+    const model = known && asked !== null ? asked : models[0].name;
     $("model-input").replaceChildren(...models.map((m) => new Option(m.name, m.name, false, m.name === model)));
-    fillDictionaries(models, model, params.get("dictionary"));
-    $("model-input").addEventListener("change", () => fillDictionaries(models, $("model-input").value, null));
-    $("prompt-input").value = params.get("prompt") || "import os\nimport sys\nimport";
-    $("controls").addEventListener("submit", (event) => {
-      event.preventDefault();
-      trace($("model-input").value, $("dictionary-input").value, $("prompt-input").value);
+    const problem = known
+      ? fillDictionaries(models, model, params.get("dictionary"))
+      : `No model ${JSON.stringify(asked)} is served here (served: ${models.map((m) => m.name).join(", ")}): pick one and Trace.`;
+    if (!known) fillDictionaries(models, model, null);
+    $("model-input").addEventListener("change", () => {
+      const changed = fillDictionaries(models, $("model-input").value, null);
+      status(changed || "", changed !== null);
     });
+    $("prompt-input").value = params.get("prompt") || "import os\nimport sys\nimport";
+    if (problem !== null) {
+      status(problem, true);
+      return;
+    }
     if (params.get("prompt") !== null) {
       const graph = await trace(model, $("dictionary-input").value, params.get("prompt"));
       const wanted = graph && graph.nodes.find((n) => n.id === params.get("node"));

@@ -88,7 +88,15 @@ async function defaultNodeId() {
   return data.models.length ? `${data.models[0].name}/mlp_neuron/0/0` : "";
 }
 
+const renders = latestOnly();
+
+// What a failed or pending view shows: nothing of the node shown before.
+function clearViews(text) {
+  for (const section of ["explanation", "live", "records"]) show($(section), [], text);
+}
+
 async function render() {
+  const ticket = renders.next();
   const id = $("node-input").value.trim();
   const prompt = $("prompt-input").value;
   const params = new URLSearchParams({ node: id });
@@ -96,8 +104,10 @@ async function render() {
   // Slashes stay readable in the address bar: node ids are paths.
   history.replaceState(null, "", `?${params.toString().replace(/%2F/g, "/")}`);
   setStatus(`Loading ${id}…`);
+  clearViews("…");
   try {
     const { node } = await graphql(NODE_QUERY, { id, prompt, withPrompt: prompt !== "" });
+    if (!renders.is(ticket)) return; // a later Show is under way: its answer is the one to show
     show(
       $("explanation"),
       explanationView(node.bestExplanation),
@@ -113,6 +123,8 @@ async function render() {
     else show($("live"), [], "Enter a prompt to see this node's activation on each token.");
     setStatus(id);
   } catch (error) {
+    if (!renders.is(ticket)) return;
+    clearViews("—");
     setStatus(error.message, true);
   }
 }
