@@ -34,7 +34,8 @@ masked before it reaches a client.
         ├── QUOTA_EXCEEDED           this API key has spent its tokens
         ├── NO_RECORDS               a node with no records cannot be explained or scored
         ├── JOB_NOT_FOUND            no job with that id for this API key
-        └── HOST_NOT_ALLOWED         the request's Host is not a name this server answers to
+        ├── HOST_NOT_ALLOWED         the request's Host is not a name this server answers to
+        └── ORIGIN_NOT_ALLOWED       another site's page sent it (browser_policy.py), HTTP 403
 
 Codes graphql itself produces are mapped too: GRAPHQL_PARSE_FAILED, GRAPHQL_VALIDATION_FAILED,
 BAD_USER_INPUT (a variable of the wrong type); a request that is not a GraphQL request at all

@@ -31,6 +31,13 @@ from strawberry.types.graphql import OperationType
 
 from interpql import web
 from interpql.body_limit import BodySizeLimit
+from interpql.browser_policy import (
+    LOOSE_PAGE_POLICY,
+    SecurityHeaders,
+    cross_origin_refusal,
+    page_policy,
+    same_origin,
+)
 from interpql.errors import InterpqlError
 from interpql.host_check import AllowedHosts
 from interpql.loaders.cache import NodeDataCache
@@ -92,8 +99,17 @@ class GraphQLApp(GraphQL[RequestContext, None]):
         self._allowed_origin = re.compile(services.settings.cors_origin_regex)
 
     def is_websocket_origin_allowed(self, request: WebSocket, origin: str) -> bool:
-        # Browsers apply no CORS to WebSockets: the origins CORS allows on HTTP are checked here.
-        return self._allowed_origin.fullmatch(origin) is not None
+        # Browsers apply no CORS to WebSockets: the origins CORS allows on HTTP are checked
+        # here, and the page's own (the explorer's steering on a server not on localhost).
+        return self._allowed_origin.fullmatch(origin) is not None or same_origin(
+            origin, request.headers.get("host", ""), request.url.scheme
+        )
+
+    async def render_graphql_ide(self, request: Request) -> Response:
+        page = self.graphql_ide_html
+        # The local page's inline script by its hash; the CDN page loads from elsewhere.
+        policy = page_policy(page) if web.graphiql_assets_installed() else LOOSE_PAGE_POLICY
+        return HTMLResponse(page, headers={"Content-Security-Policy": policy})
 
     async def get_context(
         self, request: Request | WebSocket, response: Response | WebSocket
@@ -122,6 +138,12 @@ class GraphQLApp(GraphQL[RequestContext, None]):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
+            return
+        refusal = cross_origin_refusal(scope, self._allowed_origin)
+        if refusal is not None:
+            await graphql_error_response(403, refusal, code="ORIGIN_NOT_ALLOWED")(
+                scope, receive, send
+            )
             return
         request = Request(scope=scope, receive=receive)
         try:
@@ -160,7 +182,7 @@ class InterpqlApp(Starlette):
         # body, are refused with their own answers before anything (the 500 handler too) sees
         # them.
         limited = BodySizeLimit(super().build_middleware_stack(), self.settings.max_body_bytes)
-        return AllowedHosts(limited, self.settings.allowed_hosts)
+        return SecurityHeaders(AllowedHosts(limited, self.settings.allowed_hosts))
 
 
 def create_app(

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import re
 from pathlib import Path
 
 import httpx
 import pytest
 
 from interpql import web
+from interpql.browser_policy import same_origin
 
 
 async def test_graphiql_page_loads_local_assets(client: httpx.AsyncClient) -> None:
@@ -68,3 +72,101 @@ async def test_viewer_page_and_its_assets(client: httpx.AsyncClient) -> None:
     helper = await client.get("/static/api.js")
     assert helper.status_code == 200 and 'fetch("/graphql"' in helper.text
     assert page.text.index("/static/api.js") < page.text.index("/static/viewer.js")
+
+
+PAGES = ("/viewer", "/graph", "/explore")
+
+
+async def test_every_answer_carries_the_security_headers(client: httpx.AsyncClient) -> None:
+    """No answer said nosniff, refused framing or set a Content-Security-Policy."""
+    for path in PAGES:
+        page = await client.get(path)
+        assert page.status_code == 200, path
+        policy = page.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in policy and "script-src 'self';" in policy, path
+        assert "'unsafe-inline'" not in policy.partition("style-src")[0], path
+        assert page.headers["x-frame-options"] == "DENY"
+        assert page.headers["x-content-type-options"] == "nosniff"
+        assert page.headers["referrer-policy"] == "same-origin"
+    answer = await client.post("/graphql", json={"query": "{ models { name } }"})
+    assert answer.headers["x-content-type-options"] == "nosniff"
+    assert "content-security-policy" not in answer.headers  # a policy is for documents
+    refused = await client.post("/graphql", json={}, headers={"Host": "evil.example"})
+    assert refused.status_code == 400 and refused.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_graphiqls_inline_script_is_allowed_by_its_hash(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    page = await client.get("/graphql", headers={"Accept": "text/html"})
+    [script] = re.findall(r"<script>(.*?)</script>", page.text, re.DOTALL)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    policy = page.headers["content-security-policy"]
+    assert f"script-src 'self' 'sha256-{digest}';" in policy
+    # The CDN page loads from unpkg with inline scripts: framing is all it is refused.
+    monkeypatch.setattr(web, "VENDOR", tmp_path)
+    cdn = await client.get("/graphql", headers={"Accept": "text/html"})
+    assert cdn.headers["content-security-policy"] == "frame-ancestors 'none'"
+
+
+INFER = {"query": '{ model(name: "small") { infer(input: {prompt: "a b c d"}) { loss } } }'}
+
+
+@pytest.mark.parametrize(
+    ("headers", "served"),
+    [
+        ({}, True),  # curl, scripts, gateways: no browser
+        ({"Origin": "http://localhost:5173"}, True),  # --cors-origin-regex allows it
+        ({"Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"}, True),
+        ({"Sec-Fetch-Site": "same-site"}, True),
+        ({"Origin": "https://evil.example"}, False),
+        ({"Origin": "null"}, False),  # a sandboxed frame, a file:// page
+        ({"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}, False),  # <img src>
+    ],
+    ids=["no browser", "allowed origin", "same origin", "same site", "foreign", "null", "tag"],
+)
+async def test_other_sites_pages_cannot_make_the_server_compute(
+    client: httpx.AsyncClient, headers: dict[str, str], served: bool
+) -> None:
+    """CORS kept a foreign page from reading the answer, not from running the forward pass:
+    GET /graphql?query=... from any site ran it."""
+    for answer in (
+        await client.get("/graphql", params=INFER, headers=headers),
+        await client.post("/graphql", json=INFER, headers=headers),
+    ):
+        if served:
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["data"]["model"]["infer"]["loss"] > 0, answer.json()
+        else:
+            assert answer.status_code == 403
+            [error] = answer.json()["errors"]
+            assert error["extensions"]["code"] == "ORIGIN_NOT_ALLOWED"
+
+
+async def test_a_link_followed_from_another_site_opens_graphiql(client: httpx.AsyncClient) -> None:
+    navigation = {
+        "Sec-Fetch-Site": "cross-site",
+        "Sec-Fetch-Mode": "navigate",
+        "Accept": "text/html",
+    }
+    page = await client.get("/graphql", headers=navigation)
+    assert page.status_code == 200 and "graphiql" in page.text.lower()
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "scheme", "same"),
+    [
+        ("http://myhost:8000", "myhost:8000", "http", True),
+        ("http://myhost:8000", "myhost:8000", "ws", True),  # the page of a WebSocket
+        ("https://myhost", "myhost:443", "wss", True),
+        ("http://myhost", "myhost:80", "http", True),
+        ("http://myhost:8001", "myhost:8000", "http", False),
+        ("https://myhost:8000", "myhost:8000", "http", False),
+        ("http://other:8000", "myhost:8000", "http", False),
+        ("http://myhost:99999", "myhost:8000", "http", False),
+    ],
+)
+def test_same_origin(origin: str, host: str, scheme: str, same: bool) -> None:
+    """A page served on a name of its own (--allowed-host) opened no WebSocket: only the
+    --cors-origin-regex origins (localhost) were let through."""
+    assert same_origin(origin, host, scheme) is same
