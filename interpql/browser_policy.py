@@ -13,8 +13,8 @@ the server compute it: a page anywhere can send `GET /graphql?query=...` (an ima
 no-cors fetch) and spend this server's forward passes. Browsers say where a request comes from
 (`Origin`, and `Sec-Fetch-Site` on every request), so such requests are refused, 403
 ORIGIN_NOT_ALLOWED, before they run. Requests with neither header (curl, scripts, gateways,
-other servers) are not browsers' and pass; same-origin pages and the origins --cors-origin-regex
-allows pass too.
+other servers) are not browsers' and pass; pages served under this server's own name and the origins
+--cors-origin-regex allows pass too.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from interpql.errors import shown
+from interpql.host_check import host_name
 
 _COMMON = (
     (b"x-content-type-options", b"nosniff"),
@@ -84,22 +85,18 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
-def _origin_key(scheme: str, host: str, port: int | None) -> tuple[str, str, int]:
-    return scheme, host.lower().strip("[]"), port or (443 if scheme in ("https", "wss") else 80)
+def from_this_server(origin: str, host_header: str) -> bool:
+    """Whether a browser's Origin header names the host it was sent to (its Host header).
 
-
-def same_origin(origin: str, host_header: str, scheme: str) -> bool:
-    """Whether a browser's Origin header names the server it was sent to (whose Host header
-    and scheme are these)."""
-    scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)  # a WebSocket's page's
+    The names alone are compared: behind a proxy that ends TLS the server sees http and the
+    proxy's port while the page is https on 443, and a page elsewhere cannot be served under
+    this server's name anyway (AllowedHosts refuses names it does not answer to)."""
     try:
         named = urllib.parse.urlsplit(origin)
-        served = urllib.parse.urlsplit(f"{scheme}://{host_header}")
-        return _origin_key(named.scheme, named.hostname or "", named.port) == _origin_key(
-            served.scheme, served.hostname or "", served.port
-        )
-    except ValueError:  # a port that is no number
+        named.port  # noqa: B018 - a port that is no number: no origin a browser sends
+    except ValueError:
         return False
+    return bool(named.hostname) and named.hostname == host_name(host_header)
 
 
 def cross_origin_refusal(scope: Scope, allowed: re.Pattern[str]) -> str | None:
@@ -109,7 +106,7 @@ def cross_origin_refusal(scope: Scope, allowed: re.Pattern[str]) -> str | None:
     if origin is not None:
         if origin != "null" and (
             allowed.fullmatch(origin) is not None
-            or same_origin(origin, headers.get("host", ""), scope.get("scheme", "http"))
+            or from_this_server(origin, headers.get("host", ""))
         ):
             return None
         return (

@@ -35,8 +35,8 @@ from interpql.browser_policy import (
     LOOSE_PAGE_POLICY,
     SecurityHeaders,
     cross_origin_refusal,
+    from_this_server,
     page_policy,
-    same_origin,
 )
 from interpql.errors import InterpqlError
 from interpql.host_check import AllowedHosts
@@ -101,8 +101,8 @@ class GraphQLApp(GraphQL[RequestContext, None]):
     def is_websocket_origin_allowed(self, request: WebSocket, origin: str) -> bool:
         # Browsers apply no CORS to WebSockets: the origins CORS allows on HTTP are checked
         # here, and the page's own (the explorer's steering on a server not on localhost).
-        return self._allowed_origin.fullmatch(origin) is not None or same_origin(
-            origin, request.headers.get("host", ""), request.url.scheme
+        return self._allowed_origin.fullmatch(origin) is not None or from_this_server(
+            origin, request.headers.get("host", "")
         )
 
     async def render_graphql_ide(self, request: Request) -> Response:
