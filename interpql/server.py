@@ -267,5 +267,19 @@ def create_app(
                 allow_headers=["*"],
             )
         ],
+        # Routes that do not exist, or a method a route does not take: the same JSON errors,
+        # with codes, as the rest of the API (Starlette answers these in plain text).
+        exception_handlers={
+            404: _route_error,
+            405: _route_error,
+        },
         lifespan=lifespan,
     )
+
+
+async def _route_error(_: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 404)
+    message = {404: "No such route.", 405: "This route does not take that method."}[status]
+    response = graphql_error_response(status, message)
+    response.headers.update(getattr(exc, "headers", None) or {})  # 405's Allow
+    return response

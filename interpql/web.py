@@ -16,8 +16,9 @@ import json
 import shutil
 from pathlib import Path
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
 STATIC = Path(__file__).parent / "static"
@@ -80,7 +81,7 @@ def _asset_path(name: str) -> Path | None:
 async def static_asset(request: Request) -> Response:
     path = _asset_path(request.path_params["name"])
     if path is None or not path.is_file():
-        return PlainTextResponse("Not found.", status_code=404)
+        raise HTTPException(404)  # answered as every unknown route is (server.py)
     return FileResponse(path, headers={"Cache-Control": "no-cache"})
 
 

@@ -170,3 +170,24 @@ def test_an_origin_from_this_server(origin: str, host: str, same: bool) -> None:
     """A page served on a name of its own (--allowed-host) opened no WebSocket: only the
     --cors-origin-regex origins (localhost) were let through."""
     assert from_this_server(origin, host) is same
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/nonexistent", 404, "NOT_FOUND"),
+        ("GET", "/static/nothing.js", 404, "NOT_FOUND"),
+        ("PATCH", "/graphql", 405, "METHOD_NOT_ALLOWED"),
+        ("PUT", "/viewer", 405, "METHOD_NOT_ALLOWED"),
+    ],
+)
+async def test_other_routes_answer_json_errors_with_codes(
+    client: httpx.AsyncClient, method: str, path: str, status: int, code: str
+) -> None:
+    """The README promised NOT_FOUND and METHOD_NOT_ALLOWED; Starlette answered plain text."""
+    answer = await client.request(method, path, headers={"Accept": "application/json"})
+    assert answer.status_code == status
+    [error] = answer.json()["errors"]
+    assert error["extensions"]["code"] == code
+    if status == 405:
+        assert "GET" in answer.headers["allow"]
