@@ -7,8 +7,10 @@ here) come from the wheel alone."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import tarfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +53,28 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     constraints = ["-c", str(ROOT / "constraints.txt")]
     subprocess.run([*pip, *constraints, str(wheel)], check=True, cwd=root, env=env)
     return root
+
+
+def test_the_sdist_holds_what_building_and_testing_it_needs(tmp_path: Path) -> None:
+    """It held the test files but not their helpers (conftest, tests/processes.py, ...), nor
+    schema.graphql, the Makefile or the explorer's sources."""
+    subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--outdir", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    [sdist] = tmp_path.glob("interpql-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = {name.partition("/")[2] for name in archive.getnames()}
+    needed = {"Makefile", "constraints.txt", "schema.graphql", "README.md", "LICENSE", ".ci/run"}
+    needed |= {"explorer/src/main.ts", "explorer/package-lock.json", "tests/conftest.py"}
+    needed |= {"tests/federation/package-lock.json", "clients/typescript/package-lock.json"}
+    # Every module of tests/ that a test imports.
+    for test in (ROOT / "tests").glob("*.py"):
+        for module in re.findall(r"^from tests\.(\w+) import", test.read_text(), re.MULTILINE):
+            needed.add(f"tests/{module}.py")
+    assert needed <= names, sorted(needed - names)
+    assert not any("node_modules" in n or "__pycache__" in n for n in names)
 
 
 def clean_env() -> dict[str, str]:
