@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-MODELS = "{ models { name backend nLayers dModel dMlp nodeKinds { kind count } } }"
+MODELS = "{ models { name backend nLayers dModel dMlp nodeKinds { kind dictionary count } } }"
 NODE_ON_PROMPT = """
 query NodeOnPrompt($id: ID!, $prompt: String!) {
   node(id: $id) {
@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         models = execute(args.url, MODELS)["models"]
         for model in models:
-            kinds = ", ".join(f"{k['count']} {k['kind'].lower()}" for k in model["nodeKinds"])
+            kinds = ", ".join(
+                f"{k['count']} {k['dictionary'] or k['kind'].lower()}" for k in model["nodeKinds"]
+            )
             print(f"{model['name']} ({model['backend']}, {model['nLayers']} layers): {kinds}")
         node_id = args.node or f"{models[0]['name']}/mlp_neuron/0/0"
         node = execute(args.url, NODE_ON_PROMPT, {"id": node_id, "prompt": args.prompt})["node"]

@@ -262,7 +262,7 @@ def rebuild_explanations(out_dir: Path, *, progress: bool = True) -> dict[str, A
     metrics["artifact_bytes"] = artifact_bytes(out_dir)  # with metrics.json's new size
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     if progress:
-        print(summary(metrics))
+        print(summary(metrics, this_run_s=time.perf_counter() - started))
     return metrics
 
 
@@ -277,7 +277,9 @@ def finish(build: DemoBuild, *, progress: bool = True) -> None:
         print(summary(build.metrics))
 
 
-def summary(metrics: dict[str, Any]) -> str:
+def summary(metrics: dict[str, Any], this_run_s: float | None = None) -> str:
+    """The build's figures; `this_run_s`: the time of a partial rebuild (the training times
+    shown are the full build's, which it kept)."""
     cfg, held = metrics["model"]["config"], metrics["heldout"]
     lines = [
         f"{metrics['model_name']}: {cfg['n_layers']} layers, d_model {cfg['d_model']}, "
@@ -310,9 +312,18 @@ def summary(metrics: dict[str, Any]) -> str:
             f"{losses['original']:.3f}, MLPs zeroed {losses['zero_ablated']:.3f}): "
             f"{losses['loss_recovered']:.1%} of the loss recovered"
         )
+    node_data = metrics.get("node_data", {})
+    if "mean_score" in node_data:
+        lines.append(
+            f"baseline explanations of {node_data['explanations']:,} nodes: mean score "
+            f"{node_data['mean_score']:.2f}; {node_data['share_score_above_0_5']:.0%} above 0.5; "
+            f"{node_data['share_with_a_layer_twin']:.1%} share their text with another node "
+            "of their layer and kind"
+        )
     lines.append(
         f"artefacts {metrics['artifact_bytes']['total'] / 1e6:.1f} MB; "
-        f"build {metrics['timings_s']['total'] / 60:.1f} min"
+        f"full build {metrics['timings_s']['total'] / 60:.1f} min"
+        + (f"; this run {this_run_s:.0f} s" if this_run_s is not None else "")
     )
     return "\n".join(lines)
 
