@@ -573,6 +573,8 @@ async def test_progress_is_streamed() -> None:
         ('dictionary: "transcoder", edgeThreshold: 1.5', "INVALID_ARGUMENT"),
         ('dictionary: "transcoder", maxLogits: 0', "INVALID_ARGUMENT"),
         ('dictionary: "transcoder", maxFeatureNodes: 0', "INVALID_ARGUMENT"),
+        # Out of its range, not QUERY_TOO_COMPLEX: the cost estimate prices the range's end.
+        ('dictionary: "transcoder", maxLogits: 1000000', "INVALID_ARGUMENT"),
         ('dictionary: "transcoder", logitProbability: NaN', "GRAPHQL_VALIDATION_FAILED"),
     ],
 )
@@ -591,6 +593,7 @@ async def test_bad_interventions(demo: httpx.AsyncClient) -> None:
         'nodeId: "0_1_0"',
         'nodeId: "0_1_0", value: 1, scale: 2',
         'nodeId: "9_1_0", value: 1',
+        'nodeId: "0_1_0", value: 0}, {nodeId: "0_1_0", value: 5',  # the last value held
     ):
         body = await graphql(
             demo,
@@ -611,7 +614,7 @@ async def test_limits_of_the_server() -> None:
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             for prompt, code in (
-                ("import os\nimport sys", "INVALID_ARGUMENT"),
+                ("import os\nimport sys", "PROMPT_TOO_LONG"),  # over the graph's 4 tokens
                 ("x", "RESOURCE_EXHAUSTED"),
             ):
                 body = await graphql(
@@ -705,3 +708,19 @@ async def test_the_readmes_figures(demo: httpx.AsyncClient) -> None:
     top = max((n for n in graph["nodes"] if n["type"] == "FEATURE"), key=lambda n: n["influence"])
     assert f"the most influential latent is `{top['id']}`" in readme
     assert f"influence {top['influence']:.3f}" in readme
+
+
+async def test_a_prompt_past_the_context_is_refused_with_the_graphs_limit(
+    demo: httpx.AsyncClient,
+) -> None:
+    """Past the model's context it was PROMPT_TOO_LONG naming the context (256), below it
+    INVALID_ARGUMENT naming the graph's limit (128)."""
+    for n in (160, 300):
+        body = await graphql(
+            demo,
+            f'{{ model(name: "{DEMO}") {{ attributionGraph(input: {{prompt: "{" x" * n}", '
+            'dictionary: "transcoder"}) { id } } }',
+        )
+        [error] = body["errors"]
+        assert error["extensions"]["code"] == "PROMPT_TOO_LONG"
+        assert error["message"].startswith("an attribution graph reads at most 128 tokens here")

@@ -93,14 +93,25 @@ def test_generation_runs_a_pass_per_new_token(steps: int, steered: bool) -> None
     assert cost(document, generation_caches=True) == 1 + 1 + rows * (4 + steps - 1) + 1
 
 
-@pytest.mark.parametrize(("cap", "latents"), [("", 40 * 6), (", maxFeatureNodes: 100", 100)])
+@pytest.mark.parametrize(
+    ("cap", "latents", "logits"),
+    [
+        ("", 40 * 6, 10),
+        (", maxFeatureNodes: 100", 100, 10),
+        # A cap above the latents that can be active costs what they cost: 10^6 was refused
+        # as too costly though its range allows it.
+        (", maxFeatureNodes: 1000000", 40 * 6, 10),
+        # Out of its range: priced at the range's end, so the resolver names the argument.
+        (", maxLogits: 1000000", 40 * 6, 100),
+    ],
+)
 def test_an_attribution_graph_costs_a_backward_pass_per_batch_of_targets(
-    cap: str, latents: int
+    cap: str, latents: int, logits: int
 ) -> None:
     document = (
         f'{{ model(name: "m") {{ attributionGraph(input: {{prompt: "abcde", dictionary: "t"{cap}}}) '
         "{ id } } }"
     )
     tokens_with_bos = 6
-    batches = -(-(latents + 10) // 32)  # latents and the 10 logits, 32 a pass
+    batches = -(-(latents + logits) // 32)  # latents and logits, 32 a pass
     assert cost(document) == 1 + 1 + 3 * tokens_with_bos * (1 + batches) + 1

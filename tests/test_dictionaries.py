@@ -4,13 +4,15 @@ and folders that do not fit their config, refused naming the file."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from interpql.backends.dictionaries.circuit_tracer import read_transcoder_set
 from interpql.backends.dictionaries.saelens import (
@@ -208,6 +210,12 @@ def test_log_thresholds_of_old_jumprelu_files(tmp_path: Path) -> None:
         (lambda c, t: t.update(extra=torch.zeros(2)), "unexpected \\['extra'\\]"),
         (lambda c, t: c.update(normalize_activations="whiten"), "unknown normalize_activations"),
         (lambda c, t: c["metadata"].pop("hook_name"), "no hook_name"),
+        # Read with another meaning, and nothing said: 16.7 latents as 16, "false" as true.
+        (lambda c, t: c.update(d_sae=D_SAE + 0.7), "d_sae must be a whole number"),
+        (lambda c, t: c.update(d_sae=0), "d_sae must be a whole number of at least 1, not 0"),
+        (lambda c, t: c.update(d_in=True), "d_in must be a whole number"),
+        (lambda c, t: c.update(apply_b_dec_to_input="false"), "must be true or false"),
+        (lambda c, t: c.update(rescale_acts_by_decoder_norm=1), "must be true or false"),
     ],
 )
 def test_a_folder_that_does_not_fit_its_config_is_refused(
@@ -267,6 +275,64 @@ def test_circuit_tracer_transcoder_sets(tmp_path: Path) -> None:
         latents, output = found.dictionary(torch.tensor(x, dtype=torch.float32))
         np.testing.assert_allclose(latents.numpy(), a, atol=1e-6, rtol=1e-5)
         np.testing.assert_allclose(output.numpy(), out, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("factor", [math.nan, math.inf, 0.0])
+def test_a_scaling_factor_that_no_input_can_be_scaled_by_is_refused(
+    tmp_path: Path, factor: float
+) -> None:
+    """NaN and inf served nulls and internal errors, 0 a division by zero, all at query time."""
+    config = saelens_config("standard", D_IN, D_SAE, "blocks.0.hook_resid_post")
+    config["normalize_activations"] = "expected_average_only_in"
+    write_saelens(tmp_path / "d", config, random_tensors("standard", D_IN, D_IN, D_SAE, 5))
+    with pytest.raises(FileProblem, match="scaling_factor must be a finite number other than 0"):
+        read_saelens(str(tmp_path / "d"), scaling_factor=factor)
+
+
+def test_a_topk_k_that_is_no_whole_number_is_refused(tmp_path: Path) -> None:
+    config = saelens_config("topk", D_IN, D_SAE, "blocks.0.hook_resid_post", k=4)
+    write_saelens(tmp_path / "t", config, random_tensors("topk", D_IN, D_IN, D_SAE, 6))
+    for k in (3.7, True):  # read as 3 and as 1
+        (tmp_path / "t" / "cfg.json").write_text(json.dumps(config | {"k": k}))
+        with pytest.raises(FileProblem, match="needs a whole 0 < k <= d_sae"):
+            read_saelens(str(tmp_path / "t"))
+
+
+def circuit_tracer_folder(folder: Path, n_layers: int = 2) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(
+        "model_kind: transcoder_set\nfeature_input_hook: mlp.hook_in\n"
+        "feature_output_hook: mlp.hook_out\n"
+    )
+    for layer in range(n_layers):
+        t = random_tensors("transcoder", D_IN, D_IN, D_SAE, 20 + layer)
+        files = {"W_enc": t["W_enc"].T.contiguous(), "W_dec": t["W_dec"], "b_enc": t["b_enc"]}
+        save_file(files | {"b_dec": t["b_dec"]}, str(folder / f"layer_{layer}.safetensors"))
+
+
+def test_a_circuit_tracer_set_named_by_a_relative_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its folder was put in front of each layer's file twice: bad/ct/bad/ct/layer_0..."""
+    circuit_tracer_folder(tmp_path / "sets" / "ct")
+    monkeypatch.chdir(tmp_path)
+    layers = read_transcoder_set("sets/ct", n_layers=2)
+    assert [found.path for found in layers] == [
+        "sets/ct/layer_0.safetensors",
+        "sets/ct/layer_1.safetensors",
+    ]
+
+
+def test_a_circuit_tracer_set_holding_nan_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """It started, and an ablation of one of its latents answered INTERNAL_SERVER_ERROR."""
+    circuit_tracer_folder(tmp_path)
+    layer_1 = tmp_path / "layer_1.safetensors"
+    tensors = load_file(layer_1)
+    tensors["W_dec"][0, 0] = math.nan
+    save_file(tensors, str(layer_1))
+    with pytest.raises(FileProblem, match="tensor 'W_dec' holds 1 NaN") as refused:
+        read_transcoder_set(str(tmp_path), n_layers=2)
+    assert refused.value.path == str(layer_1)
 
 
 def test_cross_layer_transcoders_are_refused_by_name(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from interpql.errors import NotFoundError, check_range, invalid_argument
+from interpql.errors import InvalidInputError, NotFoundError, check_range, invalid_argument
 from interpql.loaders.attribution_graph import (
     GraphData,
     GraphLimits,
@@ -30,7 +30,7 @@ from interpql.loaders.graph_store import GraphStore
 from interpql.loaders.jobs import Job
 from interpql.resolvers.context import RequestContext
 from interpql.resolvers.jobs import JobView, job_view
-from interpql.resolvers.models import encode_prompt
+from interpql.resolvers.models import encode
 from interpql.resolvers.node_data import best_explanation, settled
 from interpql.specs import FeatureIntervention, GraphSpec
 
@@ -93,7 +93,9 @@ def graph_spec(ctx: RequestContext, model_name: str, args: GraphArgs) -> GraphSp
             f"model {entry.name!r} has no dictionary {args.dictionary!r} (attached: {known})."
         )
     check_transcoders(entry, args.dictionary)
-    tokens = encode_prompt(ctx, entry, args.prompt)
+    tokens = encode(ctx, entry, args.prompt)
+    if not tokens:
+        raise InvalidInputError("The prompt is empty.", code="EMPTY_PROMPT")
     if args.prepend_bos:
         bos = beginning_of_sequence(entry)
         if bos is None:
@@ -103,9 +105,12 @@ def graph_spec(ctx: RequestContext, model_name: str, args: GraphArgs) -> GraphSp
         tokens = (bos, *tokens)
     limit = min(ctx.settings.max_graph_tokens, entry.architecture.n_ctx)
     if len(tokens) > limit:
-        raise invalid_argument(
+        # One code and the graph's own limit whatever the length (past the context window it
+        # was PROMPT_TOO_LONG naming the model's, below it INVALID_ARGUMENT naming this).
+        raise InvalidInputError(
             f"an attribution graph reads at most {limit} tokens here; the prompt has "
-            f"{len(tokens)} (with the beginning-of-sequence token when prepended)."
+            f"{len(tokens)} (with the beginning-of-sequence token when prepended).",
+            code="PROMPT_TOO_LONG",
         )
     if args.max_feature_nodes is not None:
         check_range("maxFeatureNodes", args.max_feature_nodes, 1, 10**7)
@@ -244,6 +249,7 @@ def interventions_on(
         raise invalid_argument("interventions must name at least one latent.")
     n_positions = len(graph.spec.tokens)
     found = []
+    seen: set[tuple[int, int, int]] = set()
     for node_id, value, scale in changes:
         match = _FEATURE_ID.fullmatch(node_id)
         if match is None:
@@ -251,6 +257,10 @@ def interventions_on(
                 f"{node_id[:64]!r} is not a latent's node id ({{layer}}_{{index}}_{{position}})."
             )
         layer, index, position = (int(part) for part in match.groups())
+        if (layer, index, position) in seen:
+            # Which of its values would hold is no answer a caller should have to guess.
+            raise invalid_argument(f"{node_id} is changed twice: give each latent once.")
+        seen.add((layer, index, position))
         check_range("the latent's layer", layer, 0, graph.n_layers)
         check_range("the latent's position", position, 0, n_positions)
         if (value is None) == (scale is None):

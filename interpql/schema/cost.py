@@ -44,6 +44,8 @@ from graphql import (
 )
 from graphql.execution.values import VariableValues, get_argument_values, get_variable_values
 
+from interpql.resolvers.attribution_graph import MAX_LOGITS
+
 UNKNOWN_LIST_SIZE = 10
 BACKWARD_FACTOR = 3
 DEFAULT_NEW_TOKENS = 20  # GenerateInput.maxTokens when not given
@@ -184,10 +186,15 @@ class CostEstimator:
         if not isinstance(prompt_text, str):
             return 0
         tokens = self._count_tokens(prompt_text) + 1  # the beginning-of-sequence token
+        # A cap bounds the latents traced, which the active ones bound too; a value out of its
+        # argument's range is priced at the range's end, so that the resolver's message naming
+        # the argument is what the caller reads, not this estimate's.
+        active = GRAPH_LATENTS_PER_TOKEN * tokens
         cap = _input_field(spec, "maxFeatureNodes", "max_feature_nodes")
-        latents = cap if isinstance(cap, int) else GRAPH_LATENTS_PER_TOKEN * tokens
+        latents = min(cap, active) if isinstance(cap, int) else active
         logits = _input_field(spec, "maxLogits", "max_logits")
-        targets = max(0, latents) + (logits if isinstance(logits, int) else 10)
+        logits = min(logits, MAX_LOGITS) if isinstance(logits, int) else 10
+        targets = max(0, latents) + max(0, logits)
         passes = 1 + -(-targets // GRAPH_TARGETS_PER_PASS)
         return BACKWARD_FACTOR * tokens * passes
 

@@ -20,7 +20,7 @@ from safetensors.torch import load
 
 from interpql.backends import remote
 from interpql.backends.dictionaries.saelens import SaeLensConfig, SaeLensDictionary
-from interpql.file_errors import FileProblem, reading
+from interpql.file_errors import FileProblem, reading, require_finite
 
 CONFIG_FILE = "config.yaml"
 
@@ -57,9 +57,9 @@ def read_transcoder_set(folder: str, n_layers: int) -> list[TranscoderLayer]:
         )
         if not isinstance(input_hook, str) or not isinstance(output_hook, str):
             raise ValueError("needs feature_input_hook and feature_output_hook")
-    paths = config.get("transcoders") or [
-        folder.rstrip("/") + f"/layer_{i}.safetensors" for i in range(n_layers)
-    ]
+    # Relative paths are the folder's (made whole below, once: a relative folder was prefixed
+    # twice).
+    paths = config.get("transcoders") or [f"layer_{i}.safetensors" for i in range(n_layers)]
     layers = []
     for layer, path in enumerate(paths):
         path = str(path)
@@ -68,6 +68,8 @@ def read_transcoder_set(folder: str, n_layers: int) -> list[TranscoderLayer]:
         with reading(path, "a circuit-tracer transcoder (safetensors)"):
             [data] = remote.read_files([path], f"layer {layer}'s transcoder")
             tensors = load(data)
+        require_finite(path, tensors)  # NaN weights served NaN, which no GraphQL Float carries
+        with reading(path, "a circuit-tracer transcoder (safetensors)"):
             dictionary = _as_saelens(tensors, input_hook, output_hook, layer)
             layers.append(TranscoderLayer(layer, path, dictionary))
     if not layers:

@@ -109,16 +109,16 @@ def parse_config(raw: dict[str, Any]) -> SaeLensConfig:
     normalize = "none" if normalize is None else str(normalize)
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown normalize_activations {normalize!r}; known: {NORMALIZATIONS}")
-    d_in, d_sae = int(raw["d_in"]), int(raw["d_sae"])
-    d_out = int(raw.get("d_out", d_in))
-    apply_b_dec = bool(raw.get("apply_b_dec_to_input", False))
+    d_in, d_sae = _size(raw, "d_in"), _size(raw, "d_sae")
+    d_out = _size(raw, "d_out") if raw.get("d_out") is not None else d_in
+    apply_b_dec = _flag(raw, "apply_b_dec_to_input")
     if apply_b_dec and d_in != d_out:
         raise ValueError("apply_b_dec_to_input needs d_out == d_in")
     if apply_b_dec and "transcoder" in architecture:
         raise ValueError("a transcoder cannot apply_b_dec_to_input")
-    k = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
-    if architecture == "topk" and not (isinstance(k, int | float) and 0 < int(k) <= d_sae):
-        raise ValueError(f"a topk dictionary needs 0 < k <= d_sae ({d_sae}), got {k!r}")
+    k: Any = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
+    if architecture == "topk" and not (_whole(k) and 0 < int(k) <= d_sae):
+        raise ValueError(f"a topk dictionary needs a whole 0 < k <= d_sae ({d_sae}), got {k!r}")
     return SaeLensConfig(
         architecture=architecture,
         d_in=d_in,
@@ -129,9 +129,31 @@ def parse_config(raw: dict[str, Any]) -> SaeLensConfig:
         apply_b_dec_to_input=apply_b_dec,
         normalize_activations=normalize,
         k=int(k) if architecture == "topk" and k is not None else None,
-        rescale_acts_by_decoder_norm=bool(raw.get("rescale_acts_by_decoder_norm", False)),
+        rescale_acts_by_decoder_norm=_flag(raw, "rescale_acts_by_decoder_norm"),
         model_name=metadata.get("model_name") or raw.get("model_name"),
     )
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == int(value)
+
+
+def _size(raw: dict[str, Any], key: str) -> int:
+    """raw[key] as a width: 16.7 was read as 16 and 0 as a set with no latents."""
+    value: Any = raw.get(key)
+    if not _whole(value) or value < 1:
+        raise ValueError(f"{key} must be a whole number of at least 1, not {value!r}")
+    return int(value)
+
+
+def _flag(raw: dict[str, Any], key: str) -> bool:
+    """raw[key] as JSON's true or false: the string "false" was read as true."""
+    value = raw.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, not {value!r}")
+    return value
 
 
 class SaeLensDictionary(Dictionary):
@@ -149,6 +171,11 @@ class SaeLensDictionary(Dictionary):
             raise ValueError(
                 "normalize_activations is expected_average_only_in: the input's scaling factor "
                 "is not in the folder; give it (scaling_factor=...) or fold it into the weights"
+            )
+        if scaling_factor is not None and not (math.isfinite(scaling_factor) and scaling_factor):
+            # inf or NaN served nulls; 0 divided by zero on the way out.
+            raise ValueError(
+                f"scaling_factor must be a finite number other than 0, not {scaling_factor}"
             )
         if scaling_factor is not None and cfg.normalize_activations != "expected_average_only_in":
             raise ValueError(
