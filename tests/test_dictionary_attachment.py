@@ -4,6 +4,7 @@ by hand (numpy formulas, tests/test_dictionaries.py), and as nodes over GraphQL.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -606,6 +607,10 @@ def test_bad_dictionary_folders_stop_the_server_naming_the_file(tmp_path: Path) 
         "layer": saelens_config("standard", width, D_SAE, "blocks.9.hook_resid_post"),
         "mlp-in": saelens_config("standard", width, D_SAE, "blocks.0.mlp.hook_in"),
         "mlp_neuron": saelens_config("standard", width, D_SAE, "blocks.0.hook_resid_post"),
+        # Refused as "already has one in layer 0", as if the name were free.
+        "mlp_autoencoder_latent": saelens_config(
+            "standard", width, D_SAE, "blocks.0.hook_resid_post"
+        ),
     }
     for name, config in cases.items():
         folder = tmp_path / name
@@ -629,11 +634,14 @@ def test_bad_dictionary_folders_stop_the_server_naming_the_file(tmp_path: Path) 
             timeout=120,
         )
         assert done.returncode == 2, (name, done.stderr)
-        assert (str(folder) if name != "mlp_neuron" else "kind of node") in done.stderr, (
+        reserved = name in ("mlp_neuron", "mlp_autoencoder_latent")
+        assert (str(folder) if not reserved else "kind of node") in done.stderr, (
             name,
             done.stderr,
         )
         assert "Traceback" not in done.stderr
+        if name == "width":  # which of several served models it was meant for
+            assert "does not fit model 'random-tiny'" in done.stderr, done.stderr
 
 
 async def test_a_trace_from_a_latent_is_the_finite_difference(
@@ -786,3 +794,38 @@ async def test_without_error_terms_each_input_runs_with_its_own_dictionaries(
     total = sum(t["value"] for t in found["tc"]["topNodes"]["top"])
     total += sum(t["value"] for t in found["tc"]["directEffectTerms"])
     assert total == pytest.approx(found["tc"]["objective"], abs=1e-5)
+
+
+async def test_ranking_by_a_set_missing_layers_is_refused(
+    weights: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    """With a transcoder missing at layer 0, the node table had no MLP node there,
+    and its direct effects missed the objective by that layer's share (an outside audit: 0.15
+    of a logit difference of 0.001). Its latents are still nodes."""
+    write_set(
+        tmp_path / "one", "transcoder", "blocks.L.mlp.hook_in", hook_out="blocks.L.hook_mlp_out"
+    )
+    shutil.rmtree(tmp_path / "one" / "layer_0")
+    entry = entry_of(native(weights))
+    attach_dictionaries(entry, "one", str(tmp_path / "one"))
+    registry = ModelRegistry()
+    registry.add(entry)
+    transport = httpx.ASGITransport(app=create_app(registry, settings=Settings(cached_runs=0)))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            ranked = await graphql(
+                client,
+                """query($p: String!) { model(name: "m") { infer(input: {prompt: $p,
+                  mlpDictionary: "one"}) { topNodes(group: DIRECT_EFFECT, k: 3) { tokenSums } } } }""",
+                {"p": PROMPT},
+            )
+            assert error_codes(ranked) == ["INVALID_ARGUMENT"], ranked
+            assert "'one' covers layers 1, 2 of 3" in ranked["errors"][0]["message"]
+            node = await graphql(
+                client,
+                'query($p: String!) { node(id: "m/one/1/0") { activations(prompt: $p) { values } } }',
+                {"p": PROMPT},
+            )
+            assert "errors" not in node, node
+    finally:
+        registry.close()

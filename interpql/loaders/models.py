@@ -84,10 +84,12 @@ def attach_dictionaries(
     latents the node kind `name` (`<model>/<name>/<layer>/<index>`: Neuronpedia's source
     `8-res-jb` is layer 8 of a set named res-jb). FileProblem naming the file that does not
     fit the model, at start-up."""
-    if not NAME.match(name) or name in STRUCTURAL_TABLE:
+    # The openai-format autoencoders' kinds are names of their own too (--mlp-autoencoder).
+    reserved = [*STRUCTURAL_TABLE, *sorted({i.kind_name for i in AutoencoderInput})]
+    if not NAME.match(name) or name in reserved:
         raise ValueError(
             f"dictionary name {name!r} must be 1-64 letters, digits, '.', '_' or '-', and not "
-            f"a kind of node ({', '.join(STRUCTURAL_TABLE)})"
+            f"a kind of node ({', '.join(reserved)})"
         )
     backend = entry.require_backend()
     for found in read_dictionaries(path, entry.architecture.n_layers, scaling_factor):
@@ -97,7 +99,8 @@ def attach_dictionaries(
             )
             kind_table(backend)  # its layers on one side of the model
         except ValueError as exc:
-            raise FileProblem(found.path, str(exc)) from None
+            # With several models served, which one it was meant for.
+            raise FileProblem(found.path, f"does not fit model {entry.name!r}: {exc}") from None
     previous = entry.dictionary_sources.get(name)
     entry.dictionary_sources[name] = path if previous is None else f"{previous}, {path}"
 

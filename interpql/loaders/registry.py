@@ -108,6 +108,11 @@ class ModelEntry:
             if isinstance(kind, DictionaryLatents)
         }
 
+    def dictionary_layers(self, name: str) -> list[int]:
+        """The layers that set `name` has a dictionary at, in order."""
+        attached = {} if self.backend is None else self.backend.dictionaries
+        return sorted(point.layer for point in attached if point.dictionary == name)
+
     def dictionary_summaries(self) -> list[DictionarySummary]:
         openai_inputs = {(i.kind_name, i.location): i.value for i in AutoencoderInput}
         attached = [] if self.backend is None else self.backend.dictionaries.values()

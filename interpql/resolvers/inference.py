@@ -124,6 +124,17 @@ def _ranked_dictionary(entry: ModelEntry, name: str | None, side: str) -> str | 
         raise invalid_argument(
             f"dictionary {name!r} is on the {sides[name]} side of its layers, not the {side}."
         )
+    layers, n_layers = entry.dictionary_layers(name), entry.architecture.n_layers
+    if side != "residual" and entry.backend is not None and len(layers) < n_layers:
+        # Its latents stand for the side's writes in every layer: with layers missing, their
+        # writes would be in no node, and the direct effects would not add up to the objective.
+        # (A residual set decomposes the stream where it reads; it replaces no writer.)
+        raise invalid_argument(
+            f"dictionary {name!r} covers layers {', '.join(map(str, layers))} of {n_layers}: "
+            f"ranking by a set replaces the {side} nodes of every layer, so it needs one "
+            "dictionary per layer (its latents are still served as nodes, and in "
+            "activations and ablations)."
+        )
     return name
 
 

@@ -131,15 +131,17 @@ class InferenceInput:
         default=None,
         description=(
             "Rank the latents of this dictionary set instead (topNodes, nodeTable): one that "
-            "reads or rebuilds the MLP (mlp.hook_post, hook_mlp_out, or a transcoder); "
-            "overrides mlpComponent."
+            "reads or rebuilds the MLP (mlp.hook_post, hook_mlp_out, or a transcoder), with a "
+            "dictionary at every layer (INVALID_ARGUMENT otherwise: a layer without one would "
+            "have no MLP nodes); overrides mlpComponent."
         ),
     )
     attention_dictionary: str | None = strawberry.field(
         default=None,
         description=(
             "Rank the latents of this dictionary set instead (topNodes, nodeTable): one on the "
-            "attention's output (attn.hook_z, hook_attn_out); overrides attentionComponent."
+            "attention's output (attn.hook_z, hook_attn_out), with a dictionary at every "
+            "layer; overrides attentionComponent."
         ),
     )
     residual_dictionary: str | None = strawberry.field(
