@@ -312,7 +312,7 @@ def test_graph_page_draws_the_apis_graph_and_explains_a_latent(page: Page, serve
 def test_graph_page_shows_the_apis_error(page: Page, served: Served) -> None:
     params = httpx.QueryParams({"model": served.model["name"], "prompt": "x" * 2000})
     page.goto(f"{served.url}/graph?{params}")
-    expect(page.locator("#status.error")).to_contain_text("INVALID_ARGUMENT")
+    expect(page.locator("#status.error")).to_contain_text("PROMPT_TOO_LONG")
 
 
 class HeldRequests:
