@@ -87,6 +87,21 @@ def open_sqlite(path: str | Path, what: str) -> sqlite3.Connection:
     return db
 
 
+@contextlib.contextmanager
+def immediate_transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT on `db` (opened with isolation_level=None), rolled back when
+    the block raises. SQLite has rolled back already after some failures (a full disk): a
+    second ROLLBACK would raise and hide why."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 # SQLite's primary result codes (the low byte of sqlite_errorcode) a store's writes meet, as a
 # reader who must act on them would put it.
 _SQLITE_REASONS = {

@@ -12,11 +12,11 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Collection, Iterator
+from collections.abc import AsyncGenerator, Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
-from interpql.file_errors import open_sqlite, reading
+from interpql.file_errors import immediate_transaction, open_sqlite, reading
 from interpql.loaders.jobs.base import (
     RETENTION_S,
     Job,
@@ -92,26 +92,13 @@ class SqliteJobStore:
 
     def _prune(self) -> None:
         horizon = time.time() - RETENTION_S
-        with self._transaction():
+        with immediate_transaction(self._db):
             old = "SELECT id FROM jobs WHERE status NOT IN (?, ?) AND changed < ?"
             self._db.execute(
                 f"DELETE FROM job_events WHERE job_id IN ({old})", (*_UNFINISHED, horizon)
             )
             self._db.execute(f"DELETE FROM jobs WHERE id IN ({old})", (*_UNFINISHED, horizon))
             self._db.execute("DELETE FROM owners WHERE expires < ?", (horizon,))
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            # SQLite has rolled back already after some failures (a full disk): a second
-            # ROLLBACK would raise and hide why.
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
         def locked() -> T:
@@ -132,7 +119,7 @@ class SqliteJobStore:
         self._notify()
 
     def _create(self, job: Job, first: JobEvent, limits: Limits) -> None:
-        with self._transaction():
+        with immediate_transaction(self._db):
             [running] = self._db.execute(
                 "SELECT COUNT(*) FROM jobs WHERE key_id = ? AND status IN (?, ?)",
                 (job.key_id, *_UNFINISHED),
@@ -181,7 +168,7 @@ class SqliteJobStore:
         return written
 
     def _update(self, job_id: str, change: JobChange) -> bool:
-        with self._transaction():
+        with immediate_transaction(self._db):
             row = self._db.execute(
                 "SELECT status, events FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from interpql.file_errors import FileProblem, open_sqlite, reading
+from interpql.file_errors import FileProblem, immediate_transaction, open_sqlite, reading
 from interpql.loaders.sources.base import ExplanationData, NodeSource, RecordAnswer
 from interpql.specs import NodeRef, parse_node_id
 
@@ -85,30 +85,21 @@ class ExplanationStore(NodeSource):
     ) -> StoredExplanation:
         created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         score = score if score is not None and math.isfinite(score) else None
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                cursor = self._db.execute(
-                    "INSERT INTO explanations (node_id, text, score, scorer, explainer, "
-                    "request_key, provenance, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        node.id,
-                        text,
-                        score,
-                        scorer,
-                        explainer,
-                        request_key,
-                        json.dumps(provenance or {}, sort_keys=True),
-                        created,
-                    ),
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                # SQLite has rolled back already after some failures (a full disk): a second
-                # ROLLBACK would raise and hide why.
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+        with self._lock, immediate_transaction(self._db):
+            cursor = self._db.execute(
+                "INSERT INTO explanations (node_id, text, score, scorer, explainer, "
+                "request_key, provenance, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    node.id,
+                    text,
+                    score,
+                    scorer,
+                    explainer,
+                    request_key,
+                    json.dumps(provenance or {}, sort_keys=True),
+                    created,
+                ),
+            )
         row_id = cursor.lastrowid
         assert row_id is not None
         data = ExplanationData(self.name, text, score, scorer, explainer, created)
