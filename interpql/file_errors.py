@@ -46,6 +46,23 @@ def require_finite(path: str | Path, tensors: Mapping[str, Any]) -> None:
             raise FileProblem(path, f"tensor {name!r} holds {bad} NaN or infinite values")
 
 
+def is_whole(value: Any) -> bool:
+    """A JSON number with no fraction (not a bool, which Python counts as an int)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == int(value)
+
+
+def config_size(raw: Mapping[str, Any], key: str, default: Any = None) -> int:
+    """raw[key] (else `default`) as a size read from a config file: a whole number of at least
+    1. int() read 16.7 as 16 and "false" as whatever came next; 0 heads divided by zero, and a
+    negative context was reported as weights that do not fit."""
+    value = raw.get(key, default)
+    if value is None:
+        raise ValueError(f"no {key!r}")
+    if not is_whole(value) or value < 1:
+        raise ValueError(f"{key} must be a whole number of at least 1, not {value!r}")
+    return int(value)
+
+
 def open_sqlite(path: str | Path, what: str) -> sqlite3.Connection:
     """A connection to a SQLite file that is whole and writable, checked now: a corrupt page or
     a read-only file found later would fail a job after its work (and its API tokens) were

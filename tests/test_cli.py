@@ -194,10 +194,10 @@ def test_bad_config_files(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "said"),
     [
-        ({"ctx_window": -5}, "ctx_window must be at least 1, not -5"),
-        ({"n_heads": 0}, "n_heads must be at least 1, not 0"),
-        ({"n_layers": 2.5}, "n_layers must be a whole number, not 2.5"),
-        ({"d_model": "128"}, "d_model must be a whole number, not '128'"),
+        ({"ctx_window": -5}, "ctx_window must be a whole number of at least 1, not -5"),
+        ({"n_heads": 0}, "n_heads must be a whole number of at least 1, not 0"),
+        ({"n_layers": 2.5}, "n_layers must be a whole number of at least 1, not 2.5"),
+        ({"d_model": "128"}, "d_model must be a whole number of at least 1, not '128'"),
         ({"n_heads": 3}, "does not divide into 3 heads"),
     ],
 )

@@ -34,7 +34,7 @@ from safetensors.torch import load, save_file
 
 from interpql.backends import remote
 from interpql.backends.dictionaries.base import Dictionary
-from interpql.file_errors import reading, require_finite
+from interpql.file_errors import config_size, is_whole, reading, require_finite
 
 ARCHITECTURES = (
     "standard",
@@ -109,15 +109,15 @@ def parse_config(raw: dict[str, Any]) -> SaeLensConfig:
     normalize = "none" if normalize is None else str(normalize)
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown normalize_activations {normalize!r}; known: {NORMALIZATIONS}")
-    d_in, d_sae = _size(raw, "d_in"), _size(raw, "d_sae")
-    d_out = _size(raw, "d_out") if raw.get("d_out") is not None else d_in
+    d_in, d_sae = config_size(raw, "d_in"), config_size(raw, "d_sae")
+    d_out = config_size(raw, "d_out") if raw.get("d_out") is not None else d_in
     apply_b_dec = _flag(raw, "apply_b_dec_to_input")
     if apply_b_dec and d_in != d_out:
         raise ValueError("apply_b_dec_to_input needs d_out == d_in")
     if apply_b_dec and "transcoder" in architecture:
         raise ValueError("a transcoder cannot apply_b_dec_to_input")
     k: Any = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
-    if architecture == "topk" and not (_whole(k) and 0 < int(k) <= d_sae):
+    if architecture == "topk" and not (is_whole(k) and 0 < int(k) <= d_sae):
         raise ValueError(f"a topk dictionary needs a whole 0 < k <= d_sae ({d_sae}), got {k!r}")
     return SaeLensConfig(
         architecture=architecture,
@@ -132,18 +132,6 @@ def parse_config(raw: dict[str, Any]) -> SaeLensConfig:
         rescale_acts_by_decoder_norm=_flag(raw, "rescale_acts_by_decoder_norm"),
         model_name=metadata.get("model_name") or raw.get("model_name"),
     )
-
-
-def _whole(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value == int(value)
-
-
-def _size(raw: dict[str, Any], key: str) -> int:
-    """raw[key] as a width: 16.7 was read as 16 and 0 as a set with no latents."""
-    value: Any = raw.get(key)
-    if not _whole(value) or value < 1:
-        raise ValueError(f"{key} must be a whole number of at least 1, not {value!r}")
-    return int(value)
 
 
 def _flag(raw: dict[str, Any], key: str) -> bool:

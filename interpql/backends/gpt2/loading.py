@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from interpql.backends import remote
 from interpql.backends.gpt2.model import GPT2, PRESETS, GPT2Config, init_random
-from interpql.file_errors import FileProblem, reading, require_finite
+from interpql.file_errors import FileProblem, config_size, reading, require_finite
 
 # Transformer Debugger's public GPT-2 folders, readable where the network allows.
 REGISTERED_MODELS: dict[str, str] = {
@@ -67,36 +67,23 @@ def read_json_config(path: str, reader: Any) -> GPT2Config:
     return cfg
 
 
-def _size(raw: dict[str, Any], key: str, default: Any = None) -> int:
-    """raw[key] as a size: a whole number above zero (0 heads divided by zero; a negative
-    context was reported as weights that do not fit)."""
-    value = raw.get(key, default)
-    if value is None:
-        raise ValueError(f"no {key!r}")
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
-        raise ValueError(f"{key} must be a whole number, not {value!r}")
-    if value < 1:
-        raise ValueError(f"{key} must be at least 1, not {value!r}")
-    return int(value)
-
-
 def tdb_config_from_json(raw: dict[str, Any]) -> GPT2Config:
-    d_model = _size(raw, "d_model")
-    n_heads = _size(raw, "n_heads")
+    d_model = config_size(raw, "d_model")
+    n_heads = config_size(raw, "n_heads")
     encoding = raw.get("enc", "gpt2")
     # m_attn and m_mlp are multiples of d_model: what they make must be a size too.
     sizes = {"d_attn": d_model * raw.get("m_attn", 1), "d_mlp": d_model * raw.get("m_mlp", 4)}
-    d_attn = _size(sizes, "d_attn")
+    d_attn = config_size(sizes, "d_attn")
     if d_attn % n_heads:
         raise ValueError(f"d_model * m_attn = {d_attn} does not divide into {n_heads} heads")
     return GPT2Config(
-        n_layers=_size(raw, "n_layers"),
+        n_layers=config_size(raw, "n_layers"),
         d_model=d_model,
         n_heads=n_heads,
         d_head=d_attn // n_heads,
-        d_mlp=_size(sizes, "d_mlp"),
-        n_ctx=_size(raw, "ctx_window"),
-        n_vocab=_size(raw, "n_vocab", _VOCAB_SIZES.get(encoding, 50257)),
+        d_mlp=config_size(sizes, "d_mlp"),
+        n_ctx=config_size(raw, "ctx_window"),
+        n_vocab=config_size(raw, "n_vocab", _VOCAB_SIZES.get(encoding, 50257)),
     )
 
 
@@ -157,18 +144,18 @@ def hf_config_from_json(raw: dict[str, Any]) -> GPT2Config:
             f"the native backend serves GPT-2 only, not {raw.get('model_type')!r}; "
             "use --backend transformerlens"
         )
-    d_model = _size(raw, "n_embd")
-    n_heads = _size(raw, "n_head")
+    d_model = config_size(raw, "n_embd")
+    n_heads = config_size(raw, "n_head")
     if d_model % n_heads:
         raise ValueError(f"n_embd {d_model} does not divide into {n_heads} heads")
     return GPT2Config(
-        n_layers=_size(raw, "n_layer"),
+        n_layers=config_size(raw, "n_layer"),
         d_model=d_model,
         n_heads=n_heads,
         d_head=d_model // n_heads,
-        d_mlp=_size({"n_inner": raw.get("n_inner") or 4 * d_model}, "n_inner"),  # null: 4x
-        n_ctx=_size(raw, "n_positions"),
-        n_vocab=_size(raw, "vocab_size"),
+        d_mlp=config_size({"n_inner": raw.get("n_inner") or 4 * d_model}, "n_inner"),  # null: 4x
+        n_ctx=config_size(raw, "n_positions"),
+        n_vocab=config_size(raw, "vocab_size"),
         ln_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
     )
 
