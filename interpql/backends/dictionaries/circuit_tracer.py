@@ -68,8 +68,7 @@ def read_transcoder_set(folder: str, n_layers: int) -> list[TranscoderLayer]:
         with reading(path, "a circuit-tracer transcoder (safetensors)"):
             [data] = remote.read_files([path], f"layer {layer}'s transcoder")
             tensors = load(data)
-        require_finite(path, tensors)  # NaN weights served NaN, which no GraphQL Float carries
-        with reading(path, "a circuit-tracer transcoder (safetensors)"):
+            require_finite(path, tensors)  # NaN served NaN, which no GraphQL Float carries
             dictionary = _as_saelens(tensors, input_hook, output_hook, layer)
             layers.append(TranscoderLayer(layer, path, dictionary))
     if not layers:
