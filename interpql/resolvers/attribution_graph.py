@@ -30,7 +30,7 @@ from interpql.loaders.graph_store import GraphStore
 from interpql.loaders.jobs import Job
 from interpql.resolvers.context import RequestContext
 from interpql.resolvers.jobs import JobView, job_view
-from interpql.resolvers.models import encode
+from interpql.resolvers.models import encode_nonempty
 from interpql.resolvers.node_data import best_explanation, settled
 from interpql.specs import FeatureIntervention, GraphSpec
 
@@ -93,9 +93,7 @@ def graph_spec(ctx: RequestContext, model_name: str, args: GraphArgs) -> GraphSp
             f"model {entry.name!r} has no dictionary {args.dictionary!r} (attached: {known})."
         )
     check_transcoders(entry, args.dictionary)
-    tokens = encode(ctx, entry, args.prompt)
-    if not tokens:
-        raise InvalidInputError("The prompt is empty.", code="EMPTY_PROMPT")
+    tokens = encode_nonempty(ctx, entry, args.prompt)
     if args.prepend_bos:
         bos = beginning_of_sequence(entry)
         if bos is None:

@@ -188,10 +188,17 @@ def tokens_of(entry: ModelEntry, tokens: Sequence[int]) -> list[TokenInfo]:
     return [_token_info(entry, i, t) for i, t in enumerate(tokens)]
 
 
-def encode_prompt(ctx: RequestContext, entry: ModelEntry, prompt: str) -> tuple[int, ...]:
+def encode_nonempty(ctx: RequestContext, entry: ModelEntry, prompt: str) -> tuple[int, ...]:
+    """The prompt's tokens, EMPTY_PROMPT when there are none; its length is the caller's to
+    check (an attribution graph's limit is not the context window)."""
     tokens = encode(ctx, entry, prompt)
     if not tokens:
         raise InvalidInputError("The prompt is empty.", code="EMPTY_PROMPT")
+    return tokens
+
+
+def encode_prompt(ctx: RequestContext, entry: ModelEntry, prompt: str) -> tuple[int, ...]:
+    tokens = encode_nonempty(ctx, entry, prompt)
     if len(tokens) > entry.architecture.n_ctx:
         raise InvalidInputError(
             f"The prompt has {len(tokens)} tokens; model {entry.name!r} reads at most "
