@@ -11,6 +11,7 @@ import { ApiError, request, subscribe } from "./api";
 import type {
   ExploreAblationQuery,
   ExploreHeadQuery,
+  ExploreServedQuery,
   ExploreTableQuery,
   ExploreTraceQuery,
   InferenceInput,
@@ -102,7 +103,7 @@ function unknownChoices(state: State, models: Served[]): string[] {
     .map((side) => `${state.model} has no dictionary set ${JSON.stringify(state[side])} (its sets: ${[...names].join(", ") || "none"}): pick another ${side} choice.`);
 }
 
-type Served = { name: string; dictionaries: { name: string; transcoder: boolean; hookIn: string }[] };
+type Served = ExploreServedQuery["models"][number]; // a model and its dictionary sets
 
 function writeState(state: State): void {
   const params = new URLSearchParams();
@@ -374,7 +375,7 @@ function Body(props: { state: State; loaded: Loaded; act: (next: Partial<State>)
     </div>`;
 }
 
-function Controls(props: { state: State; models: string[]; dictionaries: { name: string; transcoder: boolean; hookIn: string }[]; submit: (next: State) => void }) {
+function Controls(props: { state: State; models: string[]; dictionaries: Served["dictionaries"]; submit: (next: State) => void }) {
   const [draft, setDraft] = useState(props.state);
   useEffect(() => setDraft(props.state), [props.state]);
   const set = (name: keyof State) => (event: Event) => {
