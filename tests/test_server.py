@@ -92,6 +92,41 @@ def test_no_model_serves_metadata_only() -> None:
     assert body["errors"][0]["extensions"]["code"] == "MODEL_NOT_LOADED"
 
 
+def test_a_foreign_pages_request_is_refused_before_it_runs(server: str) -> None:
+    """Seen from outside with curl on a running server: GET /graphql?query=... with another
+    site's Origin ran the forward pass (CORS only hid the answer), and no answer carried
+    security headers."""
+    query = {"query": "{ models { name } }"}
+    foreign = httpx.get(
+        server + "/graphql", params=query, headers={"Origin": "https://evil.example"}
+    )
+    assert foreign.status_code == 403
+    assert foreign.json()["errors"][0]["extensions"]["code"] == "ORIGIN_NOT_ALLOWED"
+    tag = httpx.get(server + "/graphql", params=query, headers={"Sec-Fetch-Site": "cross-site"})
+    assert tag.status_code == 403
+    local = httpx.get(
+        server + "/graphql", params=query, headers={"Origin": "http://localhost:3000"}
+    )
+    assert local.status_code == 200 and local.json()["data"]["models"]
+    page = httpx.get(server + "/viewer")
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+
+
+def test_unknown_routes_answer_json_codes(server: str) -> None:
+    """Seen on a running server: plain-text 404 and 405 where the README promised codes."""
+    missing = httpx.get(server + "/nonexistent")
+    assert (missing.status_code, missing.json()["errors"][0]["extensions"]["code"]) == (
+        404,
+        "NOT_FOUND",
+    )
+    wrong = httpx.request("PATCH", server + "/graphql")
+    assert (wrong.status_code, wrong.json()["errors"][0]["extensions"]["code"]) == (
+        405,
+        "METHOD_NOT_ALLOWED",
+    )
+
+
 def test_unknown_model_fails_at_start_with_a_clear_message() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "interpql.cli", "serve", "--model", "/nonexistent/folder"],
